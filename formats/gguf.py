@@ -1,0 +1,187 @@
+"""GGUF: a lazy reader (``gguf.GGUFReader``, memory-mapped) and a streaming writer.
+
+The writer lays out the header and every tensor's info first (sizes are known from shapes and types
+before any data exists), then pulls one tensor at a time and writes it, so peak memory is one tensor,
+unlike ``gguf.GGUFWriter`` which holds every tensor until the end. Output goes to a temporary file
+that is renamed into place only when complete.
+
+Example:
+    >>> from slmpkg.formats import gguf as gguf_format
+    >>> ckpt = gguf_format.read("model-f16.gguf")          # doctest: +SKIP
+    >>> gguf_format.write("copy.gguf", ckpt)                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType
+
+from .._io import atomic_write
+from ..checkpoint import Checkpoint, LazyTensor, MetaValue
+from ..errors import FormatError
+from ..quant import QuantType
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+DEFAULT_ALIGNMENT = 32
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.BOOL: "<?",
+}
+_SCALAR_DTYPES = {t: np.dtype(f) for t, f in _SCALAR_FORMATS.items()}
+
+Progress = Callable[[int], None]
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def _field_value(field: Any) -> MetaValue:
+    kind = GGUFValueType(field.types[0])
+    if kind is GGUFValueType.ARRAY:
+        item = GGUFValueType(field.types[-1])
+        if len(field.types) > 2:
+            raise FormatError(f"nested arrays are not supported (key {field.name})")
+        if item is GGUFValueType.STRING:
+            values = [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
+        else:
+            # the numbers of an array are contiguous parts; keep them as one numpy array
+            values = np.concatenate([field.parts[i] for i in field.data]) if field.data else np.empty(0, _SCALAR_DTYPES[item])
+        return MetaValue(kind, values, item)
+    if kind is GGUFValueType.STRING:
+        return MetaValue(kind, bytes(field.parts[-1]).decode("utf-8", errors="surrogateescape"))
+    return MetaValue(kind, field.parts[-1].tolist()[0])
+
+
+def read(path: Union[str, os.PathLike]) -> Checkpoint:
+    """Open a GGUF file lazily: metadata is read now, tensor bytes are memory-mapped views.
+
+    Raises :class:`FormatError` naming the file for anything that is not a complete GGUF v2/v3 file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic != GGUF_MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (magic {magic!r})")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damaged headers
+        raise FormatError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+    metadata: dict[str, MetaValue] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):  # the reader's own header pseudo-fields
+            continue
+        metadata[name] = _field_value(field)
+
+    file_size = os.path.getsize(path)
+    tensors: list[LazyTensor] = []
+    for t in reader.tensors:
+        try:
+            qtype = QuantType(int(t.tensor_type))
+        except ValueError:
+            raise FormatError(f"{path}: tensor {t.name} has unknown type id {int(t.tensor_type)}") from None
+        end = t.data_offset + t.n_bytes
+        if end > file_size:
+            raise FormatError(
+                f"{path}: truncated: tensor {t.name} ends at byte {end} but the file has {file_size}"
+            )
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        tensors.append(LazyTensor(t.name, shape, qtype, _memmap_loader(reader, t.data_offset, t.n_bytes)))
+    return Checkpoint(metadata, tensors)
+
+
+def _memmap_loader(reader: GGUFReader, offset: int, nbytes: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        return reader.data[offset : offset + nbytes]
+
+    return load
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8", errors="surrogateescape")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _encode_value(item: MetaValue) -> bytes:
+    kind = item.type
+    if kind is GGUFValueType.STRING:
+        return _string(item.value)
+    if kind is GGUFValueType.ARRAY:
+        sub = item.item_type
+        assert sub is not None
+        values = item.value
+        head = struct.pack("<IQ", int(sub), len(values))
+        if sub is GGUFValueType.STRING:
+            return head + b"".join(_string(v) for v in values)
+        return head + np.asarray(values, dtype=_SCALAR_DTYPES[sub]).tobytes()
+    return struct.pack(_SCALAR_FORMATS[kind], item.value)
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (alignment - n % alignment) % alignment
+
+
+def encode_header(metadata: dict[str, MetaValue], tensors: list[LazyTensor], alignment: int) -> bytes:
+    """Everything before the tensor data: header, key/values, tensor infos, padding."""
+    parts = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
+    for key, item in metadata.items():
+        parts += [_string(key), struct.pack("<I", int(item.type)), _encode_value(item)]
+    offset = 0
+    for t in tensors:
+        ne = list(reversed(t.shape))
+        parts += [_string(t.name), struct.pack(f"<I{len(ne)}Q", len(ne), *ne), struct.pack("<IQ", int(t.qtype), offset)]
+        offset += t.nbytes + _pad(t.nbytes, alignment)
+    head = b"".join(parts)
+    return head + bytes(_pad(len(head), alignment))
+
+
+def alignment_of(metadata: dict[str, MetaValue]) -> int:
+    item = metadata.get("general.alignment")
+    return int(item.value) if item is not None else DEFAULT_ALIGNMENT
+
+
+def write(
+    path: Union[str, os.PathLike],
+    checkpoint: Checkpoint,
+    on_tensor: Optional[Callable[[LazyTensor], None]] = None,
+) -> int:
+    """Stream ``checkpoint`` into a GGUF file at ``path``; returns the file size.
+
+    ``on_tensor`` is called after each tensor is written (progress reporting). Nothing appears at
+    ``path`` unless the whole file was written.
+    """
+    alignment = alignment_of(checkpoint.metadata)
+    tensors = list(checkpoint.tensors)
+    with atomic_write(path) as f:
+        f.write(encode_header(checkpoint.metadata, tensors, alignment))
+        for t in tensors:
+            _write_tensor(f, t, alignment)
+            if on_tensor is not None:
+                on_tensor(t)
+        size = f.tell()
+    return size
+
+
+def _write_tensor(f: BinaryIO, t: LazyTensor, alignment: int) -> None:
+    data = np.ascontiguousarray(t.raw()).reshape(-1).view(np.uint8)
+    if data.size != t.nbytes:
+        raise FormatError(f"tensor {t.name}: produced {data.size} bytes, expected {t.nbytes}")
+    f.write(memoryview(data))
+    f.write(bytes(_pad(data.size, alignment)))

@@ -1,0 +1,85 @@
+"""The format-neutral model: typed metadata plus an ordered list of lazy tensors.
+
+Readers produce a :class:`Checkpoint`, transforms map one to another without touching data, and
+writers pull one tensor at a time, so a whole model is never in memory.
+
+Example:
+    >>> import numpy as np
+    >>> from slmpkg.checkpoint import LazyTensor
+    >>> from slmpkg.quant import QuantType
+    >>> t = LazyTensor.from_array("w", np.ones((2, 32), np.float32))
+    >>> t.shape, t.qtype.name, t.nbytes
+    ((2, 32), 'F32', 256)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+from gguf import GGUFValueType
+
+from . import quant
+from .quant import QuantType
+
+
+@dataclass(frozen=True)
+class MetaValue:
+    """One typed metadata value (GGUF's value types); arrays carry their item type."""
+
+    type: GGUFValueType
+    value: Any
+    item_type: Optional[GGUFValueType] = None
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose bytes are produced only when asked for.
+
+    ``shape`` is numpy order (rows first, the contiguous row length last, i.e. ggml's ``ne`` reversed).
+    ``raw()`` returns the stored bytes (uint8, ``nbytes`` long) in ``qtype``'s layout.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: QuantType
+    raw: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.n_elements // self.shape[-1] if self.shape else 1
+        return rows * quant.row_bytes(self.qtype, self.shape[-1] if self.shape else 1)
+
+    def float32(self) -> np.ndarray:
+        """The values as float32 in ``shape`` (dequantized when stored quantized)."""
+        return quant.dequantize(self.raw(), self.qtype, self.shape)
+
+    @staticmethod
+    def from_array(name: str, array: np.ndarray) -> "LazyTensor":
+        """Wrap an in-memory float32/float16 array (tests and small tensors)."""
+        kinds = {np.dtype(np.float32): QuantType.F32, np.dtype(np.float16): QuantType.F16}
+        qtype = kinds[array.dtype]
+        data = np.ascontiguousarray(array)
+        return LazyTensor(name, tuple(data.shape), qtype, lambda: data.reshape(-1).view(np.uint8))
+
+
+@dataclass
+class Checkpoint:
+    """Metadata (ordered, typed) and tensors (ordered)."""
+
+    metadata: dict[str, MetaValue]
+    tensors: list[LazyTensor]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metadata value by key, unwrapped."""
+        item = self.metadata.get(key)
+        return default if item is None else item.value
+
+    @property
+    def architecture(self) -> Optional[str]:
+        return self.get("general.architecture")

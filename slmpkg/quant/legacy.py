@@ -1,0 +1,227 @@
+"""The 32-element block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
+
+Without an importance matrix these are ggml's ``quantize_row_*_ref``: one scale (and min) per block
+from the block's extremes, then a rounding pass. They are elementwise except for the extremes, which
+are order-independent, so a chunk is handled as ``(n_blocks, 32)`` whole-array operations. The
+importance-matrix paths (``quantize_row_*_impl``) reuse the K-quant searches (``make_qx_quants``,
+``make_qkx3_quants``) with per-row ``sigma2``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import Kernel
+from ._common import F32, first_argmax_abs, row_sigma2, safe_reciprocal
+from .blocks import BLOCK, as_blocks, as_bytes
+
+QK = 32
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, QK)
+
+
+def _signed_extreme(xb: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude per block, the first one on ties, ``+0.0`` for all-zero blocks.
+
+    Two reductions (max and min) decide almost every block; only blocks where ``max == -min``
+    need the first-index rule of C's strict ``amax < fabsf(v)``.
+    """
+    hi = xb.max(axis=1)
+    lo = xb.min(axis=1)
+    out = np.where(hi >= -lo, hi, lo)
+    tie = (hi == -lo) & (hi != 0)
+    if tie.any():
+        out[tie] = first_argmax_abs(np.ascontiguousarray(xb[tie].T))[1]
+    # C only ever stores a nonzero value, so an all-zero block (even of -0.0) keeps the initial +0.0
+    out[out == 0] = F32(0.0)
+    return out
+
+
+def _first_extreme(xb: np.ndarray, reduce) -> np.ndarray:
+    """``if (v < min) min = v`` from ±FLT_MAX: the extreme value, and for a zero extreme the first
+    zero met (``-0.0`` and ``0.0`` compare equal, so C keeps whichever comes first)."""
+    ext = reduce(xb, axis=1)
+    zero = ext == 0
+    if zero.any():
+        zb = xb[zero]
+        first = np.argmax(zb == 0, axis=1)
+        ext[zero] = zb[np.arange(zb.shape[0]), first]
+    return ext
+
+
+def _to_int8(v: np.ndarray) -> np.ndarray:
+    """C's ``(int8_t)float``: truncation toward zero (x86 gives INT_MIN for NaN/inf, whose low byte is 0)."""
+    with np.errstate(invalid="ignore"):
+        return v.astype(np.int32).astype(np.int8)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C's ``roundf``: half away from zero (``np.rint`` rounds half to even)."""
+    a = np.abs(v)
+    t = np.floor(a)
+    t += (a - t) >= F32(0.5)
+    return np.copysign(t, v)
+
+
+def _nibbles(levels: np.ndarray) -> np.ndarray:
+    """Levels ``(n_blocks, 32)`` → ggml's packing: element j in the low nibble, j+16 in the high."""
+    lv = levels.astype(np.uint8, copy=False) & np.uint8(0x0F)
+    return lv[:, :16] | (lv[:, 16:] << 4)
+
+
+def _high_bits(levels: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of the 32 levels gathered into one little-endian uint32 (bit j = element j)."""
+    bits = (levels.astype(np.uint32) >> 4) & 1
+    return np.bitwise_or.reduce(bits << np.arange(QK, dtype=np.uint32), axis=1)
+
+
+# ---- without an importance matrix: quantize_row_*_ref ---------------------------------------
+
+
+def _symmetric_ref(x: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
+    xb = _blocks(x)
+    d = _signed_extreme(xb) / F32(-half_range)
+    inv = safe_reciprocal(d)
+    v = xb * inv[:, None]
+    v += F32(half_range + 0.5)
+    levels = np.minimum(_to_int8(v), 2 * half_range - 1)
+    out = np.empty(xb.shape[0], BLOCK[qtype])
+    out["d"] = d
+    out["qs"] = _nibbles(levels)
+    if qtype is T.Q5_0:
+        out["qh"] = _high_bits(levels)
+    return as_bytes(out, x.shape[0])
+
+
+def _affine_ref(x: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
+    xb = _blocks(x)
+    lo = _first_extreme(xb, np.min)
+    hi = _first_extreme(xb, np.max)
+    d = (hi - lo) / F32(n_levels - 1)
+    inv = safe_reciprocal(d)
+    v = xb - lo[:, None]
+    v *= inv[:, None]
+    v += F32(0.5)
+    levels = _to_int8(v)
+    if qtype is T.Q4_1:
+        levels = np.minimum(levels, n_levels - 1)
+    out = np.empty(xb.shape[0], BLOCK[qtype])
+    out["d"] = d
+    out["m"] = lo
+    out["qs"] = _nibbles(levels)
+    if qtype is T.Q5_1:
+        out["qh"] = _high_bits(levels)
+    return as_bytes(out, x.shape[0])
+
+
+def _q8_0(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
+    xb = _blocks(x)
+    d = np.abs(xb).max(axis=1) / F32(127)
+    inv = safe_reciprocal(d)
+    out = np.empty(xb.shape[0], BLOCK[T.Q8_0])
+    out["d"] = d
+    out["qs"] = _to_int8(_roundf(xb * inv[:, None]))
+    return as_bytes(out, x.shape[0])
+
+
+# ---- with an importance matrix: quantize_row_*_impl ------------------------------------------
+
+
+def _weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """``qw[j] * sqrtf(sigma2 + x[j]*x[j])`` with the row's ``sigma2``, as ``(n_blocks, 32)``."""
+    sigma2 = row_sigma2(x)
+    w = np.sqrt(sigma2[:, None] + x * x)
+    w *= qw[None, :]
+    return _blocks(w)
+
+
+def _symmetric_impl(x: np.ndarray, qw: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
+    from .kquants_symmetric import make_qx_quants
+
+    xb = _blocks(x)
+    scale, levels = make_qx_quants(np.ascontiguousarray(xb.T), half_range, 1, np.ascontiguousarray(_weights(x, qw).T))
+    levels = np.ascontiguousarray(levels.T)
+    out = np.empty(xb.shape[0], BLOCK[qtype])
+    out["d"] = scale
+    out["qs"] = _nibbles(levels)
+    if qtype is T.Q5_0:
+        out["qh"] = _high_bits(levels)
+    return as_bytes(out, x.shape[0])
+
+
+def _affine_impl(x: np.ndarray, qw: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
+    from .kquants_affine import make_qkx3_quants
+
+    xb = _blocks(x)
+    scale, the_min, levels = make_qkx3_quants(
+        np.ascontiguousarray(xb.T), n_levels - 1, np.ascontiguousarray(_weights(x, qw).T),
+        -0.9, 0.05, 36, False,
+    )
+    levels = np.ascontiguousarray(levels.T)
+    out = np.empty(xb.shape[0], BLOCK[qtype])
+    out["d"] = scale
+    out["m"] = -the_min
+    out["qs"] = _nibbles(levels)
+    if qtype is T.Q5_1:
+        out["qh"] = _high_bits(levels)
+    return as_bytes(out, x.shape[0])
+
+
+def _symmetric(qtype: T, half_range: int):
+    def quantize(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
+        if qw is None:
+            return _symmetric_ref(x, qtype, half_range)
+        return _symmetric_impl(x, qw, qtype, half_range)
+
+    return quantize
+
+
+def _affine(qtype: T, n_levels: int):
+    def quantize(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
+        if qw is None:
+            return _affine_ref(x, qtype, n_levels)
+        return _affine_impl(x, qw, qtype, n_levels)
+
+    return quantize
+
+
+# ---- dequantization ---------------------------------------------------------------------------
+
+
+def _levels(b: np.ndarray) -> np.ndarray:
+    """Unpack the 32 levels of each block (low nibbles, then high nibbles, plus bit 4 from qh)."""
+    qs = b["qs"]
+    lv = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)
+    if "qh" in b.dtype.names:
+        qh = b["qh"][:, None] >> np.arange(QK, dtype=np.uint32)
+        lv |= ((qh & 1) << 4).astype(np.int32)
+    return lv
+
+
+def _dequantize(qtype: T, offset: int):
+    def dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
+        b = as_blocks(data, qtype)
+        d = b["d"].astype(F32)[:, None]
+        if qtype is T.Q8_0:
+            y = b["qs"].astype(F32) * d
+        else:
+            y = (_levels(b) - offset).astype(F32) * d
+            if "m" in b.dtype.names:
+                y += b["m"].astype(F32)[:, None]
+        return y.reshape(data.shape[0], n_per_row)
+
+    return dequantize
+
+
+KERNELS = {
+    T.Q4_0: Kernel(_symmetric(T.Q4_0, 8), _dequantize(T.Q4_0, 8), uses_imatrix=True),
+    T.Q5_0: Kernel(_symmetric(T.Q5_0, 16), _dequantize(T.Q5_0, 16), uses_imatrix=True),
+    T.Q4_1: Kernel(_affine(T.Q4_1, 16), _dequantize(T.Q4_1, 0), uses_imatrix=True),
+    T.Q5_1: Kernel(_affine(T.Q5_1, 32), _dequantize(T.Q5_1, 0), uses_imatrix=True),
+    T.Q8_0: Kernel(_q8_0, _dequantize(T.Q8_0, 0)),
+}
