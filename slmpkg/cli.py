@@ -94,3 +94,58 @@ def inspect_command(file: Path, as_json: bool) -> None:
     for t in summary.tensors:
         shape = "×".join(str(s) for s in t.shape)
         click.echo(f"  {t.name:<{width}}  {shape:<16} {t.type:<7} {t.bits_per_weight:6.2f} bpw  {_human_bytes(t.nbytes):>10}")
+
+
+# ---- quantize -----------------------------------------------------------------------------------
+
+
+def _preset_names() -> str:
+    from .presets import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+@main.command("quantize")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
+@click.option("--quant", "preset", required=True, metavar="PRESET",
+              help="llama.cpp preset: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L "
+                   "Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS.")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (llama-imatrix GGUF or legacy .dat).")
+@click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing tensors that are already quantized.")
+@click.option("--pure", is_flag=True, help="Every quantizable tensor at the preset's type (no k-quant mixture).")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="Type for tensors whose name matches REGEX (repeatable; first match wins).")
+@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight as it is.")
+@click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight.")
+@click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd.weight.")
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document describing the result.")
+@handle_errors
+def quantize_command(
+    src: Path, dst: Path, preset: str, imatrix: Optional[Path], allow_requantize: bool, pure: bool,
+    tensor_types: tuple[str, ...], leave_output_tensor: bool, output_tensor_type: Optional[str],
+    token_embedding_type: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
+) -> None:
+    """Quantize a GGUF file; the output equals llama.cpp's llama-quantize byte for byte."""
+    from .pipeline import quantize_file
+    from .presets import QuantOptions
+
+    options = QuantOptions(
+        preset,
+        pure=pure,
+        leave_output_tensor=leave_output_tensor,
+        output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type,
+        tensor_type_overrides=tensor_types,
+        allow_requantize=allow_requantize,
+    )
+    result = quantize_file(src, dst, options, imatrix=imatrix, threads=threads, progress=False if quiet else None)
+    if as_json:
+        _emit_json(result.to_dict())
+    elif not quiet:
+        click.echo(
+            f"{result.output}: {options.preset.name}, {result.input_bytes / 1e6:.1f} MB → "
+            f"{result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+        )

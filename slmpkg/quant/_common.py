@@ -15,8 +15,12 @@ F32 = np.float32
 
 
 def seq_sum(v: np.ndarray) -> np.ndarray:
-    """Left-to-right float32 sum over axis 0, as a sequential C loop starting from ``0.0f``."""
-    return np.add.reduce(v, axis=0, dtype=F32)
+    """Left-to-right float32 sum over axis 0, as a sequential C loop starting from ``0.0f``.
+
+    The reduction starts from ``v[0]``, not ``+0.0``; the two differ only when every term is ``-0.0``,
+    and adding ``+0.0`` afterwards gives C's ``+0.0`` there.
+    """
+    return np.add.reduce(v, axis=0, dtype=F32) + F32(0.0)
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:

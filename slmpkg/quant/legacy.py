@@ -2,9 +2,9 @@
 
 Without an importance matrix these are ggml's ``quantize_row_*_ref``: one scale (and min) per block
 from the block's extremes, then a rounding pass. They are elementwise except for the extremes, which
-are order-independent, so a chunk is handled as ``(n_blocks, 32)`` whole-array operations. The
-importance-matrix paths (``quantize_row_*_impl``) reuse the K-quant searches (``make_qx_quants``,
-``make_qkx3_quants``) with per-row ``sigma2``.
+are order-independent, so a chunk is laid out as ``(32, n_blocks)`` columns and every step is one
+whole-array operation. The importance-matrix paths (``quantize_row_*_impl``) reuse the K-quant
+searches (``make_qx_quants``, ``make_qkx3_quants``) with per-row ``sigma2``.
 """
 
 from __future__ import annotations
@@ -21,76 +21,88 @@ from .blocks import BLOCK, as_blocks, as_bytes
 QK = 32
 
 
-def _blocks(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1, QK)
+def _columns(x: np.ndarray) -> np.ndarray:
+    """Blocks as columns: ``(32, n_blocks)``, so per-block extremes are elementwise ops across rows."""
+    return np.ascontiguousarray(x.reshape(-1, QK).T)
 
 
-def _signed_extreme(xb: np.ndarray) -> np.ndarray:
+def _signed_extreme(xt: np.ndarray) -> np.ndarray:
     """The value of largest magnitude per block, the first one on ties, ``+0.0`` for all-zero blocks.
 
-    Two reductions (max and min) decide almost every block; only blocks where ``max == -min``
-    need the first-index rule of C's strict ``amax < fabsf(v)``.
+    Max and min decide almost every block; only blocks where ``max == -min`` need the first-index
+    rule of C's strict ``amax < fabsf(v)``.
     """
-    hi = xb.max(axis=1)
-    lo = xb.min(axis=1)
+    hi = np.maximum.reduce(xt, axis=0)
+    lo = np.minimum.reduce(xt, axis=0)
     out = np.where(hi >= -lo, hi, lo)
     tie = (hi == -lo) & (hi != 0)
     if tie.any():
-        out[tie] = first_argmax_abs(np.ascontiguousarray(xb[tie].T))[1]
+        out[tie] = first_argmax_abs(xt[:, tie])[1]
     # C only ever stores a nonzero value, so an all-zero block (even of -0.0) keeps the initial +0.0
     out[out == 0] = F32(0.0)
     return out
 
 
-def _first_extreme(xb: np.ndarray, reduce) -> np.ndarray:
+def _first_extreme(xt: np.ndarray, reduce: np.ufunc) -> np.ndarray:
     """``if (v < min) min = v`` from ±FLT_MAX: the extreme value, and for a zero extreme the first
     zero met (``-0.0`` and ``0.0`` compare equal, so C keeps whichever comes first)."""
-    ext = reduce(xb, axis=1)
+    ext = reduce.reduce(xt, axis=0)
     zero = ext == 0
     if zero.any():
-        zb = xb[zero]
-        first = np.argmax(zb == 0, axis=1)
-        ext[zero] = zb[np.arange(zb.shape[0]), first]
+        zb = xt[:, zero]
+        first = np.argmax(zb == 0, axis=0)
+        ext[zero] = zb[first, np.arange(zb.shape[1])]
     return ext
 
 
 def _to_int8(v: np.ndarray) -> np.ndarray:
-    """C's ``(int8_t)float``: truncation toward zero (x86 gives INT_MIN for NaN/inf, whose low byte is 0)."""
-    with np.errstate(invalid="ignore"):
-        return v.astype(np.int32).astype(np.int8)
+    """C's ``(int8_t)float`` for values the kernels keep within int8: truncation toward zero.
+
+    numpy's cast compiles to the same x86 conversion as ggml's, so NaN (from NaN input) gives 0 in both.
+    """
+    return v.astype(np.int8)
 
 
-def _roundf(v: np.ndarray) -> np.ndarray:
-    """C's ``roundf``: half away from zero (``np.rint`` rounds half to even)."""
-    a = np.abs(v)
-    t = np.floor(a)
-    t += (a - t) >= F32(0.5)
-    return np.copysign(t, v)
+def _roundf_int8(v: np.ndarray) -> np.ndarray:
+    """C's ``(int8_t)roundf(v)``: half away from zero (``np.rint`` rounds half to even).
+
+    With ``t = trunc(v)``, ``v - t`` and its double are exact, and truncating the double adds ±1
+    exactly when the fraction reaches ±0.5.
+    """
+    t = _to_int8(v)
+    frac = v - t
+    frac *= F32(2)
+    return t + _to_int8(frac)
 
 
 def _nibbles(levels: np.ndarray) -> np.ndarray:
-    """Levels ``(n_blocks, 32)`` → ggml's packing: element j in the low nibble, j+16 in the high."""
+    """Levels ``(n_blocks, 32)`` → ggml's packing ``(n_blocks, 16)``: element j low, j+16 high nibble."""
     lv = levels.astype(np.uint8, copy=False) & np.uint8(0x0F)
     return lv[:, :16] | (lv[:, 16:] << 4)
 
 
 def _high_bits(levels: np.ndarray) -> np.ndarray:
-    """Bit 4 of each of the 32 levels gathered into one little-endian uint32 (bit j = element j)."""
-    bits = (levels.astype(np.uint32) >> 4) & 1
-    return np.bitwise_or.reduce(bits << np.arange(QK, dtype=np.uint32), axis=1)
+    """Bit 4 of each level of ``(n_blocks, 32)`` gathered into one little-endian uint32 (bit j = element j)."""
+    bits = (levels.astype(np.uint8, copy=False) >> 4) & np.uint8(1)
+    return np.packbits(bits, axis=1, bitorder="little").view("<u4").reshape(-1)
 
 
 # ---- without an importance matrix: quantize_row_*_ref ---------------------------------------
 
 
+# The extremes need blocks as columns; the elementwise rest runs on blocks as rows, which spares
+# transposing the small integer results back (a byte-wise transpose costs more than the arithmetic).
+
+
 def _symmetric_ref(x: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
-    xb = _blocks(x)
-    d = _signed_extreme(xb) / F32(-half_range)
-    inv = safe_reciprocal(d)
-    v = xb * inv[:, None]
+    xt = _columns(x)
+    d = _signed_extreme(xt) / F32(-half_range)
+    v = x.reshape(-1, QK) * safe_reciprocal(d)[:, None]
     v += F32(half_range + 0.5)
-    levels = np.minimum(_to_int8(v), 2 * half_range - 1)
-    out = np.empty(xb.shape[0], BLOCK[qtype])
+    # MIN(top, (int8_t)v) == (int8_t)min(v, top) for the v ≥ 0 these blocks produce; float min is faster
+    np.minimum(v, F32(2 * half_range - 1), out=v)
+    levels = _to_int8(v)
+    out = np.empty(xt.shape[1], BLOCK[qtype])
     out["d"] = d
     out["qs"] = _nibbles(levels)
     if qtype is T.Q5_0:
@@ -99,18 +111,17 @@ def _symmetric_ref(x: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
 
 
 def _affine_ref(x: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
-    xb = _blocks(x)
-    lo = _first_extreme(xb, np.min)
-    hi = _first_extreme(xb, np.max)
+    xt = _columns(x)
+    lo = _first_extreme(xt, np.minimum)
+    hi = _first_extreme(xt, np.maximum)
     d = (hi - lo) / F32(n_levels - 1)
-    inv = safe_reciprocal(d)
-    v = xb - lo[:, None]
-    v *= inv[:, None]
+    v = x.reshape(-1, QK) - lo[:, None]
+    v *= safe_reciprocal(d)[:, None]
     v += F32(0.5)
-    levels = _to_int8(v)
     if qtype is T.Q4_1:
-        levels = np.minimum(levels, n_levels - 1)
-    out = np.empty(xb.shape[0], BLOCK[qtype])
+        np.minimum(v, F32(n_levels - 1), out=v)
+    levels = _to_int8(v)
+    out = np.empty(xt.shape[1], BLOCK[qtype])
     out["d"] = d
     out["m"] = lo
     out["qs"] = _nibbles(levels)
@@ -120,12 +131,11 @@ def _affine_ref(x: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
 
 
 def _q8_0(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
-    xb = _blocks(x)
-    d = np.abs(xb).max(axis=1) / F32(127)
-    inv = safe_reciprocal(d)
-    out = np.empty(xb.shape[0], BLOCK[T.Q8_0])
+    xt = _columns(x)
+    d = np.maximum.reduce(np.abs(xt), axis=0) / F32(127)
+    out = np.empty(xt.shape[1], BLOCK[T.Q8_0])
     out["d"] = d
-    out["qs"] = _to_int8(_roundf(xb * inv[:, None]))
+    out["qs"] = _roundf_int8(x.reshape(-1, QK) * safe_reciprocal(d)[:, None])
     return as_bytes(out, x.shape[0])
 
 
@@ -133,20 +143,20 @@ def _q8_0(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
 
 
 def _weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """``qw[j] * sqrtf(sigma2 + x[j]*x[j])`` with the row's ``sigma2``, as ``(n_blocks, 32)``."""
+    """``qw[j] * sqrtf(sigma2 + x[j]*x[j])`` with the row's ``sigma2``, as columns ``(32, n_blocks)``."""
     sigma2 = row_sigma2(x)
     w = np.sqrt(sigma2[:, None] + x * x)
     w *= qw[None, :]
-    return _blocks(w)
+    return _columns(w)
 
 
 def _symmetric_impl(x: np.ndarray, qw: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
     from .kquants_symmetric import make_qx_quants
 
-    xb = _blocks(x)
-    scale, levels = make_qx_quants(np.ascontiguousarray(xb.T), half_range, 1, np.ascontiguousarray(_weights(x, qw).T))
-    levels = np.ascontiguousarray(levels.T)
-    out = np.empty(xb.shape[0], BLOCK[qtype])
+    xt = _columns(x)
+    scale, levels = make_qx_quants(xt, half_range, 1, _weights(x, qw))
+    levels = levels.T
+    out = np.empty(xt.shape[1], BLOCK[qtype])
     out["d"] = scale
     out["qs"] = _nibbles(levels)
     if qtype is T.Q5_0:
@@ -157,13 +167,10 @@ def _symmetric_impl(x: np.ndarray, qw: np.ndarray, qtype: T, half_range: int) ->
 def _affine_impl(x: np.ndarray, qw: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
     from .kquants_affine import make_qkx3_quants
 
-    xb = _blocks(x)
-    scale, the_min, levels = make_qkx3_quants(
-        np.ascontiguousarray(xb.T), n_levels - 1, np.ascontiguousarray(_weights(x, qw).T),
-        -0.9, 0.05, 36, False,
-    )
-    levels = np.ascontiguousarray(levels.T)
-    out = np.empty(xb.shape[0], BLOCK[qtype])
+    xt = _columns(x)
+    scale, the_min, levels = make_qkx3_quants(xt, n_levels - 1, _weights(x, qw), -0.9, 0.05, 36, False)
+    levels = levels.T
+    out = np.empty(xt.shape[1], BLOCK[qtype])
     out["d"] = scale
     out["m"] = -the_min
     out["qs"] = _nibbles(levels)

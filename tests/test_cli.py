@@ -1,0 +1,121 @@
+"""The command line: help and version, inspect, and bad input (one clear line, exit ≠ 0, no output left)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from slmpkg import __version__
+from slmpkg.cli import main
+from slmpkg.formats import gguf as gguf_format
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    spec = importlib.util.spec_from_file_location("make_tiny_llama", REPO / "examples" / "make_tiny_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path_factory.mktemp("cli") / "tiny-f16.gguf"
+    gguf_format.write(path, module.tiny_llama(n_layer=2))
+    return path
+
+
+def run(*args: str) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_version_and_help():
+    assert run("--version").output.strip().endswith(__version__)
+    for command in ([], ["quantize"], ["inspect"]):
+        result = run(*command, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_quantize_then_inspect_json(model, tmp_path):
+    out = tmp_path / "q.gguf"
+    result = run("quantize", model, "-o", out, "--quant", "q4_k_m", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["preset"] == "Q4_K_M" and Path(report["output"]) == out
+    by_name = {t["name"]: t for t in report["tensors"]}
+    assert by_name["output.weight"]["to"] == "Q6_K"
+    assert by_name["blk.0.attn_q.weight"]["to"] == "Q4_K"
+
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["architecture"] == "llama"
+    assert info["metadata"]["general.file_type"] == 15
+    assert info["metadata"]["tokenizer.ggml.tokens"]["item_type"] == "STRING"
+    types = {t["name"]: t["type"] for t in info["tensors"]}
+    assert types["output_norm.weight"] == "F32" and types["output.weight"] == "Q6_K"
+    assert 4.5 < info["bits_per_weight"] < 7.0
+    assert info["file_size"] == out.stat().st_size
+
+
+def _assert_clean_failure(result, out: Path, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("slmpkg: error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))  # no temporary file left either
+
+
+def test_not_a_gguf(tmp_path):
+    src, out = tmp_path / "model.gguf", tmp_path / "out.gguf"
+    src.write_text("this is not a model")
+    _assert_clean_failure(run("quantize", src, "-o", out, "--quant", "Q4_0"), out, str(src), "not a GGUF")
+
+
+def test_truncated_gguf(model, tmp_path):
+    src, out = tmp_path / "cut.gguf", tmp_path / "out.gguf"
+    src.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    _assert_clean_failure(run("quantize", src, "-o", out, "--quant", "Q4_0"), out, str(src), "truncated")
+
+
+def test_missing_input(tmp_path):
+    out = tmp_path / "out.gguf"
+    _assert_clean_failure(run("quantize", tmp_path / "nope.gguf", "-o", out, "--quant", "Q4_0"), out, "nope.gguf")
+
+
+def test_unknown_preset(model, tmp_path):
+    out = tmp_path / "out.gguf"
+    _assert_clean_failure(run("quantize", model, "-o", out, "--quant", "Q9_K"), out, "Q9_K", "Q4_K_M")
+
+
+def test_unknown_tensor_type(model, tmp_path):
+    out = tmp_path / "out.gguf"
+    _assert_clean_failure(run("quantize", model, "-o", out, "--quant", "Q4_0", "--tensor-type", "attn_q=q7_7"), out, "q7_7")
+
+
+def test_imatrix_that_does_not_fit(model, tmp_path):
+    import struct
+
+    import numpy as np
+
+    imatrix, out = tmp_path / "bad.dat", tmp_path / "out.gguf"
+    name = b"blk.0.attn_q.weight"
+    imatrix.write_bytes(struct.pack("<ii", 1, len(name)) + name + struct.pack("<ii", 1, 10) + np.ones(10, np.float32).tobytes())
+    result = run("quantize", model, "-o", out, "--quant", "Q4_K_M", "--imatrix", imatrix)
+    _assert_clean_failure(result, out, str(imatrix), "blk.0.attn_q.weight", "10 values")
+
+
+def test_imatrix_that_is_not_one(model, tmp_path):
+    imatrix, out = tmp_path / "junk.dat", tmp_path / "out.gguf"
+    imatrix.write_bytes(b"\xff\xff\xff\xffgarbage")
+    _assert_clean_failure(run("quantize", model, "-o", out, "--quant", "Q4_K_M", "--imatrix", imatrix), out, str(imatrix))
+
+
+def test_failure_keeps_an_existing_output(model, tmp_path):
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"previous result")
+    result = run("quantize", tmp_path / "nope.gguf", "-o", out, "--quant", "Q4_0")
+    assert result.exit_code == 1
+    assert out.read_bytes() == b"previous result"
