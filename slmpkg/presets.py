@@ -261,7 +261,9 @@ class QuantOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "preset", get_preset(self.preset))
         if self.output_tensor_type is not None:
-            object.__setattr__(self, "output_tensor_type", parse_ggml_type(self.output_tensor_type, "output tensor type"))
+            object.__setattr__(
+                self, "output_tensor_type", parse_ggml_type(self.output_tensor_type, "output tensor type")
+            )
         if self.token_embedding_type is not None:
             object.__setattr__(
                 self, "token_embedding_type", parse_ggml_type(self.token_embedding_type, "token embedding type")
@@ -596,7 +598,14 @@ def _category(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 _IQ_LOW_FTYPES = frozenset(
-    {FType.MOSTLY_IQ2_XXS, FType.MOSTLY_IQ2_XS, FType.MOSTLY_IQ1_S, FType.MOSTLY_IQ2_S, FType.MOSTLY_IQ2_M, FType.MOSTLY_IQ1_M}
+    {
+        FType.MOSTLY_IQ2_XXS,
+        FType.MOSTLY_IQ2_XS,
+        FType.MOSTLY_IQ1_S,
+        FType.MOSTLY_IQ2_S,
+        FType.MOSTLY_IQ2_M,
+        FType.MOSTLY_IQ1_M,
+    }
 )
 _OUTPUT_Q5_K_FTYPES = _IQ_LOW_FTYPES | {FType.MOSTLY_IQ3_XXS}
 _MOE8_ATTN_OUTPUT_Q5_K_FTYPES = frozenset(
