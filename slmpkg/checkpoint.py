@@ -52,8 +52,10 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
-        rows = self.n_elements // self.shape[-1] if self.shape else 1
-        return rows * quant.row_bytes(self.qtype, self.shape[-1] if self.shape else 1)
+        n_per_row = self.shape[-1] if self.shape else 1
+        if n_per_row == 0:
+            return 0
+        return self.n_elements // n_per_row * quant.row_bytes(self.qtype, n_per_row)
 
     def float32(self) -> np.ndarray:
         """The values as float32 in ``shape`` (dequantized when stored quantized)."""
@@ -64,16 +66,19 @@ class LazyTensor:
         """Wrap an in-memory float32/float16 array (tests and small tensors)."""
         kinds = {np.dtype(np.float32): QuantType.F32, np.dtype(np.float16): QuantType.F16}
         qtype = kinds[array.dtype]
-        data = np.ascontiguousarray(array)
+        data = np.ascontiguousarray(array).reshape(array.shape)  # keep 0-d arrays 0-d
         return LazyTensor(name, tuple(data.shape), qtype, lambda: data.reshape(-1).view(np.uint8))
 
 
 @dataclass
 class Checkpoint:
-    """Metadata (ordered, typed) and tensors (ordered)."""
+    """Metadata (ordered, typed) and tensors (ordered); ``sidecar`` holds the files that travel beside
+    the weights (config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, tokenizer.model, chat_template.jinja, ...) as bytes, by relative name."""
 
     metadata: dict[str, MetaValue]
     tensors: list[LazyTensor]
+    sidecar: dict[str, bytes] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value by key, unwrapped."""
