@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType

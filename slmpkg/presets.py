@@ -967,7 +967,7 @@ def plan_tensor_types(
             if _is_quantized(tensor.type) and not options.allow_requantize:
                 raise UsageError(
                     f"tensor {tensor.name} is already {tensor.type.name}; converting it to {target.name} "
-                    "needs allow_requantize"
+                    "needs --allow-requantize (it loses quality)"
                 )
             if not _is_quantized(tensor.type) and tensor.type not in (QuantType.F32, QuantType.F16, QuantType.BF16):
                 raise UsageError(f"tensor {tensor.name}: cannot convert type {tensor.type.name} to {target.name}")

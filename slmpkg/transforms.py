@@ -19,7 +19,6 @@ from gguf import GGUFValueType as V
 
 from . import quant
 from .checkpoint import Checkpoint, LazyTensor, MetaValue
-from .errors import UsageError
 from .imatrix import ImportanceMatrix
 from .presets import (
     KEY_FILE_TYPE,
@@ -61,11 +60,6 @@ def _c_string(text: str, limit: int = 127) -> str:
     return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
-def _is_quantized(t: QuantType) -> bool:
-    return t not in (QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.F64,
-                     QuantType.I8, QuantType.I16, QuantType.I32, QuantType.I64)
-
-
 def quantize_checkpoint(
     ckpt: Checkpoint,
     options: QuantOptions,
@@ -75,8 +69,8 @@ def quantize_checkpoint(
 ) -> tuple[Checkpoint, list[TensorChange]]:
     """Plan and describe the quantization of ``ckpt`` as llama.cpp's ``llama_model_quantize`` does it.
 
-    Every check happens here, before any data moves: re-quantization without
-    ``options.allow_requantize``, importance-matrix sizes and values. The returned checkpoint's
+    Every check happens here, before any data moves: the planner's (re-quantization without
+    ``options.allow_requantize``, rows a type cannot hold), importance-matrix sizes and values. The returned checkpoint's
     tensors are in llama.cpp's output order and quantize when their bytes are requested.
     ``imatrix_label`` is what ``quantize.imatrix.file`` records (default: the file's path).
     """
@@ -97,11 +91,6 @@ def quantize_checkpoint(
         target = targets[name]
         weights = None
         if target is not src.qtype:
-            if _is_quantized(src.qtype) and not options.allow_requantize:
-                raise UsageError(
-                    f"tensor {name} is already {src.qtype.name}; re-quantizing it to {target.name} "
-                    f"loses quality and needs --allow-requantize"
-                )
             if imatrix is not None:
                 weights = imatrix.for_tensor(name, src.shape)
             tensors.append(LazyTensor(name, src.shape, target, _quantizer(src, target, weights, threads)))

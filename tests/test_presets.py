@@ -813,7 +813,7 @@ def test_glm5_next_keeps_some_projections_at_q8_0():
 
 def test_requantize_needs_allow_requantize():
     ts = llama_tensors(**TOY, src=T.Q8_0)
-    with pytest.raises(UsageError, match="allow_requantize"):
+    with pytest.raises(UsageError, match="allow-requantize"):
         plan_tensor_types(ts, TOY_META, QuantOptions("Q4_0"))
     plan = plan_tensor_types(ts, TOY_META, QuantOptions("Q4_0", allow_requantize=True))
     assert plan["blk.0.attn_q.weight"] == T.Q4_0

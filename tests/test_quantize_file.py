@@ -167,7 +167,7 @@ def test_requantize_needs_the_flag_and_then_matches(tmp_path, tiny_f16):
     quantize_file(tiny_f16, q8, QuantOptions("Q8_0"), progress=False)
     from slmpkg.errors import UsageError
 
-    with pytest.raises(UsageError, match="already Q8_0.*--allow-requantize"):
+    with pytest.raises(UsageError, match="output.weight is already Q8_0.*--allow-requantize"):
         quantize_file(q8, ours, QuantOptions("Q4_K_M"), progress=False)
     assert not ours.exists()
     quantize_file(q8, ours, QuantOptions("Q4_K_M", allow_requantize=True), progress=False)

@@ -84,7 +84,7 @@ def _nibbles(levels: np.ndarray) -> np.ndarray:
 def _high_bits(levels: np.ndarray) -> np.ndarray:
     """Bit 4 of each level of ``(n_blocks, 32)`` gathered into one little-endian uint32 (bit j = element j)."""
     bits = (levels.astype(np.uint8, copy=False) >> 4) & np.uint8(1)
-    return np.packbits(bits, axis=1, bitorder="little").view("<u4").reshape(-1)
+    return np.ascontiguousarray(np.packbits(bits, axis=1, bitorder="little")).view("<u4").reshape(-1)
 
 
 # ---- without an importance matrix: quantize_row_*_ref ---------------------------------------
