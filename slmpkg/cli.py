@@ -149,3 +149,36 @@ def quantize_command(
             f"{result.output}: {options.preset.name}, {result.input_bytes / 1e6:.1f} MB → "
             f"{result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
         )
+
+
+# ---- convert ------------------------------------------------------------------------------------
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path),
+              help="Output: a .gguf file, a directory for GGUF (named Name-Size-PRESET.gguf), or a HF directory.")
+@click.option("--to", "to", type=click.Choice(["gguf", "safetensors"]), help="Output format (default: from the output name).")
+@click.option("--quant", "preset", metavar="PRESET", help="GGUF preset (F32 F16 BF16 Q8_0 ... Q4_K_M ...); default keeps the source's float type.")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document describing the result.")
+@handle_errors
+def convert_command(
+    src: Path, dst: Path, to: Optional[str], preset: Optional[str], imatrix: Optional[Path], dtype: Optional[str],
+    max_shard_size: str, threads: Optional[int], quiet: bool, as_json: bool,
+) -> None:
+    """Convert a Hugging Face directory to GGUF (any preset, one pass) or a GGUF back to a HF directory."""
+    from .formats.safetensors import parse_size
+    from .pipeline import convert
+
+    result = convert(src, dst, to=to, quant=preset, imatrix=imatrix, dtype=dtype,
+                     max_shard_size=parse_size(max_shard_size), threads=threads,
+                     progress=False if quiet else None)
+    if as_json:
+        _emit_json(result.to_dict())
+    elif not quiet:
+        click.echo(f"{result.output}: {result.format}, {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")

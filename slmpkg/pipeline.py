@@ -14,13 +14,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ._progress import ProgressBar
 from .errors import UsageError
 from .imatrix import ImportanceMatrix
 from .presets import QuantOptions
 from .transforms import TensorChange, quantize_checkpoint
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -79,3 +82,127 @@ def quantize_file(
         sizes = {t.name: t.nbytes for t in ckpt.tensors}
         size = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(sizes[t.name], t.name))
     return QuantizeResult(src, dst, options.preset.name, os.path.getsize(src), size, time.monotonic() - start, changes)
+
+
+# ---- convert -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertResult:
+    input: Path
+    output: Path
+    format: str
+    files: list[Path]
+    output_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": str(self.input),
+            "output": str(self.output),
+            "format": self.format,
+            "files": [str(f) for f in self.files],
+            "output_bytes": self.output_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def size_label(n_params: int) -> str:
+    """llama.cpp's size label: ``1.1B``, ``135M``, ``8B``."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n_params >= scale:
+            value = f"{n_params / scale:.1f}".rstrip("0").rstrip(".")
+            return f"{value}{suffix}"
+    return str(n_params)
+
+
+def _default_gguf_name(src: Path, ckpt: "Checkpoint", preset: str) -> str:
+    name = ckpt.get("general.name") or (src.stem if src.is_file() else src.name)
+    name = "-".join(str(name).split())
+    n_params = sum(t.n_elements for t in ckpt.tensors)
+    return f"{name}-{size_label(n_params)}-{preset}.gguf"
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    to: Optional[str] = None,
+    quant: Optional[Union[str, QuantOptions]] = None,
+    imatrix: Optional[PathLike] = None,
+    dtype: Optional[str] = None,
+    max_shard_size: Union[int, str] = 5 * 10**9,
+    threads: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> ConvertResult:
+    """Convert between a Hugging Face directory and GGUF, streaming one tensor at a time.
+
+    ``to`` is ``"gguf"`` or ``"safetensors"``; by default it follows ``dst`` (``*.gguf`` → GGUF, else a
+    Hugging Face directory). HF → GGUF takes any preset of :mod:`slmpkg.presets` (default: keep the
+    source's float type); GGUF → HF dequantizes to ``dtype`` (``bf16`` default, ``f16``, ``f32``).
+    When ``dst`` is an existing directory and the target is GGUF, the file inside it is named as
+    llama.cpp names its files (``Name-Size-PRESET.gguf``).
+    """
+    from . import architectures
+    from .formats import gguf as gguf_format
+    from .formats import safetensors as st_format
+    from .quant import QuantType
+
+    src, dst = Path(src), Path(dst)
+    start = time.monotonic()
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or directory")
+    source_is_gguf = _is_gguf(src)
+    if to is None:
+        # a GGUF source can only go to a directory; a directory source goes to GGUF
+        target = "safetensors" if source_is_gguf and dst.suffix.lower() != ".gguf" else "gguf"
+    else:
+        target = to.lower()
+    if target not in ("gguf", "safetensors"):
+        raise UsageError(f"unknown output format {to!r} (gguf, safetensors)")
+
+    if target == "gguf":
+        if source_is_gguf:
+            raise UsageError(f"{src}: already GGUF; use `slmpkg quantize` to change its types")
+        canonical = architectures.from_hf(st_format.read(src), name=src.name)
+        options = quant if isinstance(quant, QuantOptions) else QuantOptions(quant or _auto_preset(canonical))
+        matrix = ImportanceMatrix.load(imatrix) if imatrix is not None else None
+        out, _ = quantize_checkpoint(canonical, options, matrix, threads,
+                                     imatrix_label=str(imatrix) if imatrix is not None else None)
+        if dst.is_dir():
+            dst = dst / _default_gguf_name(src, canonical, options.preset.name)
+        total = sum(t.nbytes for t in out.tensors)
+        with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
+            size = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(t.nbytes, t.name))
+        return ConvertResult(src, dst, "gguf", [dst], size, time.monotonic() - start)
+
+    if quant is not None or imatrix is not None:
+        raise UsageError("--quant and --imatrix apply to GGUF output; safetensors output takes --dtype")
+    if not source_is_gguf:
+        raise UsageError(f"{src}: safetensors → safetensors is not a conversion; give a GGUF source")
+    float_type = {"bf16": QuantType.BF16, "f16": QuantType.F16, "f32": QuantType.F32}.get((dtype or "bf16").lower())
+    if float_type is None:
+        raise UsageError(f"unknown --dtype {dtype!r} (bf16, f16, f32)")
+    hf = architectures.to_hf(gguf_format.read(src), float_type)
+    total = sum(t.nbytes for t in hf.tensors)
+    with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
+        files = st_format.write(dst, hf, max_shard_size=max_shard_size, on_tensor=lambda t: bar.advance(t.nbytes, t.name))
+    size = sum(f.stat().st_size for f in files)
+    return ConvertResult(src, dst, "safetensors", files, size, time.monotonic() - start)
+
+
+def _auto_preset(ckpt: "Checkpoint") -> str:
+    """Keep the source precision: BF16 or F16 if the weights are stored so, else F32."""
+    from .quant import QuantType
+
+    types = {t.qtype for t in ckpt.tensors if len(t.shape) >= 2}
+    for t in (QuantType.BF16, QuantType.F16):
+        if t in types:
+            return t.name
+    return "F32"
