@@ -111,8 +111,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    size = gguf_format.write(args.out, tiny_llama(n_layer=args.layers, dtype=args.dtype, seed=args.seed))
-    print(f"wrote {args.out} ({size / 1e6:.1f} MB)")
+    gguf_format.write(args.out, tiny_llama(n_layer=args.layers, dtype=args.dtype, seed=args.seed))
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional, Union
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
-from .._io import atomic_write
+from .._io import atomic_writes
 from ..checkpoint import Checkpoint, LazyTensor, MetaValue
 from ..errors import FormatError
 from ..quant import QuantType
@@ -66,9 +67,38 @@ def _field_value(field: Any) -> MetaValue:
 def read(path: Union[str, os.PathLike]) -> Checkpoint:
     """Open a GGUF file lazily: metadata is read now, tensor bytes are memory-mapped views.
 
+    A split model (``NAME-00001-of-0000N.gguf``) is read whole from its first file: the tensors of
+    every shard, the metadata of the first, without the ``split.*`` keys.
     Raises :class:`FormatError` naming the file for anything that is not a complete GGUF v2/v3 file.
     """
     path = Path(path)
+    first = _read_one(path)
+    count = int(first.get("split.count", 0) or 0)
+    if count <= 1:
+        return first
+    if int(first.get("split.no", 0)) != 0:
+        raise FormatError(f"{path}: shard {int(first.get('split.no')) + 1} of {count}; pass the first shard")
+    tensors = list(first.tensors)
+    for i in range(1, count):
+        shard_path = split_path(_split_prefix(path) + ".gguf", i, count)
+        if not shard_path.exists():
+            raise FormatError(f"{shard_path}: missing shard {i + 1} of {count} (split model {path})")
+        tensors += _read_one(shard_path).tensors
+    expected = int(first.get("split.tensors.count", len(tensors)))
+    if len(tensors) != expected:
+        raise FormatError(f"{path}: the shards hold {len(tensors)} tensors, split.tensors.count says {expected}")
+    metadata = {k: v for k, v in first.metadata.items() if k not in SPLIT_KEYS}
+    return Checkpoint(metadata, tensors)
+
+
+def _split_prefix(path: Path) -> str:
+    match = _SPLIT_NAME.match(str(path))
+    if match is None:
+        raise FormatError(f"{path}: split model whose name is not NAME-00001-of-0000N.gguf")
+    return match.group("prefix")
+
+
+def _read_one(path: Path) -> Checkpoint:
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -157,26 +187,70 @@ def alignment_of(metadata: dict[str, MetaValue]) -> int:
     return int(item.value) if item is not None else DEFAULT_ALIGNMENT
 
 
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_path(path: Union[str, os.PathLike], index: int, count: int) -> Path:
+    """llama.cpp's name of shard ``index`` (0-based) of ``count``: ``NAME-00001-of-00003.gguf``."""
+    path = Path(path)
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    return path.with_name(f"{stem}-{index + 1:05d}-of-{count:05d}.gguf")
+
+
+def plan_splits(tensors: list[LazyTensor], max_size: Optional[int], alignment: int = DEFAULT_ALIGNMENT) -> list[list[LazyTensor]]:
+    """Group tensors into shards as llama.cpp's gguf-split does: start a new shard when the next
+    tensor's padded size would push this shard's data past ``max_size`` (never leaving one empty)."""
+    if not max_size:
+        return [tensors]
+    shards: list[list[LazyTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        size = t.nbytes + _pad(t.nbytes, alignment)
+        if shards[-1] and used + size > max_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += size
+    return shards
+
+
 def write(
     path: Union[str, os.PathLike],
     checkpoint: Checkpoint,
     on_tensor: Optional[Callable[[LazyTensor], None]] = None,
-) -> int:
-    """Stream ``checkpoint`` into a GGUF file at ``path``; returns the file size.
+    split_max_size: Optional[int] = None,
+) -> list[Path]:
+    """Stream ``checkpoint`` into GGUF at ``path``; returns the files written.
 
-    ``on_tensor`` is called after each tensor is written (progress reporting). Nothing appears at
-    ``path`` unless the whole file was written.
+    With ``split_max_size`` (bytes of tensor data per file) and more data than that, the output is
+    llama.cpp's split layout: ``NAME-00001-of-0000N.gguf``, all metadata in the first file, the
+    ``split.*`` keys in each. ``on_tensor`` is called after each tensor is written (progress).
+    Nothing appears at the target names unless every file was written completely.
     """
     alignment = alignment_of(checkpoint.metadata)
-    tensors = list(checkpoint.tensors)
-    with atomic_write(path) as f:
-        f.write(encode_header(checkpoint.metadata, tensors, alignment))
-        for t in tensors:
-            _write_tensor(f, t, alignment)
-            if on_tensor is not None:
-                on_tensor(t)
-        size = f.tell()
-    return size
+    metadata = {k: v for k, v in checkpoint.metadata.items() if k not in SPLIT_KEYS}
+    shards = plan_splits(list(checkpoint.tensors), split_max_size, alignment)
+    if len(shards) == 1:
+        targets = [Path(path)]
+        headers = [metadata]
+    else:
+        n, total = len(shards), sum(len(s) for s in shards)
+        targets = [split_path(path, i, n) for i in range(n)]
+        split_meta = lambda i: {  # noqa: E731
+            "split.no": MetaValue(GGUFValueType.UINT16, i),
+            "split.count": MetaValue(GGUFValueType.UINT16, n),
+            "split.tensors.count": MetaValue(GGUFValueType.INT32, total),
+        }
+        headers = [{**(metadata if i == 0 else {}), **split_meta(i)} for i in range(n)]
+    with atomic_writes(targets) as files:
+        for f, header, shard in zip(files, headers, shards):
+            f.write(encode_header(header, shard, alignment))
+            for t in shard:
+                _write_tensor(f, t, alignment)
+                if on_tensor is not None:
+                    on_tensor(t)
+    return targets
 
 
 def _write_tensor(f: BinaryIO, t: LazyTensor, alignment: int) -> None:

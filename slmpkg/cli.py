@@ -163,21 +163,23 @@ def quantize_command(
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--split-max-size", metavar="SIZE", help="Split GGUF output into NAME-0000i-of-0000N.gguf files of at most SIZE (e.g. 2G).")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document describing the result.")
 @handle_errors
 def convert_command(
     src: Path, dst: Path, to: Optional[str], preset: Optional[str], imatrix: Optional[Path], dtype: Optional[str],
-    max_shard_size: str, threads: Optional[int], quiet: bool, as_json: bool,
+    max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or a GGUF back to a HF directory."""
     from .formats.safetensors import parse_size
     from .pipeline import convert
 
     result = convert(src, dst, to=to, quant=preset, imatrix=imatrix, dtype=dtype,
-                     max_shard_size=parse_size(max_shard_size), threads=threads,
-                     progress=False if quiet else None)
+                     max_shard_size=parse_size(max_shard_size),
+                     split_max_size=parse_size(split_max_size) if split_max_size else None,
+                     threads=threads, progress=False if quiet else None)
     if as_json:
         _emit_json(result.to_dict())
     elif not quiet:

@@ -14,10 +14,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._progress import ProgressBar
-from .errors import UsageError
+from .errors import FormatError, UsageError
 from .imatrix import ImportanceMatrix
 from .presets import QuantOptions
 from .transforms import TensorChange, quantize_checkpoint
@@ -80,8 +80,9 @@ def quantize_file(
     total = sum(t.nbytes for t in ckpt.tensors)
     with ProgressBar(total, f"quantize {options.preset.name}", enabled=progress) as bar:
         sizes = {t.name: t.nbytes for t in ckpt.tensors}
-        size = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(sizes[t.name], t.name))
-    return QuantizeResult(src, dst, options.preset.name, os.path.getsize(src), size, time.monotonic() - start, changes)
+        gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(sizes[t.name], t.name))
+    return QuantizeResult(src, dst, options.preset.name, os.path.getsize(src), os.path.getsize(dst),
+                          time.monotonic() - start, changes)
 
 
 # ---- convert -----------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ def convert(
     imatrix: Optional[PathLike] = None,
     dtype: Optional[str] = None,
     max_shard_size: Union[int, str] = 5 * 10**9,
+    split_max_size: Optional[int] = None,
     threads: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> ConvertResult:
@@ -147,7 +149,8 @@ def convert(
     Hugging Face directory). HF → GGUF takes any preset of :mod:`slmpkg.presets` (default: keep the
     source's float type); GGUF → HF dequantizes to ``dtype`` (``bf16`` default, ``f16``, ``f32``).
     When ``dst`` is an existing directory and the target is GGUF, the file inside it is named as
-    llama.cpp names its files (``Name-Size-PRESET.gguf``).
+    llama.cpp names its files (``Name-Size-PRESET.gguf``); ``split_max_size`` splits GGUF output into
+    ``NAME-00001-of-0000N.gguf`` files of at most that many bytes of tensor data.
     """
     from . import architectures
     from .formats import gguf as gguf_format
@@ -170,7 +173,7 @@ def convert(
     if target == "gguf":
         if source_is_gguf:
             raise UsageError(f"{src}: already GGUF; use `slmpkg quantize` to change its types")
-        canonical = architectures.from_hf(st_format.read(src), name=src.name)
+        canonical = _naming(src, lambda: architectures.from_hf(st_format.read(src), name=src.name))
         options = quant if isinstance(quant, QuantOptions) else QuantOptions(quant or _auto_preset(canonical))
         matrix = ImportanceMatrix.load(imatrix) if imatrix is not None else None
         out, _ = quantize_checkpoint(canonical, options, matrix, threads,
@@ -179,8 +182,10 @@ def convert(
             dst = dst / _default_gguf_name(src, canonical, options.preset.name)
         total = sum(t.nbytes for t in out.tensors)
         with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
-            size = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(t.nbytes, t.name))
-        return ConvertResult(src, dst, "gguf", [dst], size, time.monotonic() - start)
+            files = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(t.nbytes, t.name),
+                                      split_max_size=split_max_size)
+        return ConvertResult(src, files[0], "gguf", files, sum(f.stat().st_size for f in files),
+                             time.monotonic() - start)
 
     if quant is not None or imatrix is not None:
         raise UsageError("--quant and --imatrix apply to GGUF output; safetensors output takes --dtype")
@@ -189,12 +194,22 @@ def convert(
     float_type = {"bf16": QuantType.BF16, "f16": QuantType.F16, "f32": QuantType.F32}.get((dtype or "bf16").lower())
     if float_type is None:
         raise UsageError(f"unknown --dtype {dtype!r} (bf16, f16, f32)")
-    hf = architectures.to_hf(gguf_format.read(src), float_type)
+    hf = _naming(src, lambda: architectures.to_hf(gguf_format.read(src), float_type))
     total = sum(t.nbytes for t in hf.tensors)
     with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
         files = st_format.write(dst, hf, max_shard_size=max_shard_size, on_tensor=lambda t: bar.advance(t.nbytes, t.name))
     size = sum(f.stat().st_size for f in files)
     return ConvertResult(src, dst, "safetensors", files, size, time.monotonic() - start)
+
+
+def _naming(src: Path, step: "Callable[[], Checkpoint]") -> "Checkpoint":
+    """Run a mapping step whose errors speak of files inside ``src``; make them name ``src`` too."""
+    try:
+        return step()
+    except FormatError as e:
+        if str(e).startswith(str(src)):
+            raise
+        raise FormatError(f"{src}: {e}") from None
 
 
 def _auto_preset(ckpt: "Checkpoint") -> str:
