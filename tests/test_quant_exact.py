@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -97,11 +99,22 @@ def test_dequantize_matches_ggml(ggml, qtype):
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
-def test_threads_do_not_change_bytes(monkeypatch):
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 512)  # many small work items
+def test_threads_and_chunks_do_not_change_bytes(monkeypatch):
     x = _fresh("normal", (37, 512), np.random.default_rng(7))
-    for qtype in (T.Q4_K, T.Q4_0):
-        assert np.array_equal(quant.quantize(x, qtype, threads=1), quant.quantize(x, qtype, threads=3))
+    whole = {t: quant.quantize(x, t, threads=1) for t in (T.Q4_K, T.Q4_0)}
+    for qtype, expected in whole.items():  # many small work items over several threads
+        monkeypatch.setitem(quant.KERNELS, qtype, dataclasses.replace(quant.KERNELS[qtype], chunk_elements=512))
+        assert np.array_equal(quant.quantize(x, qtype, threads=3), expected)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_1, T.Q4_0, T.Q5_0, T.Q3_K, T.Q4_K], ids=lambda t: t.name)
+def test_one_row_chunks_with_imatrix(ggml, monkeypatch, qtype):
+    """A work item of a single row must still sum that row in C's order (row-wide sigma2)."""
+    rng = np.random.default_rng(0)
+    x = (rng.laplace(size=(40, 768)) * 10.0 ** rng.uniform(-3, 3, (40, 1))).astype(np.float32)
+    imatrix = rng.gamma(0.5, 2.0, 768).astype(np.float32)
+    monkeypatch.setitem(quant.KERNELS, qtype, dataclasses.replace(quant.KERNELS[qtype], chunk_elements=1))
+    assert np.array_equal(quant.quantize(x, qtype, imatrix=imatrix, threads=1), ggml.quantize(x, qtype, imatrix))
 
 
 def test_rows_not_divisible_by_block():

@@ -58,6 +58,9 @@ class Kernel:
     quantize: QuantizeRows
     dequantize: DequantizeRows
     uses_imatrix: bool = False
+    # elements per work item when the kernel prefers other than CHUNK_ELEMENTS (search-heavy kernels
+    # amortize their per-call overhead over bigger chunks)
+    chunk_elements: Optional[int] = None
 
 
 def _registry() -> dict[QuantType, Kernel]:
@@ -164,7 +167,7 @@ def quantize(
     out = np.empty((n_rows, row_bytes(t, n_per_row)), np.uint8)
     if n_rows == 0:
         return out
-    step = max(1, CHUNK_ELEMENTS // n_per_row)
+    step = max(1, (kernel.chunk_elements or CHUNK_ELEMENTS) // n_per_row)
     spans = [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
 
     def work(span: tuple[int, int]) -> None:

@@ -17,9 +17,12 @@ F32 = np.float32
 def seq_sum(v: np.ndarray) -> np.ndarray:
     """Left-to-right float32 sum over axis 0, as a sequential C loop starting from ``0.0f``.
 
-    The reduction starts from ``v[0]``, not ``+0.0``; the two differ only when every term is ``-0.0``,
-    and adding ``+0.0`` afterwards gives C's ``+0.0`` there.
+    ``np.add.reduce`` over axis 0 adds whole rows in order when there are several columns, but sums
+    a lone column pairwise; ``accumulate`` is sequential always and covers that case. Adding ``+0.0``
+    turns an all ``-0.0`` sum into C's ``+0.0`` whatever the numpy version starts from.
     """
+    if v.size == v.shape[0]:
+        return np.add.accumulate(v.reshape(v.shape), axis=0, dtype=F32)[-1] + F32(0.0)
     return np.add.reduce(v, axis=0, dtype=F32) + F32(0.0)
 
 

@@ -1,66 +1,186 @@
 """Q3_K and Q6_K: symmetric K-quants (16 sub-blocks of 16 per 256-element super-block, no minimum).
 
-Sub-blocks are laid out as ``(16, n_sub)`` float32 arrays (see :mod:`._common`), so the search over
-candidate scales in ``make_qx_quants`` is a handful of whole-array passes per candidate, and the
-element-by-element refinement of ``make_q3_quants`` is a 16-step loop vectorized across sub-blocks.
-Every expression keeps the operand order and float32 rounding of ggml-quants.c.
+Sub-blocks are laid out as ``(16, n_sub)`` float32 arrays (see :mod:`._common`): the search over 19
+candidate scales in ``make_qx_quants`` is a few whole-array passes per candidate, and the greedy
+refinement of ``make_q3_quants`` runs in rounds over all unfinished sub-blocks (see
+:func:`_refine_q3`). Every expression keeps the operand order and float32 rounding of ggml-quants.c.
 
 Paths, as ``ggml_quantize_chunk`` takes them: without an importance matrix Q3_K uses
 ``make_q3_quants`` (the ``_ref`` quantizer) and Q6_K ``make_qx_quants`` weighted by x²; with one, Q3_K
 fits each sub-block and then the 16 scales with ``make_qx_quants`` under ``qw * sqrt(sigma2 + x²)``,
 and Q6_K weighs ``make_qx_quants`` by the raw importance.
+
+Large temporaries come from :func:`scratch`: the first touch of every fresh page costs a fault, and
+on virtual machines faults can cost more than the arithmetic on the page.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, first_argmax_abs, seq_sum
+from ._common import F32, seq_sum
 from .blocks import BLOCK, QK_K, as_blocks, as_bytes
 
-__all__ = ["KERNELS", "make_qx_quants"]
+__all__ = [
+    "KERNELS",
+    "make_qx_quants",
+    "nearest_int_c",
+    "sequential_sum",
+    "dot_columns",
+    "first_max_abs",
+    "replay_search",
+    "scratch",
+]
 
 GROUP_MAX_EPS = F32(1e-15)
 SUB = 16  # elements per sub-block
 N_SUB = QK_K // SUB  # sub-blocks per super-block
+_ROUNDING_BIAS = F32(12582912.0)  # 1.5 * 2**23
+
+_local = threading.local()
 
 
-def _rint_clip(v: np.ndarray, lo: F32, hi: F32) -> np.ndarray:
-    """``MAX(lo, MIN(hi, nearest_int(v)))`` in place, kept as float32."""
-    np.rint(v, out=v)
-    return np.clip(v, lo, hi, out=v)
+def scratch(name: str, shape: tuple[int, ...], dtype: type = F32, offset: int = 0) -> np.ndarray:
+    """A reusable per-thread C-contiguous array (contents undefined) for the temporary ``name``.
 
-
-class _ScaleSearch:
-    """One candidate ``iscale`` of ``make_qx_quants``: the weighted sums its rounding gives.
-
-    Holds two ``(n, nb)`` scratch buffers so the 19 candidates reuse the same memory.
+    Its data starts ``offset`` bytes past a 4 KiB boundary: kernels keep their ``(n, nb)`` arrays at
+    offset 0 and per-block vectors at 2048, so a load never trails a store by a few bytes modulo
+    4 KiB (the CPU's store-forwarding check compares only the low 12 address bits).
     """
+    state = _local.__dict__
+    key = (shape, dtype, offset)
+    last = state.setdefault("views", {}).get(name)
+    if last is not None and last[0] == key:
+        return last[1]
+    pools: dict[str, np.ndarray] = state.setdefault("pools", {})
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    buf = pools.get(name)
+    if buf is None or buf.size < nbytes + 4096:
+        buf = pools[name] = np.empty(nbytes + nbytes // 4 + 4096, np.uint8)
+    start = (offset - buf.__array_interface__["data"][0]) % 4096
+    view = buf[start : start + nbytes].view(dt).reshape(shape)
+    state["views"][name] = (key, view)
+    return view
 
-    def __init__(self, x: np.ndarray, w: np.ndarray, nmax: int):
-        self.x = x
-        self.w = w
-        self.wx = w * x  # C's ``w*x[i]*l`` groups as ``(w*x[i])*l``
-        self.lo = F32(-nmax)
-        self.hi = F32(nmax - 1)
-        self.l = np.empty_like(x)
-        self.t = np.empty_like(x)
 
-    def levels(self, iscale: np.ndarray) -> np.ndarray:
-        np.multiply(iscale, self.x, out=self.l)
-        return _rint_clip(self.l, self.lo, self.hi)
+def nearest_int_c(v: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int`` bit for bit, as float32, beyond its asserted range too.
 
-    def sums(self, iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        l = self.levels(iscale)
-        np.multiply(self.wx, l, out=self.t)
-        sumlx = seq_sum(self.t)
-        np.multiply(self.w, l, out=self.t)
-        self.t *= l
-        return sumlx, seq_sum(self.t)
+    Equals ``np.rint`` for ``|v| <= 4194303``; NaN gives 0, infinities -4194304 and huge values the
+    low mantissa bits, which is what ggml stores once a super-block scale overflows fp16. The hot
+    loops use ``np.rint`` where their operands are bounded.
+    """
+    bits = (np.asarray(v, F32) + _ROUNDING_BIAS).view(np.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).astype(F32)
+
+
+def sequential_sum(v: np.ndarray) -> np.ndarray:
+    """:func:`seq_sum` over axis 0 of a C-contiguous ``(n, nb)`` array, also when ``nb == 1``.
+
+    numpy sums a lone column as a 1-D array, pairwise; ``accumulate`` stays sequential, and the final
+    ``+ 0`` gives C's ``+0`` for a column of ``-0`` (C starts from ``0.0f``, accumulate from ``v[0]``).
+    """
+    if v.shape[1] != 1:
+        return seq_sum(v)
+    return np.add.accumulate(v[:, 0], dtype=F32)[-1:] + F32(0.0)
+
+
+def dot_columns(
+    a: np.ndarray, b: np.ndarray, c: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """``s = 0; for (i) s += a[i]*b[i]`` (or ``(a[i]*b[i])*c[i]``) per column of C-contiguous ``(n, nb)``.
+
+    ``einsum`` walks the columns in its inner loop and adds the rows in order, each product rounded
+    to float32 first: the C loop exactly, in one pass and without a temporary. A lone column would
+    be summed with several accumulators, so it takes the explicit route.
+    """
+    if a.shape[1] == 1:
+        p = a * b if c is None else a * b * c
+        s = sequential_sum(p)
+        if out is None:
+            return s
+        out[...] = s
+        return out
+    if c is None:
+        return np.einsum("ij,ij->j", a, b, out=out)
+    return np.einsum("ij,ij,ij->j", a, b, c, out=out)
+
+
+def first_max_abs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``for (i) if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` from ``amax = max = 0``,
+    per column of ``x`` ``(n, nb)``: ``(amax, max)``, the first of equal magnitudes winning.
+
+    The largest and the smallest value settle it unless they are ``a`` and ``-a``; only such columns
+    look for the first. ``fmax``/``fmin`` skip NaN as C's ``>`` does.
+    """
+    hi = np.fmax.reduce(x, axis=0)
+    lo = np.fmin.reduce(x, axis=0)
+    neg = -lo
+    amax = np.fmax(hi, neg)
+    mx = np.where(hi >= neg, hi, lo)
+    tied = np.flatnonzero((hi == neg) & (hi > 0))
+    if tied.size:
+        cols = x[:, tied]
+        mx[tied] = cols[np.argmax(np.abs(cols) == amax[tied], axis=0), np.arange(tied.size)]
+    zero = ~(amax > 0)  # nothing beat amax = 0 (NaN included): both stay +0
+    amax[zero] = 0
+    mx[zero] = 0
+    return amax, mx
+
+
+def _rint_clip(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` in place, kept as float32.
+
+    Bounds are float32 0-d arrays: ``ndarray.clip`` with them skips the scalar conversions that
+    dominate on small arrays.
+    """
+    np.rint(v, out=v)
+    return v.clip(lo, hi, out=v)
+
+
+def _bounds(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(lo, F32), np.array(hi, F32)
+
+
+def replay_search(
+    sx: np.ndarray, s2: np.ndarray, first_valid: np.ndarray, tag: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate ggml's scale searches keep, from every candidate's sums ``sx``, ``s2`` ``(K, nb)``.
+
+    C starts from candidate 0 with ``d = first_valid ? sx/s2 : 0`` and ``best = d*sx``, then takes
+    each later candidate with ``s2 > 0 && sx*sx > best*s2`` (``d = sx/s2``, ``best = d*sx``). The walk
+    is replayed on whole rows; the winner is the last candidate that was taken. Returns
+    ``(choice, d)`` per column.
+    """
+    k_count, nb = sx.shape
+    ratio, gain, square = (scratch(f"{tag}.{name}", sx.shape, offset=2048) for name in ("ratio", "gain", "sq"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(sx, s2, out=ratio)
+        np.multiply(ratio, sx, out=gain)
+        np.multiply(sx, sx, out=square)
+        first = np.where(first_valid, ratio[0], F32(0.0))
+        best = first * sx[0]
+        positive = s2[1:] > 0
+        if not positive.all():
+            np.putmask(square[1:], ~positive, F32(-np.inf))  # never taken: -inf > anything is false
+        taken = scratch(f"{tag}.taken", sx.shape, np.bool_)
+        taken[0] = False
+        rhs = np.empty(nb, F32)
+        for k in range(1, k_count):
+            np.multiply(best, s2[k], out=rhs)
+            np.greater(square[k], rhs, out=taken[k])
+            np.putmask(best, taken[k], gain[k])
+    choice = np.maximum.reduce(taken * np.arange(k_count, dtype=np.uint8)[:, None], axis=0).astype(np.intp)
+    return choice, np.where(choice == 0, first, ratio[choice, np.arange(nb)])
+
+
+_STEPS = [s for s in range(-9, 10) if s != 0]
 
 
 def make_qx_quants(
@@ -81,25 +201,364 @@ def make_qx_quants(
     if rmse_type != 1:
         raise ValueError(f"make_qx_quants: rmse_type {rmse_type} is not implemented (ggml uses 1)")
     x = np.ascontiguousarray(x, dtype=F32)
-    amax, mx = first_argmax_abs(x)
-    live = amax >= GROUP_MAX_EPS
-    search = _ScaleSearch(x, x * x if qw is None else np.ascontiguousarray(qw, dtype=F32), nmax)
+    nb = x.shape[1]
+    amax, mx = first_max_abs(x)
+    if qw is None:
+        w = scratch("qx.w", x.shape)
+        np.multiply(x, x, out=w)
+    else:
+        w = np.ascontiguousarray(qw, dtype=F32)
+    wx = scratch("qx.wx", x.shape)
+    np.multiply(w, x, out=wx)  # C's w*x[i]*l groups as (w*x[i])*l
+    lv = scratch("qx.l", x.shape)  # the candidate levels l
+    lo, hi = _bounds(-nmax, nmax - 1)
     nm = F32(nmax)
+    # Candidate 0 is the plain -nmax/max, 1..18 ggml's is = -9..-1, 1..9. For finite x every
+    # iscale*x lies within nmax+1 of zero, where rint agrees with nearest_int.
+    shape = (len(_STEPS) + 1, nb)
+    iscales, sumlx, suml2 = (scratch(f"qx.{name}", shape, offset=2048) for name in ("iscale", "sx", "s2"))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        np.divide(-nm, mx, out=iscales[0])
+        for k, s in enumerate(_STEPS, 1):
+            np.divide(-(nm + F32(0.1) * F32(s)), mx, out=iscales[k])
+        for k in range(shape[0]):
+            np.multiply(iscales[k], x, out=lv)
+            _rint_clip(lv, lo, hi)
+            dot_columns(wx, lv, out=sumlx[k])
+            dot_columns(w, lv, lv, out=suml2[k])
+        choice, scale = replay_search(sumlx, suml2, suml2[0] != 0, "qx")
+        np.multiply(iscales[choice, np.arange(nb)], x, out=lv)
+        _rint_clip(lv, lo, hi)
+    levels = np.empty(x.shape, np.uint8)
+    np.add(lv, nm, out=levels, casting="unsafe")
+    dead = np.flatnonzero(~(amax >= GROUP_MAX_EPS))
+    scale[dead] = 0
+    levels[:, dead] = 0
+    return scale, levels
+
+
+_POSITIONS = np.arange(SUB, dtype=np.int8)[:, None]
+
+
+def _refine_q3(
+    x: np.ndarray, levels: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, todo: np.ndarray
+) -> None:
+    """``make_q3_quants``' greedy passes (at most five) on the blocks ``todo``, updating ``levels``
+    (-4..3 as float32), ``sumlx`` and ``suml2`` in place.
+
+    The C visits one element at a time and a move changes the sums every later visit sees. Moves are
+    rare, so each round evaluates all 16 elements of every unfinished block against its current sums
+    and applies only the first move in visiting order: the elements visited before it saw exactly
+    these sums. Visiting order continues past the end of a pass into the next one (the sums have not
+    changed, so neither have the candidates), which makes a block cost one round per move plus one,
+    rather than one element loop per pass. A block is finished when no element moves; it stays
+    finished, so finished blocks are only dropped from the working set when that saves real work.
+    """
+    lo, hi = _bounds(-4, 3)
+    n = todo.size
+    # The working set is packed into the front of flat buffers viewed as contiguous (16, n):
+    # contiguous operands keep numpy on its fast loops, and no round allocates.
+    flat = [scratch(f"q3r.{k}", (SUB * n,)) for k in range(10)]
+    flat += [scratch(f"q3r.b{k}", (SUB * n,), np.bool_) for k in range(2)]
+    flat += [scratch(f"q3r.i{k}", (SUB * n,), np.int8) for k in range(2)]
+    X, W, WX, L, slx, sl2, q, new_slx, new_sl2, lhs, ok, flag, rank, penalty = (
+        b[: SUB * n].reshape(SUB, n) for b in flat
+    )
+    np.take(x, todo, axis=1, out=X)
+    np.multiply(X, X, out=W)
+    np.multiply(W, X, out=WX)
+    np.take(levels, todo, axis=1, out=L)
+    sx = sumlx[todo]
+    s2 = suml2[todo]
+    # Blocks dropped from the working set are filed from the back of an archive, in one slice each
+    # time; the archive goes back into ``levels`` with a single scatter at the end.
+    archive = scratch("q3r.archive", (SUB, n))
+    archive_todo, archive_sx, archive_s2 = np.empty_like(todo), np.empty_like(sx), np.empty_like(s2)
+    tail = n
+    start = np.zeros(n, np.int8)  # next element to visit in the current pass (16: pass over)
+    limit = np.full(n, SUB, np.int8)  # ranks from here on are out of reach (16 - start in the last pass)
+    passes = np.zeros(n, np.int8)  # index of the current pass
+    shift = np.array(4, np.int8)
+    while True:
+        np.multiply(WX, L, out=slx)
+        np.subtract(sx, slx, out=slx)
+        np.multiply(W, L, out=sl2)
+        sl2 *= L
+        np.subtract(s2, sl2, out=sl2)
+        np.multiply(X, sl2, out=q)
+        q /= slx
+        _rint_clip(q, lo, hi)  # the candidate level
+        np.multiply(WX, q, out=new_slx)
+        new_slx += slx
+        np.multiply(W, q, out=new_sl2)
+        new_sl2 *= q
+        new_sl2 += sl2
+        np.greater(slx, 0, out=ok)
+        np.not_equal(q, L, out=flag)
+        ok &= flag
+        np.greater(new_sl2, 0, out=flag)
+        ok &= flag
+        np.multiply(new_slx, new_slx, out=lhs)
+        lhs *= s2
+        np.multiply(new_sl2, sx * sx, out=sl2)
+        np.greater(lhs, sl2, out=flag)
+        ok &= flag
+        np.logical_not(ok, out=flag)  # flag: the element does not move
+
+        # the first moving element in visiting order (rank 16 and up: does not move)
+        np.subtract(_POSITIONS, start, out=rank)
+        rank &= np.int8(SUB - 1)
+        np.left_shift(flag.view(np.int8), shift, out=penalty)
+        rank |= penalty
+        first = np.minimum.reduce(rank, axis=0)
+        cols = np.flatnonzero(first < limit)
+        if cols.size == 0:
+            break
+        step = first[cols]
+        pos = start[cols] + step
+        wrapped = pos >= SUB  # the move falls in the next pass
+        pos &= np.int8(SUB - 1)
+        at = pos.astype(np.intp) * n + cols
+        L.reshape(-1)[at] = q.reshape(-1)[at]
+        sx[cols] = new_slx.reshape(-1)[at]
+        s2[cols] = new_sl2.reshape(-1)[at]
+        passes[cols] += wrapped
+        start[cols] = pos + 1
+        limit[cols] = np.where(passes[cols] < 4, SUB, SUB - 1 - pos)
+
+        if 2 * cols.size < n and n >= 256:
+            done = np.ones(n, np.bool_)
+            done[cols] = False
+            done = np.flatnonzero(done)
+            head, tail = tail - done.size, tail
+            archive[:, head:tail] = np.take(L, done, axis=1)
+            archive_todo[head:tail], archive_sx[head:tail], archive_s2[head:tail] = todo[done], sx[done], s2[done]
+            tail = head
+            packed = [np.take(a, cols, axis=1) for a in (X, W, WX, L)]
+            n = cols.size
+            X, W, WX, L, slx, sl2, q, new_slx, new_sl2, lhs, ok, flag, rank, penalty = (
+                b[: SUB * n].reshape(SUB, n) for b in flat
+            )
+            for buf, a in zip((X, W, WX, L), packed, strict=True):
+                buf[...] = a
+            todo, sx, s2 = todo[cols], sx[cols], s2[cols]
+            start, limit, passes = start[cols], limit[cols], passes[cols]
+    archive[:, :n] = L
+    archive_todo[:n], archive_sx[:n], archive_s2[:n] = todo, sx, s2
+    at = (np.arange(SUB)[:, None] * levels.shape[1] + archive_todo).reshape(-1)
+    levels.reshape(-1)[at] = archive.reshape(-1)
+    sumlx[archive_todo] = archive_sx
+    suml2[archive_todo] = archive_s2
+
+
+def _make_q3_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``make_q3_quants(16, 4, x, L, true)`` for every sub-block of ``x`` (16, n_sub): ``(scale, L)``."""
+    amax, mx = first_max_abs(x)
+    lv = scratch("q3.l", x.shape)  # the levels l, -4..3
+    t = scratch("q3.t", x.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        best_iscale = -nm / mx
-        sumlx, suml2 = search.sums(best_iscale)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0))
-        best = scale * sumlx
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            iscale = -(nm + F32(0.1) * F32(step)) / mx
-            sumlx, suml2 = search.sums(iscale)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            np.copyto(best_iscale, iscale, where=better)
-            np.copyto(scale, sumlx / suml2, where=better)
-            np.copyto(best, scale * sumlx, where=better)
-        levels = search.levels(best_iscale)
-    levels += nm
-    levels *= live
-    return np.where(live, scale, F32(0.0)).astype(F32), levels.astype(np.uint8)
+        np.multiply(F32(-4.0) / mx, x, out=lv)
+        _rint_clip(lv, *_bounds(-4, 3))
+        np.multiply(x, x, out=t)
+        sumlx = dot_columns(t, x, lv)
+        suml2 = dot_columns(t, lv, lv)
+        # Every term w*x*l has the sign of -x*max, so unless max < 0 each slx = sumlx - w*x*l is <= 0
+        # and the greedy passes cannot move an element; only blocks with sumlx > 0 can change.
+        _refine_q3(x, lv, sumlx, suml2, np.flatnonzero(sumlx > 0))
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
+        lv += F32(4)
+        levels = lv.astype(np.uint8)
+    dead = np.flatnonzero(~(amax >= GROUP_MAX_EPS))
+    scale[dead] = 0
+    levels[:, dead] = 0
+    return scale, levels
+
+
+def _sub_blocks(x: np.ndarray, tag: str) -> np.ndarray:
+    """Rows ``(rows, n)`` → ``(16, n_sub)``: column ``s`` is sub-block ``s`` in memory order."""
+    xs = scratch(tag, (SUB, x.size // SUB))
+    np.copyto(xs, x.reshape(-1, SUB).T)
+    return xs
+
+
+def _sub_weights(imatrix: np.ndarray, rows: int, tag: str) -> np.ndarray:
+    """The importance of every sub-block element, laid out like :func:`_sub_blocks`."""
+    per_row = imatrix.size // SUB
+    qw = scratch(tag, (SUB, rows, per_row))
+    np.copyto(qw, imatrix.reshape(per_row, SUB).T[:, None, :])
+    return qw.reshape(SUB, rows * per_row)
+
+
+def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, nmax: int) -> np.ndarray:
+    """Levels of the rows ``x`` against the stored (fp16-rounded) sub-block scales ``d``, as uint8
+    ``(n_blocks, 256)`` in element order; where ``d == 0`` the sub-block keeps ``L`` ``(16, n_sub)``.
+
+    Works on the rows as they are, (sub-block, element), so the result needs no transpose.
+    """
+    rows = x.reshape(-1, SUB)
+    q = scratch("rq", rows.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(rows, d[:, None], out=q)
+    # nearest_int bit for bit: x/d is unbounded once an fp16 scale has rounded to almost nothing
+    q += _ROUNDING_BIAS
+    bits = q.view(np.int32)
+    bits &= 0x7FFFFF
+    bits -= 0x400000 - nmax
+    np.clip(bits, 0, 2 * nmax - 1, out=bits)
+    levels = bits.astype(np.uint8)
+    keep = np.flatnonzero(d == 0)
+    levels[keep] = L[:, keep].T
+    return levels.reshape(-1, QK_K)
+
+
+def _per_block(v: np.ndarray) -> np.ndarray:
+    """Per sub-block values ``(n_sub,)`` → ``(16, n_blocks)`` for a reduction across each super-block."""
+    return np.ascontiguousarray(v.reshape(-1, N_SUB).T)
+
+
+# Packing works on eight levels at a time, as the bytes of a uint64: shifts of at most 7 and masks
+# keep every byte's bits inside that byte.
+_BYTES_1 = np.uint64(0x0101010101010101)
+_BYTES_3 = np.uint64(0x0303030303030303)
+_BYTES_15 = np.uint64(0x0F0F0F0F0F0F0F0F)
+
+
+def _merge_lanes(fields: np.ndarray, width: int) -> np.ndarray:
+    """``fields[..., k, :] << (width*k)`` OR-ed over axis -2: the k-th field of each byte in bits
+    ``width*k ..``."""
+    out = fields[..., 0, :].copy()
+    for k in range(1, fields.shape[-2]):
+        out |= fields[..., k, :] << np.uint64(width * k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- Q3_K
+
+
+def _q3_scale_bytes(l6: np.ndarray) -> np.ndarray:
+    """16 six-bit scales per block ``(nb, 16)`` → ggml's 12-byte packing."""
+    out = np.empty((l6.shape[0], 12), np.uint8)
+    out[:, :8] = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
+    hi = (l6 >> 4).reshape(-1, 4, 4)  # [block, j // 4, j % 4]
+    out[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return out
+
+
+def _q3_scale_values(packed: np.ndarray) -> np.ndarray:
+    """12-byte packing → the 16 six-bit scales (0..63) per block, as uint8 ``(nb, 16)``."""
+    low = np.concatenate([packed[:, :8] & 0xF, packed[:, :8] >> 4], axis=1)
+    shifts = np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)  # 2*(j//4)
+    high = (np.tile(packed[:, 8:], 4) >> shifts) & 3
+    return low | (high << 4)
+
+
+def _q3_weights(xs: np.ndarray, imatrix: np.ndarray, rows: int) -> np.ndarray:
+    """``qw * sqrtf(sigma2 + x*x)`` with ``sigma2 = 2*sum(x*x)/256`` over each super-block."""
+    nb = xs.shape[1] // N_SUB
+    sq = scratch("q3.sq", xs.shape)
+    np.multiply(xs, xs, out=sq)
+    # the super-block's squares in element order: (element, sub-block) → (sub-block, element, block)
+    by_block = scratch("q3.by_block", (N_SUB, SUB, nb))
+    np.copyto(by_block, sq.reshape(SUB, nb, N_SUB).transpose(2, 0, 1))
+    sigma2 = F32(2.0) * sequential_sum(by_block.reshape(QK_K, nb)) / F32(QK_K)
+    weight = scratch("q3.weight", xs.shape)
+    np.add(sq, np.repeat(sigma2, N_SUB), out=weight)
+    np.sqrt(weight, out=weight)
+    weight *= _sub_weights(imatrix, rows, "q3.qw")
+    return weight
+
+
+def _quantize_q3_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
+    rows = x.shape[0]
+    xs = _sub_blocks(x, "q3.x")
+    nb = xs.shape[1] // N_SUB
+    if imatrix is None:
+        scales, L = _make_q3_quants(xs)
+        per_block = _per_block(scales)
+        _, max_scale = first_max_abs(per_block)
+        nonzero = max_scale != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = F32(-32.0) / max_scale
+            d = np.where(nonzero, F32(1.0) / iscale, F32(0.0)).astype(np.float16)
+            l6 = nearest_int_c(iscale * per_block).T.astype(np.int32).astype(np.int8)  # int8_t l
+        l6 = np.where(nonzero[:, None], np.clip(l6, -32, 31) + 32, 0).astype(np.uint8)
+    else:
+        weight = _q3_weights(xs, imatrix, rows)
+        sw = sequential_sum(weight)
+        scales, L = make_qx_quants(xs, 4, 1, weight)
+        d_block, ls = make_qx_quants(_per_block(scales), 32, 1, _per_block(sw))
+        l6 = np.ascontiguousarray(ls.T)
+        d = d_block.astype(np.float16)
+
+    sub_d = (d.astype(F32)[:, None] * (l6.astype(F32) - F32(32))).reshape(-1)
+    levels = _requantize(x, L, sub_d, 4)
+
+    blocks = np.empty(nb, BLOCK[T.Q3_K])
+    lanes = levels.view(np.uint64).reshape(nb, 8, 4)  # [block, 32-group, 8 levels]
+    blocks["hmask"] = _merge_lanes((lanes >> np.uint64(2)) & _BYTES_1, 1).view(np.uint8).reshape(nb, 32)
+    low = (lanes & _BYTES_3).reshape(nb, 2, 4, 4)  # [block, 128-half, quarter, 8 levels]
+    blocks["qs"] = _merge_lanes(low, 2).view(np.uint8).reshape(nb, 64)
+    blocks["scales"] = _q3_scale_bytes(l6)
+    blocks["d"] = d
+    return as_bytes(blocks, rows)
+
+
+def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
+    blocks = as_blocks(data, T.Q3_K)
+    nb = blocks.shape[0]
+    scale = blocks["d"].astype(F32)[:, None] * (_q3_scale_values(blocks["scales"]).astype(F32) - F32(32))
+    qs = blocks["qs"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]
+    low = (qs & 3).reshape(nb, QK_K)  # element 128*h + 32*k + l
+    bit = (blocks["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    q = low.astype(np.int8) - np.where(bit.reshape(nb, QK_K) != 0, np.int8(0), np.int8(4))
+    y = np.repeat(scale, SUB, axis=1) * q.astype(F32)
+    return y.reshape(-1, n_per_row)
+
+
+# ---------------------------------------------------------------------------------------------- Q6_K
+
+
+def _quantize_q6_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
+    rows = x.shape[0]
+    xs = _sub_blocks(x, "q6.x")
+    nb = xs.shape[1] // N_SUB
+    qw = None if imatrix is None else _sub_weights(imatrix, rows, "q6.qw")
+    scales, L = make_qx_quants(xs, 32, 1, qw)
+    per_block = _per_block(scales)
+    amax, max_scale = first_max_abs(per_block)
+    live = amax >= GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-128.0) / max_scale
+        d = np.where(live, F32(1.0) / iscale, F32(0.0)).astype(np.float16)
+        sc = np.minimum(nearest_int_c(iscale * per_block).T.astype(np.int32), 127)
+    sc = np.where(live[:, None], sc, 0).astype(np.int8)  # int8_t scales[] keep the low byte
+    sub_d = (d.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
+    levels = _requantize(x, L, sub_d, 32)
+    levels[~live] = 0  # a block of zero scales is written as all zeros
+
+    blocks = np.empty(nb, BLOCK[T.Q6_K])
+    quarters = levels.view(np.uint64).reshape(nb, 2, 4, 4)  # [block, 128-half, quarter, 8 levels]
+    low = quarters & _BYTES_15
+    blocks["ql"] = (low[:, :, :2] | (low[:, :, 2:] << np.uint64(4))).view(np.uint8).reshape(nb, 128)
+    blocks["qh"] = _merge_lanes((quarters >> np.uint64(4)) & _BYTES_3, 2).view(np.uint8).reshape(nb, 64)
+    blocks["scales"] = sc
+    blocks["d"] = d
+    return as_bytes(blocks, rows)
+
+
+def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
+    blocks = as_blocks(data, T.Q6_K)
+    nb = blocks.shape[0]
+    ql = blocks["ql"].reshape(nb, 2, 2, 32)
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # quarters 0,1 from low nibbles, 2,3 from high
+    qh = blocks["qh"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]
+    q = (low | ((qh & 3) << 4)).astype(np.int8) - np.int8(32)
+    scale = blocks["d"].astype(F32)[:, None] * blocks["scales"].astype(F32)
+    y = np.repeat(scale, SUB, axis=1) * q.reshape(nb, QK_K).astype(F32)
+    return y.reshape(-1, n_per_row)
+
+
+KERNELS: dict[T, Kernel] = {
+    T.Q3_K: Kernel(_quantize_q3_k, _dequantize_q3_k, uses_imatrix=True),
+    T.Q6_K: Kernel(_quantize_q6_k, _dequantize_q6_k, uses_imatrix=True),
+}
