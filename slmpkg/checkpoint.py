@@ -33,6 +33,10 @@ class MetaValue:
     item_type: Optional[GGUFValueType] = None
 
 
+# float32 bytes converted at a time by LazyTensor.converted
+SLAB_BYTES = 32 << 20
+
+
 @dataclass(frozen=True)
 class LazyTensor:
     """A tensor whose bytes are produced only when asked for.
@@ -60,6 +64,41 @@ class LazyTensor:
     def float32(self) -> np.ndarray:
         """The values as float32 in ``shape`` (dequantized when stored quantized)."""
         return quant.dequantize(self.raw(), self.qtype, self.shape)
+
+    def converted(
+        self,
+        qtype: QuantType,
+        imatrix: Optional[np.ndarray] = None,
+        threads: Optional[int] = None,
+    ) -> "LazyTensor":
+        """This tensor stored as ``qtype`` (a cast or a quantization), still lazy.
+
+        Rows are converted in slabs of about :data:`SLAB_BYTES` of float32, so the memory a
+        conversion needs beyond its output is one slab, not a float32 copy of the whole tensor.
+        ``imatrix`` is ``[n_experts, n_per_row]`` (one row of importance per expert of a 3-D tensor).
+        """
+        if qtype is self.qtype and imatrix is None:
+            return self
+        src = self
+        n_per_row = self.shape[-1] if self.shape else 1
+        n_rows = self.n_elements // n_per_row if n_per_row else 0
+        rows_per_expert = n_rows // imatrix.shape[0] if imatrix is not None else n_rows
+        src_row = quant.row_bytes(self.qtype, n_per_row)
+        dst_row = quant.row_bytes(qtype, n_per_row)
+
+        def produce() -> np.ndarray:
+            raw = np.asarray(src.raw()).reshape(-1)
+            out = np.empty(n_rows * dst_row, np.uint8)
+            slab = max(1, SLAB_BYTES // (4 * max(n_per_row, 1)))
+            for start in range(0, n_rows, slab):
+                # a slab never straddles two experts, so it has one importance vector
+                stop = min(start + slab, n_rows, (start // rows_per_expert + 1) * rows_per_expert)
+                values = quant.dequantize(raw[start * src_row : stop * src_row], src.qtype, (stop - start, n_per_row))
+                weights = None if imatrix is None else imatrix[start // rows_per_expert]
+                out[start * dst_row : stop * dst_row] = quant.quantize(values, qtype, imatrix=weights, threads=threads).reshape(-1)
+            return out
+
+        return LazyTensor(self.name, self.shape, qtype, produce)
 
     @staticmethod
     def from_array(name: str, array: np.ndarray) -> "LazyTensor":

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 from gguf import GGUFValueType as V
 
-from . import quant
 from .checkpoint import Checkpoint, LazyTensor, MetaValue
 from .imatrix import ImportanceMatrix
 from .presets import (
@@ -93,7 +91,7 @@ def quantize_checkpoint(
         if target is not src.qtype:
             if imatrix is not None:
                 weights = imatrix.for_tensor(name, src.shape)
-            tensors.append(LazyTensor(name, src.shape, target, _quantizer(src, target, weights, threads)))
+            tensors.append(src.converted(target, weights, threads))
         else:
             tensors.append(src)
         changes.append(TensorChange(name, src.shape, src.qtype, target, weights is not None))
@@ -113,19 +111,3 @@ def quantize_checkpoint(
         if imatrix.chunk_count > 0:
             metadata[KEY_IMATRIX_CHUNKS] = MetaValue(V.UINT32, imatrix.chunk_count)
     return Checkpoint(metadata, tensors), changes
-
-
-def _quantizer(
-    src: LazyTensor, target: QuantType, weights: Optional[np.ndarray], threads: Optional[int]
-) -> Callable[[], np.ndarray]:
-    def produce() -> np.ndarray:
-        values = src.float32()
-        n_per_row = src.shape[-1]
-        if weights is None:
-            return quant.quantize(values.reshape(-1, n_per_row), target, threads=threads).reshape(-1)
-        # one importance vector per expert of a 3-D (stacked experts) tensor
-        experts = values.reshape(weights.shape[0], -1, n_per_row)
-        parts = [quant.quantize(e, target, imatrix=w, threads=threads) for e, w in zip(experts, weights)]
-        return np.concatenate(parts, axis=0).reshape(-1)
-
-    return produce
