@@ -125,7 +125,12 @@ def main() -> None:
     parser.add_argument("--llama-cpp-src", type=Path)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "slmpkg-bench")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
+    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:
+        n = make_checkpoint(args.make, args.layers)
+        print(f"checkpoint: {n / 1e9:.2f} B parameters, bf16, {sum(f.stat().st_size for f in args.make.iterdir()) / 1e9:.2f} GB")
+        return
     from slmpkg.presets import PRESETS
 
     tree = args.llama_cpp_src or llama_cpp_source(args.cache)
@@ -133,8 +138,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "TinyLlama-shaped"
     if not src.exists():
-        n = make_checkpoint(src, args.layers)
-        print(f"checkpoint: {n / 1e9:.2f} B parameters, bf16, {sum(f.stat().st_size for f in src.iterdir()) / 1e9:.2f} GB")
+        # in a child process: a child forked from a big parent would report the parent's pages as its peak RSS
+        subprocess.run([sys.executable, __file__, "--make", str(src), "--layers", str(args.layers)], check=True)
     env = dict(os.environ)
     ref_env = dict(env, PYTHONPATH=str(tree / "gguf-py"))
     slmpkg_cli = shutil.which("slmpkg") or sys.exit("the slmpkg command is not installed")

@@ -1,6 +1,7 @@
 """GGUF: a lazy reader (``gguf.GGUFReader``, memory-mapped) and a streaming writer.
 
-The writer lays out the header and every tensor's info first (sizes are known from shapes and types
+Tensor bytes are read on demand into their own buffers (not memory-mapped: mapped pages would stay
+resident). The writer lays out the header and every tensor's info first (sizes are known from shapes and types
 before any data exists), then pulls one tensor at a time and writes it, so peak memory is one tensor,
 unlike ``gguf.GGUFWriter`` which holds every tensor until the end. Output goes to a temporary file
 that is renamed into place only when complete.
@@ -22,7 +23,7 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
-from .._io import atomic_writes
+from .._io import atomic_writes, read_range
 from ..checkpoint import Checkpoint, LazyTensor, MetaValue
 from ..errors import FormatError
 from ..quant import QuantType
@@ -65,7 +66,7 @@ def _field_value(field: Any) -> MetaValue:
 
 
 def read(path: Union[str, os.PathLike]) -> Checkpoint:
-    """Open a GGUF file lazily: metadata is read now, tensor bytes are memory-mapped views.
+    """Open a GGUF file lazily: metadata is read now, each tensor's bytes when it is asked for.
 
     A split model (``NAME-00001-of-0000N.gguf``) is read whole from its first file: the tensors of
     every shard, the metadata of the first, without the ``split.*`` keys.
@@ -130,15 +131,12 @@ def _read_one(path: Path) -> Checkpoint:
                 f"{path}: truncated: tensor {t.name} ends at byte {end} but the file has {file_size}"
             )
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        tensors.append(LazyTensor(t.name, shape, qtype, _memmap_loader(reader, t.data_offset, t.n_bytes)))
+        tensors.append(LazyTensor(t.name, shape, qtype, _range_loader(path, t.data_offset, t.n_bytes)))
     return Checkpoint(metadata, tensors)
 
 
-def _memmap_loader(reader: GGUFReader, offset: int, nbytes: int) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        return reader.data[offset : offset + nbytes]
-
-    return load
+def _range_loader(path: Path, offset: int, nbytes: int) -> Callable[[], np.ndarray]:
+    return lambda: read_range(path, offset, nbytes)
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
+from .._io import read_range
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
 from ..quant import QuantType
@@ -93,24 +94,15 @@ class _Entry:
 
 
 class _MappedFile:
-    """One safetensors file, memory-mapped on first use (so ``read`` maps nothing and reads no data).
-
-    numpy keeps its own handle on the mapping, so no file descriptor stays open per shard.
-    """
+    """One safetensors file whose tensors are read on demand, each into its own buffer
+    (:func:`slmpkg._io.read_range`), so ``read`` reads no data and a written tensor's memory is freed."""
 
     def __init__(self, path: Path, data_start: int) -> None:
         self.path = path
         self.data_start = data_start
-        self._map: Optional[np.memmap] = None
-
-    def slice(self, begin: int, end: int) -> np.ndarray:
-        if self._map is None:
-            # A race between two threads only maps the file twice; both views are valid.
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._map[self.data_start + begin : self.data_start + end]
 
     def loader(self, begin: int, end: int) -> Callable[[], np.ndarray]:
-        return lambda: self.slice(begin, end)
+        return lambda: read_range(self.path, self.data_start + begin, end - begin)
 
 
 def _parse_header(path: Path) -> tuple[dict[str, str], list[_Entry], int]:
@@ -263,7 +255,7 @@ def read(path: PathLike) -> Checkpoint:
     Tensor order is deterministic: shard files in name order, and inside each file the order of the
     data (``data_offsets``), which is the order the writer stored them in; :func:`write` keeps
     checkpoint order, so ``write(read(d))`` reproduces the order. Names are the HF names as stored.
-    ``raw()`` is a read-only, zero-copy ``np.memmap`` slice (uint8, ``nbytes`` long); BF16 stays raw
+    ``raw()`` reads the tensor's bytes into a fresh uint8 array (``nbytes`` long); BF16 stays raw
     bits because numpy has no bfloat16. ``metadata`` is empty (mapping config.json to typed metadata
     is the architecture mapper's job). ``sidecar`` holds every other regular file of the directory
     by name (config.json, tokenizer files, chat template, README...), except hidden files,
@@ -438,7 +430,7 @@ def _write_shard(path: Path, shard: _Shard, on_tensor: Optional[Callable[[LazyTe
     with open(path, "wb") as f:
         f.write(shard.header)
         for t in shard.tensors:
-            # One tensor in memory at a time (a memmap source is not even that: pages come from the file).
+            # one tensor in memory at a time
             data = np.ascontiguousarray(t.raw()).reshape(-1).view(np.uint8)
             if data.size != _tensor_bytes(t):
                 raise FormatError(f"tensor {t.name}: produced {data.size} bytes, expected {_tensor_bytes(t)}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+
+import numpy as np
 from typing import BinaryIO, Iterator, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -39,3 +41,24 @@ def atomic_writes(paths: Sequence[PathLike]) -> Iterator[list[BinaryIO]]:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+
+
+def read_range(path: PathLike, offset: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` of ``path`` from ``offset`` into a fresh uint8 array.
+
+    Readers hand out tensors this way rather than as memory-mapped views: a mapped page that was read
+    stays in the process's resident set until the mapping goes, so converting a model through mmap
+    grows RSS to the model's size, while a private buffer is freed as soon as its tensor is written.
+    """
+    out = np.empty(nbytes, np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        view, done = memoryview(out), 0
+        while done < nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                from .errors import FormatError
+
+                raise FormatError(f"{path}: truncated: {nbytes} bytes expected at offset {offset}, file ends first")
+            done += n
+    return out
