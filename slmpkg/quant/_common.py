@@ -9,9 +9,16 @@ exactly as the C loop does (``v.sum(axis=-1)`` is pairwise and differs in most b
 
 from __future__ import annotations
 
+import threading
+
+from typing import Optional
+
 import numpy as np
 
 F32 = np.float32
+ROUNDING_BIAS = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round(v) in the low mantissa bits
+
+_local = threading.local()
 
 
 def seq_sum(v: np.ndarray) -> np.ndarray:
@@ -26,14 +33,20 @@ def seq_sum(v: np.ndarray) -> np.ndarray:
     return np.add.reduce(v, axis=0, dtype=F32) + F32(0.0)
 
 
+def nearest_int_bits(v: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int`` bit for bit, as int32, beyond its asserted range too.
+
+    Equals ``np.rint`` for ``|v| <= 4194303``; NaN gives 0, infinities -4194304 and huge values the
+    low mantissa bits, which is what ggml stores once a super-block scale overflows fp16. The hot
+    loops use ``np.rint`` where their operands are bounded.
+    """
+    bits = (np.asarray(v, F32) + ROUNDING_BIAS).view(np.int32)
+    return (bits & 0x7FFFFF) - 0x400000
+
+
 def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int``: round half to even in float32 (its ``+ 12582912.f`` trick), kept as float32."""
-    return np.rint(v)
-
-
-def fp16_round(v: np.ndarray) -> np.ndarray:
-    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``: round to nearest even through half precision."""
-    return np.asarray(v, F32).astype(np.float16).astype(F32)
+    """:func:`nearest_int_bits` as float32 (exact: the results fit in 24 bits)."""
+    return nearest_int_bits(v).astype(F32)
 
 
 def safe_reciprocal(d: np.ndarray) -> np.ndarray:
@@ -43,17 +56,25 @@ def safe_reciprocal(d: np.ndarray) -> np.ndarray:
     return out
 
 
-def first_argmax_abs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``for i: if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` over axis 0, from ``amax = 0``.
+def first_max_abs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``for (i) if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` from ``amax = max = 0``,
+    per column of ``x`` ``(n, nb)``: ``(amax, max)``, the first of equal magnitudes winning.
 
-    Returns ``(amax, max)``; ties keep the first index, and an all-zero block gives ``(0, 0)``
-    (``+0.0``, since the C code starts from ``max = 0`` and a zero never beats it).
+    The largest and the smallest value settle it unless they are ``a`` and ``-a``; only such columns
+    look for the first. ``fmax``/``fmin`` skip NaN as C's ``>`` does.
     """
-    ax = np.abs(x)
-    amax = ax.max(axis=0)
-    idx = np.argmax(ax, axis=0)  # first index of the maximum: C's strict '>'
-    mx = np.take_along_axis(x, idx[None, :], axis=0)[0]
-    mx = np.where(amax > 0, mx, F32(0.0)).astype(F32)
+    hi = np.fmax.reduce(x, axis=0)
+    lo = np.fmin.reduce(x, axis=0)
+    neg = -lo
+    amax = np.fmax(hi, neg)
+    mx = np.where(hi >= neg, hi, lo)
+    tied = np.flatnonzero((hi == neg) & (hi > 0))
+    if tied.size:
+        cols = x[:, tied]
+        mx[tied] = cols[np.argmax(np.abs(cols) == amax[tied], axis=0), np.arange(tied.size)]
+    zero = ~(amax > 0)  # nothing beat amax = 0 (NaN included): both stay +0
+    amax[zero] = 0
+    mx[zero] = 0
     return amax, mx
 
 
@@ -66,6 +87,78 @@ def row_sigma2(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return sum_x2 / F32(n)
 
 
-def pack_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``lo | (hi << 4)`` as uint8."""
-    return (lo.astype(np.uint8) | (hi.astype(np.uint8) << 4)).astype(np.uint8)
+def scratch(name: str, shape: tuple[int, ...], dtype: type = F32, offset: int = 0) -> np.ndarray:
+    """A reusable per-thread C-contiguous array (contents undefined) for the temporary ``name``.
+
+    Its data starts ``offset`` bytes past a 4 KiB boundary: kernels keep their ``(n, nb)`` arrays at
+    offset 0 and per-block vectors at 2048, so a load never trails a store by a few bytes modulo
+    4 KiB (the CPU's store-forwarding check compares only the low 12 address bits).
+    """
+    state = _local.__dict__
+    key = (shape, dtype, offset)
+    last = state.setdefault("views", {}).get(name)
+    if last is not None and last[0] == key:
+        return last[1]
+    pools: dict[str, np.ndarray] = state.setdefault("pools", {})
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    buf = pools.get(name)
+    if buf is None or buf.size < nbytes + 4096:
+        buf = pools[name] = np.empty(nbytes + nbytes // 4 + 4096, np.uint8)
+    start = (offset - buf.__array_interface__["data"][0]) % 4096
+    view = buf[start : start + nbytes].view(dt).reshape(shape)
+    state["views"][name] = (key, view)
+    return view
+
+
+def dot_columns(
+    a: np.ndarray, b: np.ndarray, c: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """``s = 0; for (i) s += a[i]*b[i]`` (or ``(a[i]*b[i])*c[i]``) per column of C-contiguous ``(n, nb)``.
+
+    ``einsum`` walks the columns in its inner loop and adds the rows in order, each product rounded
+    to float32 first: the C loop exactly, in one pass and without a temporary. A lone column would
+    be summed with several accumulators, so it takes the explicit route.
+    """
+    if a.shape[1] == 1:
+        p = a * b if c is None else a * b * c
+        s = seq_sum(p)
+        if out is None:
+            return s
+        out[...] = s
+        return out
+    if c is None:
+        return np.einsum("ij,ij->j", a, b, out=out)
+    return np.einsum("ij,ij,ij->j", a, b, c, out=out)
+
+
+def replay_search(
+    sx: np.ndarray, s2: np.ndarray, first_valid: np.ndarray, tag: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate ggml's scale searches keep, from every candidate's sums ``sx``, ``s2`` ``(K, nb)``.
+
+    C starts from candidate 0 with ``d = first_valid ? sx/s2 : 0`` and ``best = d*sx``, then takes
+    each later candidate with ``s2 > 0 && sx*sx > best*s2`` (``d = sx/s2``, ``best = d*sx``). The walk
+    is replayed on whole rows; the winner is the last candidate that was taken. Returns
+    ``(choice, d)`` per column.
+    """
+    k_count, nb = sx.shape
+    ratio, gain, square = (scratch(f"{tag}.{name}", sx.shape, offset=2048) for name in ("ratio", "gain", "sq"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(sx, s2, out=ratio)
+        np.multiply(ratio, sx, out=gain)
+        np.multiply(sx, sx, out=square)
+        first = np.where(first_valid, ratio[0], F32(0.0))
+        best = first * sx[0]
+        positive = s2[1:] > 0
+        if not positive.all():
+            np.putmask(square[1:], ~positive, F32(-np.inf))  # never taken: -inf > anything is false
+        taken = scratch(f"{tag}.taken", sx.shape, np.bool_)
+        taken[0] = False
+        rhs = np.empty(nb, F32)
+        for k in range(1, k_count):
+            np.multiply(best, s2[k], out=rhs)
+            np.greater(square[k], rhs, out=taken[k])
+            np.putmask(best, taken[k], gain[k])
+    choice = np.maximum.reduce(taken * np.arange(k_count, dtype=np.uint8)[:, None], axis=0).astype(np.intp)
+    return choice, np.where(choice == 0, first, ratio[choice, np.arange(nb)])

@@ -19,9 +19,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32
+from ._common import F32, dot_columns, first_max_abs, nearest_int, replay_search, scratch, seq_sum
 from .blocks import BLOCK, QK_K, as_blocks, as_bytes
-from .kquants_symmetric import dot_columns, first_max_abs, nearest_int_c, replay_search, scratch, sequential_sum
 
 __all__ = ["KERNELS", "KVALUES_IQ4NL", "best_index"]
 
@@ -103,7 +102,7 @@ def _weights(xs: np.ndarray, imatrix: Optional[np.ndarray], rows: int, super_blo
     # the super-block's squares in element order: (element, sub-block) → (sub-block within, element, block)
     by_block = scratch("iq4.by_block", (per, SUB, nb))
     np.copyto(by_block, sq.reshape(SUB, nb, per).transpose(2, 0, 1))
-    sigma2 = sequential_sum(by_block.reshape(super_block, nb)) * F32(2.0 / super_block)
+    sigma2 = seq_sum(by_block.reshape(super_block, nb)) * F32(2.0 / super_block)
     sq += np.repeat(sigma2, per)
     np.sqrt(sq, out=sq)
     per_row = imatrix.size // SUB
@@ -151,7 +150,7 @@ def _quantize_iq4_xs(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray
     scales = _fit_scales(xs, _weights(xs, imatrix, rows, QK_K)).reshape(nb, per)
     _, max_scale = first_max_abs(np.ascontiguousarray(scales.T))
     d = -max_scale / F32(32.0)
-    ls = np.clip(nearest_int_c(_safe_inverse(d)[:, None] * scales), F32(-32), F32(31))
+    ls = np.clip(nearest_int(_safe_inverse(d)[:, None] * scales), F32(-32), F32(31))
     levels = best_index(_scaled_rows(x, _safe_inverse(d[:, None] * ls).reshape(-1)))
     code = (ls + F32(32)).astype(np.uint16)
 

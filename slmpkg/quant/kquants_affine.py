@@ -5,7 +5,7 @@ as ``x ≈ scale * L + min``. ggml fits one sub-block at a time; here a chunk's 
 as columns of an ``(elements, sub_blocks)`` float32 array, so every step of ggml's per-sub-block search
 is one numpy operation over all sub-blocks, and each C summation loop is an ``np.add.reduce`` over
 axis 0, which adds rows in order in float32 exactly like the C loop (given two or more columns: see
-``_seq_sum``). Expressions keep C's evaluation order, and ``nearest_int`` is C's rounding trick
+``seq_sum``). Expressions keep C's evaluation order, and ``nearest_int`` is C's rounding trick
 wherever its argument is not provably within ``np.rint``'s agreement range.
 
 The candidate scales of the search (``make_qkx2_quants``/``make_qkx3_quants``) cannot be evaluated
@@ -27,24 +27,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32
+from ._common import F32, nearest_int_bits, seq_sum
 from .blocks import BLOCK, QK_K, as_blocks, as_bytes
 
 __all__ = ["KERNELS", "make_qkx2_quants", "make_qkx3_quants", "make_qp_quants"]
 
-_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round(v) in the low mantissa bits
 _SAFE_ROUND = F32(4194303.0)  # |v| up to this, the mantissa trick equals np.rint
 _GROUP_MAX_EPS = F32(1e-15)
-
-
-def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int`` on any input, as int32.
-
-    Within ``±_SAFE_ROUND`` this is ``np.rint``; beyond it (or for inf/NaN) C returns whatever the
-    mantissa bits hold, and so does this.
-    """
-    bits = (np.asarray(v, F32) + _MAGIC).view(np.int32)
-    return (bits & 0x7FFFFF) - 0x400000
 
 
 def _fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,19 +41,6 @@ def _fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore"):
         half = np.asarray(v, F32).astype(np.float16)
     return half, half.astype(F32)
-
-
-def _seq_sum(v: np.ndarray) -> np.ndarray:
-    """``float s = 0; for (i) s += v[i];`` over axis 0 of a 2-D float32 array.
-
-    ``np.add.reduce`` adds the rows in order as long as there are at least two columns; a lone
-    column is summed pairwise instead, so it goes through the sequential ``np.add.accumulate``.
-    Where a sum starts from ``v[0]`` rather than ``+0.0`` (accumulate; reduce in some numpy
-    versions) an all-``-0.0`` column sums to ``-0.0``; adding ``+0.0`` gives C's ``+0.0``.
-    """
-    if v.shape[1] == 1:
-        return np.add.accumulate(v, axis=0)[-1] + F32(0.0)
-    return np.add.reduce(v, axis=0) + F32(0.0)
 
 
 def _seeded_sum(v: np.ndarray) -> np.ndarray:
@@ -138,7 +114,7 @@ class _AffineSearch:
         np.subtract(x, m, out=out)
         out *= iscale
         if not (-_SAFE_ROUND <= lo and hi <= _SAFE_ROUND):
-            out[...] = np.clip(_nearest_int(out), 0, int(nmax))
+            out[...] = np.clip(nearest_int_bits(out), 0, int(nmax))
         else:
             np.rint(out, out=out)
             if lo < -0.5 or hi >= nmax + F32(0.5):
@@ -226,7 +202,7 @@ def _search(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the search over at most ``_GROUP_ELEMENTS`` elements' worth of columns at a time."""
     n, nb = x.shape
-    if nb == 1:  # see _seq_sum: a second, identical column keeps every reduction sequential
+    if nb == 1:  # see seq_sum: a second, identical column keeps every reduction sequential
         scale, the_min, levels = _search(
             np.repeat(x, 2, axis=1), np.repeat(w, 2, axis=1), nmax, rmin, rdelta, nstep, use_mad
         )
@@ -291,7 +267,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, quant_weights: np.ndarray) -> tuple
     ``uint8_t`` array (so a negative level shows up wrapped, as 256 + level).
     """
     n, nb = x.shape
-    if nb == 1:  # see _seq_sum
+    if nb == 1:  # see seq_sum
         twice = np.repeat(x, 2, axis=1), np.repeat(quant_weights, 2, axis=1)
         scale, levels = make_qp_quants(twice[0], nmax, twice[1])
         return scale[:1], levels[:, :1]
@@ -305,7 +281,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, quant_weights: np.ndarray) -> tuple
         iscales = np.empty((9, nb), F32)
         np.divide(nmax_f, peak, out=iscales[0])
         np.divide((F32(0.1) * _QP_STEPS + nmax_f)[:, None], peak, out=iscales[1:])
-        trial = _nearest_int(iscales[:, None, :] * x)
+        trial = nearest_int_bits(iscales[:, None, :] * x)
         trial[0] &= 0xFF  # the first guess goes through C's uint8_t unclamped
         np.minimum(trial[1:], nmax, out=trial[1:])
         diff = x - (F32(1.0) / iscales)[:, None, :] * trial.astype(F32)
@@ -316,12 +292,12 @@ def make_qp_quants(x: np.ndarray, nmax: int, quant_weights: np.ndarray) -> tuple
         mse[0, nan[0]] = -np.inf
         mse[1:][nan[1:]] = np.inf
         iscale = iscales[np.argmin(mse, axis=0), np.arange(nb)]
-        ints = np.minimum(_nearest_int(iscale * x), nmax)
+        ints = np.minimum(nearest_int_bits(iscale * x), nmax)
         lev = ints.astype(F32)
         levels = (ints & 0xFF).astype(F32)
         wx = w * x
-        sumlx = _seq_sum(wx * lev)
-        suml2 = _seq_sum((w * lev) * lev)
+        sumlx = seq_sum(wx * lev)
+        suml2 = seq_sum((w * lev) * lev)
         _refine_levels(x, w, wx, levels, sumlx, suml2, nmax)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
     scale[empty] = 0
@@ -355,7 +331,7 @@ def _refine_levels(
         while True:
             slx = sumlx - wx * levels
             sl2 = suml2 - (w * levels) * levels
-            new_int = np.minimum(_nearest_int((x * sl2) / slx), nmax)
+            new_int = np.minimum(nearest_int_bits((x * sl2) / slx), nmax)
             new = new_int.astype(F32)
             slx_new = slx + wx * new
             sl2_new = sl2 + (w * new) * new
@@ -394,7 +370,7 @@ def _imatrix_weights(
     """``qw * sqrtf(sigma2 + x*x)`` in the sub-block layout, sigma2 being per super-block."""
     rows = x.shape[0]
     blocks = x.reshape(-1, QK_K)
-    sum_x2 = _seq_sum(np.ascontiguousarray((blocks * blocks).T))
+    sum_x2 = seq_sum(np.ascontiguousarray((blocks * blocks).T))
     sigma2 = (F32(sigma_scale) * sum_x2 if sigma_scale != 1 else sum_x2) / F32(QK_K)
     qw = np.tile(imatrix.reshape(-1, size).T, (1, rows))
     return qw * np.sqrt(np.repeat(sigma2, QK_K // size) + xs * xs)
@@ -412,7 +388,7 @@ def _requantize(
     """
     with np.errstate(all="ignore"):
         q = (x + dm[..., None]) / d[..., None]
-    levels = np.clip(_nearest_int(q), 0, nmax).astype(np.uint8)
+    levels = np.clip(nearest_int_bits(q), 0, nmax).astype(np.uint8)
     skipped = d == 0
     if skipped.any():
         levels[skipped] = searched.T.reshape(x.shape)[skipped].astype(np.uint8)
@@ -461,13 +437,13 @@ def _quantize_q2_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
         with np.errstate(divide="ignore"):
             inv_scale = np.where(max_scale > 0, F32(15.0) / max_scale, F32(0.0))
             inv_min = np.where(max_min > 0, F32(15.0) / max_min, F32(0.0))
-        ls = _nearest_int(inv_scale[:, None] * scales)
-        lm = _nearest_int(inv_min[:, None] * mins)
+        ls = nearest_int_bits(inv_scale[:, None] * scales)
+        lm = nearest_int_bits(inv_min[:, None] * mins)
         d16, d = _fp16(max_scale / F32(15.0))
         dmin16, dmin = _fp16(max_min / F32(15.0))
     else:
         weights = _imatrix_weights(x, xs, imatrix, 16, 1.0)
-        sw = _seq_sum(weights).reshape(nb, 16)
+        sw = seq_sum(weights).reshape(nb, 16)
         scales, mins, searched = make_qkx3_quants(xs, 3, weights, -0.9, 0.05, 36, False)
         d_scale, d_min, ls, lm = _scale_quants(
             np.concatenate((scales.reshape(nb, 16), mins.reshape(nb, 16))), np.concatenate((sw, sw)), 15
@@ -500,7 +476,7 @@ def _quantize_k32(x: np.ndarray, imatrix: Optional[np.ndarray], nmax: int) -> tu
     nb = x.size // QK_K
     xs = _sub_blocks(x, 32)
     if imatrix is None:
-        av_x = np.sqrt(_seq_sum(xs * xs) / F32(32.0))
+        av_x = np.sqrt(seq_sum(xs * xs) / F32(32.0))
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scales, mins, searched = make_qkx2_quants(xs, nmax, av_x + np.abs(xs), rmin, 0.1, nstep, False)
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
@@ -509,13 +485,13 @@ def _quantize_k32(x: np.ndarray, imatrix: Optional[np.ndarray], nmax: int) -> tu
             inv_scale = np.where(max_scale > 0, F32(63.0) / max_scale, F32(0.0))
             inv_min = np.where(max_min > 0, F32(63.0) / max_min, F32(0.0))
         # C stores nearest_int in a uint8_t before clamping to 63
-        ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
-        lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+        ls = np.minimum(nearest_int_bits(inv_scale[:, None] * scales) & 0xFF, 63)
+        lm = np.minimum(nearest_int_bits(inv_min[:, None] * mins) & 0xFF, 63)
         d16, d = _fp16(max_scale / F32(63.0))
         dmin16, dmin = _fp16(max_min / F32(63.0))
     else:
         weights = _imatrix_weights(x, xs, imatrix, 32, 2.0)
-        sw = _seq_sum(weights).reshape(nb, 8)
+        sw = seq_sum(weights).reshape(nb, 8)
         scales, mins, searched = make_qkx3_quants(xs, nmax, weights, -0.9, 0.05, 36, False)
         d_scale, d_min, ls, lm = _scale_quants(
             np.concatenate((scales.reshape(nb, 8), mins.reshape(nb, 8))), np.concatenate((sw, sw)), 63

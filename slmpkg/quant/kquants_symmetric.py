@@ -16,122 +16,21 @@ on virtual machines faults can cost more than the arithmetic on the page.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, seq_sum
+from ._common import F32, ROUNDING_BIAS, dot_columns, first_max_abs, nearest_int, replay_search, scratch, seq_sum
 from .blocks import BLOCK, QK_K, as_blocks, as_bytes
 
-__all__ = [
-    "KERNELS",
-    "make_qx_quants",
-    "nearest_int_c",
-    "sequential_sum",
-    "dot_columns",
-    "first_max_abs",
-    "replay_search",
-    "scratch",
-]
+__all__ = ["KERNELS", "make_qx_quants"]
 
 GROUP_MAX_EPS = F32(1e-15)
 SUB = 16  # elements per sub-block
 N_SUB = QK_K // SUB  # sub-blocks per super-block
-_ROUNDING_BIAS = F32(12582912.0)  # 1.5 * 2**23
 
-_local = threading.local()
-
-
-def scratch(name: str, shape: tuple[int, ...], dtype: type = F32, offset: int = 0) -> np.ndarray:
-    """A reusable per-thread C-contiguous array (contents undefined) for the temporary ``name``.
-
-    Its data starts ``offset`` bytes past a 4 KiB boundary: kernels keep their ``(n, nb)`` arrays at
-    offset 0 and per-block vectors at 2048, so a load never trails a store by a few bytes modulo
-    4 KiB (the CPU's store-forwarding check compares only the low 12 address bits).
-    """
-    state = _local.__dict__
-    key = (shape, dtype, offset)
-    last = state.setdefault("views", {}).get(name)
-    if last is not None and last[0] == key:
-        return last[1]
-    pools: dict[str, np.ndarray] = state.setdefault("pools", {})
-    dt = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dt.itemsize
-    buf = pools.get(name)
-    if buf is None or buf.size < nbytes + 4096:
-        buf = pools[name] = np.empty(nbytes + nbytes // 4 + 4096, np.uint8)
-    start = (offset - buf.__array_interface__["data"][0]) % 4096
-    view = buf[start : start + nbytes].view(dt).reshape(shape)
-    state["views"][name] = (key, view)
-    return view
-
-
-def nearest_int_c(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int`` bit for bit, as float32, beyond its asserted range too.
-
-    Equals ``np.rint`` for ``|v| <= 4194303``; NaN gives 0, infinities -4194304 and huge values the
-    low mantissa bits, which is what ggml stores once a super-block scale overflows fp16. The hot
-    loops use ``np.rint`` where their operands are bounded.
-    """
-    bits = (np.asarray(v, F32) + _ROUNDING_BIAS).view(np.int32)
-    return ((bits & 0x7FFFFF) - 0x400000).astype(F32)
-
-
-def sequential_sum(v: np.ndarray) -> np.ndarray:
-    """:func:`seq_sum` over axis 0 of a C-contiguous ``(n, nb)`` array, also when ``nb == 1``.
-
-    numpy sums a lone column as a 1-D array, pairwise; ``accumulate`` stays sequential, and the final
-    ``+ 0`` gives C's ``+0`` for a column of ``-0`` (C starts from ``0.0f``, accumulate from ``v[0]``).
-    """
-    if v.shape[1] != 1:
-        return seq_sum(v)
-    return np.add.accumulate(v[:, 0], dtype=F32)[-1:] + F32(0.0)
-
-
-def dot_columns(
-    a: np.ndarray, b: np.ndarray, c: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None
-) -> np.ndarray:
-    """``s = 0; for (i) s += a[i]*b[i]`` (or ``(a[i]*b[i])*c[i]``) per column of C-contiguous ``(n, nb)``.
-
-    ``einsum`` walks the columns in its inner loop and adds the rows in order, each product rounded
-    to float32 first: the C loop exactly, in one pass and without a temporary. A lone column would
-    be summed with several accumulators, so it takes the explicit route.
-    """
-    if a.shape[1] == 1:
-        p = a * b if c is None else a * b * c
-        s = sequential_sum(p)
-        if out is None:
-            return s
-        out[...] = s
-        return out
-    if c is None:
-        return np.einsum("ij,ij->j", a, b, out=out)
-    return np.einsum("ij,ij,ij->j", a, b, c, out=out)
-
-
-def first_max_abs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``for (i) if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` from ``amax = max = 0``,
-    per column of ``x`` ``(n, nb)``: ``(amax, max)``, the first of equal magnitudes winning.
-
-    The largest and the smallest value settle it unless they are ``a`` and ``-a``; only such columns
-    look for the first. ``fmax``/``fmin`` skip NaN as C's ``>`` does.
-    """
-    hi = np.fmax.reduce(x, axis=0)
-    lo = np.fmin.reduce(x, axis=0)
-    neg = -lo
-    amax = np.fmax(hi, neg)
-    mx = np.where(hi >= neg, hi, lo)
-    tied = np.flatnonzero((hi == neg) & (hi > 0))
-    if tied.size:
-        cols = x[:, tied]
-        mx[tied] = cols[np.argmax(np.abs(cols) == amax[tied], axis=0), np.arange(tied.size)]
-    zero = ~(amax > 0)  # nothing beat amax = 0 (NaN included): both stay +0
-    amax[zero] = 0
-    mx[zero] = 0
-    return amax, mx
 
 
 def _rint_clip(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -146,38 +45,6 @@ def _rint_clip(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def _bounds(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(lo, F32), np.array(hi, F32)
-
-
-def replay_search(
-    sx: np.ndarray, s2: np.ndarray, first_valid: np.ndarray, tag: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate ggml's scale searches keep, from every candidate's sums ``sx``, ``s2`` ``(K, nb)``.
-
-    C starts from candidate 0 with ``d = first_valid ? sx/s2 : 0`` and ``best = d*sx``, then takes
-    each later candidate with ``s2 > 0 && sx*sx > best*s2`` (``d = sx/s2``, ``best = d*sx``). The walk
-    is replayed on whole rows; the winner is the last candidate that was taken. Returns
-    ``(choice, d)`` per column.
-    """
-    k_count, nb = sx.shape
-    ratio, gain, square = (scratch(f"{tag}.{name}", sx.shape, offset=2048) for name in ("ratio", "gain", "sq"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(sx, s2, out=ratio)
-        np.multiply(ratio, sx, out=gain)
-        np.multiply(sx, sx, out=square)
-        first = np.where(first_valid, ratio[0], F32(0.0))
-        best = first * sx[0]
-        positive = s2[1:] > 0
-        if not positive.all():
-            np.putmask(square[1:], ~positive, F32(-np.inf))  # never taken: -inf > anything is false
-        taken = scratch(f"{tag}.taken", sx.shape, np.bool_)
-        taken[0] = False
-        rhs = np.empty(nb, F32)
-        for k in range(1, k_count):
-            np.multiply(best, s2[k], out=rhs)
-            np.greater(square[k], rhs, out=taken[k])
-            np.putmask(best, taken[k], gain[k])
-    choice = np.maximum.reduce(taken * np.arange(k_count, dtype=np.uint8)[:, None], axis=0).astype(np.intp)
-    return choice, np.where(choice == 0, first, ratio[choice, np.arange(nb)])
 
 
 _STEPS = [s for s in range(-9, 10) if s != 0]
@@ -400,7 +267,7 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, nmax: int) -> np.nd
     with np.errstate(divide="ignore", invalid="ignore"):
         np.divide(rows, d[:, None], out=q)
     # nearest_int bit for bit: x/d is unbounded once an fp16 scale has rounded to almost nothing
-    q += _ROUNDING_BIAS
+    q += ROUNDING_BIAS
     bits = q.view(np.int32)
     bits &= 0x7FFFFF
     bits -= 0x400000 - nmax
@@ -460,7 +327,7 @@ def _q3_weights(xs: np.ndarray, imatrix: np.ndarray, rows: int) -> np.ndarray:
     # the super-block's squares in element order: (element, sub-block) → (sub-block, element, block)
     by_block = scratch("q3.by_block", (N_SUB, SUB, nb))
     np.copyto(by_block, sq.reshape(SUB, nb, N_SUB).transpose(2, 0, 1))
-    sigma2 = F32(2.0) * sequential_sum(by_block.reshape(QK_K, nb)) / F32(QK_K)
+    sigma2 = F32(2.0) * seq_sum(by_block.reshape(QK_K, nb)) / F32(QK_K)
     weight = scratch("q3.weight", xs.shape)
     np.add(sq, np.repeat(sigma2, N_SUB), out=weight)
     np.sqrt(weight, out=weight)
@@ -480,11 +347,11 @@ def _quantize_q3_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             iscale = F32(-32.0) / max_scale
             d = np.where(nonzero, F32(1.0) / iscale, F32(0.0)).astype(np.float16)
-            l6 = nearest_int_c(iscale * per_block).T.astype(np.int32).astype(np.int8)  # int8_t l
+            l6 = nearest_int(iscale * per_block).T.astype(np.int32).astype(np.int8)  # int8_t l
         l6 = np.where(nonzero[:, None], np.clip(l6, -32, 31) + 32, 0).astype(np.uint8)
     else:
         weight = _q3_weights(xs, imatrix, rows)
-        sw = sequential_sum(weight)
+        sw = seq_sum(weight)
         scales, L = make_qx_quants(xs, 4, 1, weight)
         d_block, ls = make_qx_quants(_per_block(scales), 32, 1, _per_block(sw))
         l6 = np.ascontiguousarray(ls.T)
@@ -530,7 +397,7 @@ def _quantize_q6_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-128.0) / max_scale
         d = np.where(live, F32(1.0) / iscale, F32(0.0)).astype(np.float16)
-        sc = np.minimum(nearest_int_c(iscale * per_block).T.astype(np.int32), 127)
+        sc = np.minimum(nearest_int(iscale * per_block).T.astype(np.int32), 127)
     sc = np.where(live[:, None], sc, 0).astype(np.int8)  # int8_t scales[] keep the low byte
     sub_d = (d.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
     levels = _requantize(x, L, sub_d, 32)
@@ -558,7 +425,10 @@ def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
     return y.reshape(-1, n_per_row)
 
 
+# Work items bigger than the default: the Q3_K refinement rounds and the candidate walks cost a
+# fixed number of numpy calls per chunk whatever its size; past these sizes (measured) the working
+# set falls out of cache faster than the calls amortize.
 KERNELS: dict[T, Kernel] = {
-    T.Q3_K: Kernel(_quantize_q3_k, _dequantize_q3_k, uses_imatrix=True),
-    T.Q6_K: Kernel(_quantize_q6_k, _dequantize_q6_k, uses_imatrix=True),
+    T.Q3_K: Kernel(_quantize_q3_k, _dequantize_q3_k, uses_imatrix=True, chunk_elements=1 << 19),
+    T.Q6_K: Kernel(_quantize_q6_k, _dequantize_q6_k, uses_imatrix=True, chunk_elements=1 << 18),
 }

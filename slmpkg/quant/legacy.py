@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, first_argmax_abs, row_sigma2, safe_reciprocal
+from ._common import F32, first_max_abs, row_sigma2, safe_reciprocal
 from .blocks import BLOCK, as_blocks, as_bytes
 
 QK = 32
@@ -24,23 +24,6 @@ QK = 32
 def _columns(x: np.ndarray) -> np.ndarray:
     """Blocks as columns: ``(32, n_blocks)``, so per-block extremes are elementwise ops across rows."""
     return np.ascontiguousarray(x.reshape(-1, QK).T)
-
-
-def _signed_extreme(xt: np.ndarray) -> np.ndarray:
-    """The value of largest magnitude per block, the first one on ties, ``+0.0`` for all-zero blocks.
-
-    Max and min decide almost every block; only blocks where ``max == -min`` need the first-index
-    rule of C's strict ``amax < fabsf(v)``.
-    """
-    hi = np.maximum.reduce(xt, axis=0)
-    lo = np.minimum.reduce(xt, axis=0)
-    out = np.where(hi >= -lo, hi, lo)
-    tie = (hi == -lo) & (hi != 0)
-    if tie.any():
-        out[tie] = first_argmax_abs(xt[:, tie])[1]
-    # C only ever stores a nonzero value, so an all-zero block (even of -0.0) keeps the initial +0.0
-    out[out == 0] = F32(0.0)
-    return out
 
 
 def _first_extreme(xt: np.ndarray, reduce: np.ufunc) -> np.ndarray:
@@ -96,7 +79,7 @@ def _high_bits(levels: np.ndarray) -> np.ndarray:
 
 def _symmetric_ref(x: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
     xt = _columns(x)
-    d = _signed_extreme(xt) / F32(-half_range)
+    d = first_max_abs(xt)[1] / F32(-half_range)
     v = x.reshape(-1, QK) * safe_reciprocal(d)[:, None]
     v += F32(half_range + 0.5)
     # MIN(top, (int8_t)v) == (int8_t)min(v, top) for the v ≥ 0 these blocks produce; float min is faster
