@@ -3,7 +3,15 @@
 The canonical form of a :class:`~slmpkg.checkpoint.Checkpoint` inside slmpkg is llama.cpp's: GGUF
 metadata keys and GGUF tensor names. :func:`from_hf` maps a checkpoint read from a Hugging Face
 directory (HF names, ``config.json`` in the sidecar) to it; :func:`to_hf` maps back. Both are lazy:
-they rename and wrap loaders, and data moves only when a writer asks for it.
+they rename and wrap loaders, and data moves only when a writer asks for it (stacking a MoE layer's
+experts holds that layer's experts of one projection, nothing more).
+
+Each family is data (:class:`Family`): its tensors as :class:`Rule` rows (GGUF name, HF name, expected
+shape, an optional value transform such as the q/k head permutation or Gemma's norm offset, ``{x}``
+in the HF name for experts stacked into one 3-D GGUF tensor), its hyperparameters as :class:`Param`
+rows (GGUF key, config.json key), and :class:`Hook` pairs for the settings that are not one key to one
+key (rope scaling, sliding-window layouts, soft-capping, attention scale, pooling). Both directions
+read the same tables.
 
 Example:
     >>> from slmpkg.formats import safetensors
@@ -17,8 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from gguf import GGUFValueType as V
@@ -29,73 +38,44 @@ from .quant import QuantType
 
 FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
 
+# a GGUF key of our own, which llama.cpp ignores: the source's rope scaling when llama.cpp's keys
+# cannot hold it (Llama 3 scaling becomes a rope_freqs tensor whose parameters are not recoverable)
+ROPE_SCALING_KEY = "slmpkg.rope_scaling"
+
+# llama.cpp's pooling types (llama.h) and sentence-transformers' Pooling modes
+_POOLING = {"none": 0, "mean": 1, "cls": 2, "lasttoken": 3}
+
+
+# ---- shapes -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
-class Family:
-    """One decoder family: llama.cpp's architecture name, the HF classes it covers, its tensors."""
+class Dims:
+    """The sizes a family's tensor shapes are written in (see :attr:`Rule.shape`)."""
 
-    gguf_arch: str
-    hf_classes: tuple[str, ...]  # the first is what to_hf writes
-    hf_model_type: str
-    # llama.cpp's llama graph expects q/k rows of each head interleaved (rotary pairs adjacent);
-    # HF's stores the two rotary halves apart, so those two weights are permuted on the way in
-    permute_qk: bool
-    # per-layer tensors: (GGUF name inside blk.N, HF name inside model.layers.N)
-    layer_tensors: tuple[tuple[str, str], ...]
+    hidden: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    ff: int
+    n_expert: int = 0
+    ctx: int = 0
+    n_types: int = 0
 
-
-_LLAMA_LAYER = (
-    ("attn_norm", "input_layernorm"),
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-)
-
-FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), "llama", True, _LLAMA_LAYER),
-    Family("qwen2", ("Qwen2ForCausalLM",), "qwen2", False, _LLAMA_LAYER),
-    Family(
-        "qwen3", ("Qwen3ForCausalLM",), "qwen3", False,
-        _LLAMA_LAYER + (("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")),
-    ),
-)
-_GLOBAL_TENSORS = (
-    ("token_embd", "model.embed_tokens"),
-    ("output_norm", "model.norm"),
-    ("output", "lm_head"),
-)
+    def value(self, name: str) -> Optional[int]:
+        derived = {
+            "q": self.n_head * self.head_dim,
+            "kv": self.n_head_kv * self.head_dim,
+            "qkv": (self.n_head + 2 * self.n_head_kv) * self.head_dim,
+            "ff2": 2 * self.ff,
+        }
+        if name in derived:
+            return derived[name]
+        return getattr(self, name, None)
 
 
-def supported_hf_classes() -> list[str]:
-    return [c for f in FAMILIES for c in f.hf_classes]
-
-
-def family_for_hf(config: Mapping[str, Any], source: str = "config.json") -> Family:
-    classes = config.get("architectures") or []
-    for family in FAMILIES:
-        if any(c in family.hf_classes for c in classes):
-            return family
-    raise FormatError(
-        f"{source}: unsupported architecture {', '.join(classes) or '(none given)'}; "
-        f"supported: {', '.join(supported_hf_classes())}"
-    )
-
-
-def family_for_gguf(arch: Optional[str], source: str = "GGUF") -> Family:
-    for family in FAMILIES:
-        if family.gguf_arch == arch:
-            return family
-    raise FormatError(
-        f"{source}: unsupported architecture {arch!r}; supported: {', '.join(f.gguf_arch for f in FAMILIES)}"
-    )
-
-
-# ---- tensor transforms ----------------------------------------------------------------------------
+# ---- tensor transforms --------------------------------------------------------------------------
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -137,7 +117,94 @@ def _as_type(t: LazyTensor, target: QuantType) -> LazyTensor:
     return LazyTensor(t.name, t.shape, target, _cast_loader(t, target))
 
 
-# ---- HF → GGUF ----------------------------------------------------------------------------------
+def _as_float(t: LazyTensor) -> LazyTensor:
+    """``t`` itself when stored as a float type, else dequantized to F32."""
+    return t if t.qtype in FLOAT_TYPES else _as_type(t, QuantType.F32)
+
+
+class Transform:
+    """A value change between HF's and llama.cpp's convention for one tensor, exact both ways."""
+
+    def forward(self, t: LazyTensor, dims: Dims) -> LazyTensor:  # HF → GGUF
+        raise NotImplementedError
+
+    def backward(self, t: LazyTensor, dims: Dims) -> LazyTensor:  # GGUF → HF
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PermuteHeads(Transform):
+    """llama.cpp's ``llama`` graph rotates adjacent pairs; HF keeps each head's two rotary halves apart.
+
+    ``heads`` names the :class:`Dims` field with the head count (``n_head`` for q, ``n_head_kv`` for k).
+    """
+
+    heads: str
+
+    def forward(self, t: LazyTensor, dims: Dims) -> LazyTensor:
+        n = getattr(dims, self.heads)
+        return LazyTensor(t.name, t.shape, t.qtype, _same_type_loader(t, lambda w: permute_qk(w, n)))
+
+    def backward(self, t: LazyTensor, dims: Dims) -> LazyTensor:
+        src = _as_float(t)
+        n = getattr(dims, self.heads)
+        return LazyTensor(t.name, t.shape, src.qtype, _same_type_loader(src, lambda w: unpermute_qk(w, n)))
+
+
+@dataclass(frozen=True)
+class Shift(Transform):
+    """llama.cpp multiplies by the stored norm weight; Gemma's HF norms multiply by ``1 + weight``."""
+
+    offset: float
+
+    def _shifted(self, t: LazyTensor, offset: float) -> LazyTensor:
+        def load() -> np.ndarray:
+            return (t.float32() + np.float32(offset)).astype(np.float32).reshape(-1).view(np.uint8)
+
+        return LazyTensor(t.name, t.shape, QuantType.F32, load)
+
+    def forward(self, t: LazyTensor, dims: Dims) -> LazyTensor:
+        return self._shifted(t, self.offset)
+
+    def backward(self, t: LazyTensor, dims: Dims) -> LazyTensor:
+        return self._shifted(t, -self.offset)
+
+
+_Q = PermuteHeads("n_head")
+_K = PermuteHeads("n_head_kv")
+_PLUS_ONE = Shift(1.0)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One tensor (``.weight`` and ``.bias``) of a family.
+
+    ``gguf`` and ``hf`` are names without the suffix; a layer rule's names are inside ``blk.N`` and
+    the family's layer prefix. ``{x}`` in ``hf`` marks experts: the HF tensors of experts 0..n-1 are
+    stacked along a new leading axis into the one GGUF tensor. ``shape`` names the weight's
+    dimensions (:class:`Dims` fields, ``q``, ``kv``, ``qkv``, ``ff2``, or ``*`` for any); for experts it
+    is the stacked shape.
+    """
+
+    gguf: str
+    hf: str
+    shape: tuple[str, ...] = ()
+    transform: Optional[Transform] = None
+
+    @property
+    def experts(self) -> bool:
+        return "{x}" in self.hf
+
+
+# ---- hyperparameters ----------------------------------------------------------------------------
+
+
+_META = {
+    V.UINT32: lambda v: MetaValue(V.UINT32, int(v)),
+    V.FLOAT32: lambda v: MetaValue(V.FLOAT32, float(v)),
+    V.BOOL: lambda v: MetaValue(V.BOOL, bool(v)),
+    V.STRING: lambda v: MetaValue(V.STRING, str(v)),
+}
 
 
 def _u32(v: int) -> MetaValue:
@@ -148,15 +215,120 @@ def _f32(v: float) -> MetaValue:
     return MetaValue(V.FLOAT32, float(v))
 
 
+@dataclass(frozen=True)
+class Param:
+    """One GGUF key (after ``{arch}.``) that is one config.json key.
+
+    HF → GGUF takes ``hf`` (or the ``fallback`` key, or ``default``); ``default`` None means the key is
+    required. GGUF → HF writes ``hf`` from the key, or ``default`` when the GGUF lacks it.
+    """
+
+    key: str
+    hf: str
+    type: V = V.UINT32
+    default: Any = None
+    fallback: Optional[str] = None
+
+
+@dataclass
+class _Forward:
+    """What HF → GGUF hooks read and add to."""
+
+    config: Mapping[str, Any]
+    dims: Dims
+    arch: str
+    sidecar: Mapping[str, bytes]
+    n_vocab: int
+    metadata: dict[str, MetaValue]
+    tensors: list[LazyTensor]
+
+    def put(self, key: str, value: MetaValue) -> None:
+        self.metadata[f"{self.arch}.{key}"] = value
+
+
+@dataclass
+class _Backward:
+    """What GGUF → HF hooks read and add to."""
+
+    ckpt: Checkpoint
+    dims: Dims
+    arch: str
+    config: dict[str, Any]
+    sidecar: dict[str, bytes]
+    skip: set[str]  # GGUF tensors with no HF counterpart (their content lives in config.json)
+    names: set[str]  # the GGUF's tensor names
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.ckpt.get(f"{self.arch}.{key}", default)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A setting that is not one key to one key: ``forward`` writes GGUF metadata (and extra tensors)
+    from config.json, ``backward`` writes config.json entries (and sidecar files) from the GGUF."""
+
+    name: str
+    forward: Callable[[_Forward], None]
+    backward: Callable[[_Backward], None]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: llama.cpp's architecture, the HF classes it covers, its tables."""
+
+    gguf_arch: str
+    hf_classes: tuple[str, ...]  # the first is what to_hf writes
+    hf_model_type: str
+    layer_tensors: tuple[Rule, ...]
+    global_tensors: tuple[Rule, ...]
+    params: tuple[Param, ...]
+    hooks: tuple[Hook, ...] = ()
+    hf_config: Mapping[str, Any] = field(default_factory=dict)  # constant config.json entries to_hf writes
+    layer_prefix: str = "model.layers"
+    activations: tuple[str, ...] = ("silu",)  # hidden_act values llama.cpp's graph computes
+    # llama.cpp's output matrix: "optional" (absent = tied to token_embd), "tied" (the graph always
+    # reads token_embd: an untied lm_head cannot be expressed), "none" (no output matrix: encoders)
+    output: str = "optional"
+    dropped: tuple[str, ...] = ()  # HF tensors with no place in llama.cpp's graph, left out
+    # among families sharing gguf_arch, this one is chosen when {arch}.<selector> is non-zero
+    gguf_selector: Optional[str] = None
+    encoder: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.hf_classes[0]
+
+
+# ---- hooks ----------------------------------------------------------------------------------------
+
+
 def _rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """transformers 5 keeps rope settings in ``rope_parameters``; older configs in ``rope_theta``/``rope_scaling``."""
     params = dict(config.get("rope_parameters") or {})
+    if "full_attention" in params or "sliding_attention" in params:
+        return params
     if "rope_theta" not in params and "rope_theta" in config:
         params["rope_theta"] = config["rope_theta"]
     scaling = config.get("rope_scaling") or {}
     for k, v in scaling.items():
         params.setdefault("rope_type" if k == "type" else k, v)
+    if "partial_rotary_factor" not in params and "partial_rotary_factor" in config:
+        params["partial_rotary_factor"] = config["partial_rotary_factor"]
     return params
+
+
+def _full_and_sliding_rope(config: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """(global layers' rope, sliding layers' rope or None) in transformers 5's form."""
+    params = _rope_parameters(config)
+    if "full_attention" in params or "sliding_attention" in params:
+        return dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    sliding = None
+    if config.get("rope_local_base_freq") is not None:  # Gemma 3 before transformers 5
+        sliding = {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]}
+    return params, sliding
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def llama3_rope_factors(config: Mapping[str, Any], head_dim: int) -> Optional[np.ndarray]:
@@ -164,7 +336,10 @@ def llama3_rope_factors(config: Mapping[str, Any], head_dim: int) -> Optional[np
     rope = _rope_parameters(config)
     if str(rope.get("rope_type", "")).lower() != "llama3":
         return None
-    base = rope.get("rope_theta", 10000.0)
+    return _llama3_factors(rope, rope.get("rope_theta", 10000.0), head_dim)
+
+
+def _llama3_factors(rope: Mapping[str, Any], base: float, head_dim: int) -> np.ndarray:
     freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
@@ -183,38 +358,697 @@ def llama3_rope_factors(config: Mapping[str, Any], head_dim: int) -> Optional[np
     return np.array(factors, dtype=np.float32)
 
 
-def _hparams_metadata(family: Family, config: Mapping[str, Any], n_vocab: int) -> dict[str, MetaValue]:
-    a = family.gguf_arch
-    n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    rope = _rope_parameters(config)
-    md = {
-        f"{a}.block_count": _u32(config["num_hidden_layers"]),
-        f"{a}.context_length": _u32(config.get("max_position_embeddings", 2048)),
-        f"{a}.embedding_length": _u32(config["hidden_size"]),
-        f"{a}.feed_forward_length": _u32(config["intermediate_size"]),
-        f"{a}.attention.head_count": _u32(n_head),
-        f"{a}.attention.head_count_kv": _u32(config.get("num_key_value_heads") or n_head),
-        f"{a}.rope.freq_base": _f32(rope.get("rope_theta", 10000.0)),
-        f"{a}.attention.layer_norm_rms_epsilon": _f32(config.get("rms_norm_eps", 1e-6)),
+def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dict[str, Any]:
+    """Llama 3 rope parameters that reproduce ``factors`` (a GGUF made elsewhere, without our key).
+
+    Between the two wavelength bounds, ``smooth = (1/f - 1/factor) / (1 - 1/factor)`` is linear in
+    ``1/wavelength``: ``a / wavelength + b`` with ``a = original_ctx / (high - low)`` and
+    ``b = -low / (high - low)``. Scaling all three leaves the factors unchanged, so the convention
+    ``low_freq_factor = 1`` (every Llama 3.x release) fixes the rest.
+    """
+    factors = np.asarray(factors, dtype=np.float64)
+    factor = float(factors.max())
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float64)
+    inv_wavelen = freqs / (2 * math.pi)
+    between = [i for i, f in enumerate(factors)
+               if not (math.isclose(f, 1.0, rel_tol=1e-6) or math.isclose(f, factor, rel_tol=1e-6))]
+    if factor <= 1.0 or len(between) < 2:
+        raise FormatError(
+            "GGUF → HF: rope_freqs does not determine the Llama 3 rope scaling (fewer than two factors between 1 "
+            f"and the maximum) and the GGUF lacks {ROPE_SCALING_KEY}"
+        )
+    smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(inv_wavelen[between], smooth, 1)
+    low = 1.0
+    high = low - low / b
+    rope = {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+        "high_freq_factor": float(round(high, 4)), "original_max_position_embeddings": int(round(-a / b * low)),
     }
-    if config.get("head_dim"):
-        md[f"{a}.attention.key_length"] = _u32(head_dim)
-        md[f"{a}.attention.value_length"] = _u32(head_dim)
-    if family.gguf_arch == "llama":
-        md[f"{a}.vocab_size"] = _u32(n_vocab)
-        md[f"{a}.rope.dimension_count"] = _u32(head_dim)
-    rope_type = str(rope.get("rope_type", "default")).lower()
-    if rope_type == "linear" and rope.get("factor"):
-        md[f"{a}.rope.scaling.type"] = MetaValue(V.STRING, "linear")
-        md[f"{a}.rope.scaling.factor"] = _f32(rope["factor"])
-    elif rope_type == "yarn" and rope.get("factor"):
-        md[f"{a}.rope.scaling.type"] = MetaValue(V.STRING, "yarn")
-        md[f"{a}.rope.scaling.factor"] = _f32(rope["factor"])
-        md[f"{a}.rope.scaling.original_context_length"] = _u32(rope["original_max_position_embeddings"])
-    elif rope_type not in ("default", "llama3"):
+    if not np.allclose(_llama3_factors(rope, base, head_dim), factors, rtol=1e-4, atol=0):
+        raise FormatError("GGUF → HF: rope_freqs is not a Llama 3 rope scaling that config.json can describe")
+    return rope
+
+
+def _rope_forward(ctx: _Forward, *, dimension_count: bool, original_context: bool) -> None:
+    config, dims = ctx.config, ctx.dims
+    full, sliding = _full_and_sliding_rope(config)
+    ctx.put("rope.freq_base", _f32(full.get("rope_theta", 10000.0)))
+    if sliding:
+        if str(sliding.get("rope_type", "default")).lower() != "default":
+            raise FormatError("config.json: llama.cpp applies no rope scaling to sliding-window layers; "
+                              f"sliding_attention has rope_type {sliding.get('rope_type')!r}")
+        ctx.put("rope.freq_base_swa", _f32(sliding.get("rope_theta", 10000.0)))
+    partial = full.get("partial_rotary_factor", 1.0)
+    if dimension_count or partial != 1.0:
+        # the rotary width transformers computes; llama.cpp rotates the first n_rot values of each head
+        ctx.put("rope.dimension_count", _u32(int(dims.head_dim * partial)))
+    if original_context and config.get("original_max_position_embeddings"):
+        ctx.put("rope.scaling.original_context_length", _u32(config["original_max_position_embeddings"]))
+    rope_type = str(full.get("rope_type", "default")).lower()
+    if rope_type == "linear" and full.get("factor"):
+        ctx.put("rope.scaling.type", MetaValue(V.STRING, "linear"))
+        ctx.put("rope.scaling.factor", _f32(full["factor"]))
+    elif rope_type == "yarn" and full.get("factor"):
+        ctx.put("rope.scaling.type", MetaValue(V.STRING, "yarn"))
+        ctx.put("rope.scaling.factor", _f32(full["factor"]))
+        ctx.put("rope.scaling.original_context_length", _u32(full["original_max_position_embeddings"]))
+    elif rope_type == "llama3":
+        params = {k: full[k] for k in _LLAMA3_KEYS if k in full}
+        ctx.metadata[ROPE_SCALING_KEY] = MetaValue(V.STRING, json.dumps({"rope_type": "llama3", **params}, sort_keys=True))
+        factors = _llama3_factors(full, full.get("rope_theta", 10000.0), dims.head_dim)
+        ctx.tensors.append(LazyTensor.from_array("rope_freqs.weight", factors))
+    elif rope_type in ("longrope", "su"):
+        _longrope_forward(ctx, full)
+    elif rope_type != "default":
         raise FormatError(f"config.json: rope scaling type {rope_type!r} is not supported yet")
-    return md
+
+
+def _longrope_forward(ctx: _Forward, rope: Mapping[str, Any]) -> None:
+    """Phi-3's LongRoPE: per-frequency divisors for short and long contexts and a cos/sin scale.
+
+    transformers picks the long factors when the sequence is longer than
+    ``original_max_position_embeddings``; llama.cpp when the context it is given is (``n_ctx``), so
+    the two agree when both are on the same side of that length.
+    """
+    orig = rope.get("original_max_position_embeddings") or ctx.config.get("original_max_position_embeddings")
+    if not orig:
+        raise FormatError("config.json: longrope scaling without original_max_position_embeddings")
+    n_rot = int(ctx.dims.head_dim * rope.get("partial_rotary_factor", 1.0))
+    factors = {}
+    for kind in ("short", "long"):
+        values = rope.get(f"{kind}_factor")
+        if values is None or len(values) != n_rot // 2:
+            raise FormatError(f"config.json: longrope {kind}_factor must have {n_rot // 2} values (rotary width {n_rot})")
+        factors[kind] = np.asarray(values, dtype=np.float32)
+    factor = rope.get("factor") or ctx.dims.ctx / orig
+    attn = rope.get("attention_factor")
+    if attn is None:  # transformers' default (the LongRoPE paper's)
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    ctx.put("rope.scaling.attn_factor", _f32(attn))
+    ctx.put("rope.scaling.original_context_length", _u32(orig))
+    given = {k: rope[k] for k in ("factor", "attention_factor") if rope.get(k) is not None}
+    ctx.metadata[ROPE_SCALING_KEY] = MetaValue(V.STRING, json.dumps({"rope_type": "longrope", **given}, sort_keys=True))
+    for kind in ("long", "short"):
+        ctx.tensors.append(LazyTensor.from_array(f"rope_factors_{kind}.weight", factors[kind]))
+
+
+def _rope_backward(ctx: _Backward, *, per_layer_type: bool, original_context: bool) -> None:
+    dims = ctx.dims
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": ctx.get("rope.freq_base", 10000.0)}
+    scaling = ctx.get("rope.scaling.type")
+    if scaling == "linear":
+        full.update(rope_type="linear", factor=ctx.get("rope.scaling.factor"))
+    elif scaling == "yarn":
+        full.update(rope_type="yarn", factor=ctx.get("rope.scaling.factor"),
+                    original_max_position_embeddings=ctx.get("rope.scaling.original_context_length"))
+    elif scaling not in (None, "none"):
+        raise FormatError(f"GGUF → HF: rope scaling type {scaling!r} is not supported yet")
+    stored = json.loads(ctx.ckpt.get(ROPE_SCALING_KEY) or "{}")
+    tensor = lambda name: next(t for t in ctx.ckpt.tensors if t.name == name).float32()  # noqa: E731
+    if "rope_freqs.weight" in ctx.names:
+        ctx.skip.add("rope_freqs.weight")
+        if stored.get("rope_type") == "llama3":
+            full.update(stored)
+        else:
+            full.update(_llama3_from_factors(tensor("rope_freqs.weight"), full["rope_theta"], dims.head_dim))
+    if "rope_factors_long.weight" in ctx.names and "rope_factors_short.weight" in ctx.names:
+        ctx.skip.update(("rope_factors_long.weight", "rope_factors_short.weight"))
+        full.update(
+            rope_type="longrope",
+            long_factor=[float(x) for x in tensor("rope_factors_long.weight")],
+            short_factor=[float(x) for x in tensor("rope_factors_short.weight")],
+            original_max_position_embeddings=ctx.get("rope.scaling.original_context_length", ctx.get("context_length")),
+        )
+        if stored.get("rope_type") == "longrope":
+            full.update(stored)
+        elif ctx.get("rope.scaling.attn_factor") is not None:
+            full["attention_factor"] = ctx.get("rope.scaling.attn_factor")
+    n_rot = ctx.get("rope.dimension_count")
+    if n_rot is not None and n_rot != dims.head_dim:
+        full["partial_rotary_factor"] = n_rot / dims.head_dim
+    if original_context:
+        orig = ctx.get("rope.scaling.original_context_length")
+        if orig is not None:
+            ctx.config["original_max_position_embeddings"] = orig
+    if per_layer_type:
+        sliding = {"rope_type": "default", "rope_theta": ctx.get("rope.freq_base_swa", 10000.0)}
+        ctx.config["rope_parameters"] = {"full_attention": full, "sliding_attention": sliding}
+    else:
+        ctx.config["rope_parameters"] = full
+
+
+def _rope(*, dimension_count: bool = False, original_context: bool = False, per_layer_type: bool = False) -> Hook:
+    return Hook(
+        "rope",
+        lambda c: _rope_forward(c, dimension_count=dimension_count, original_context=original_context),
+        lambda c: _rope_backward(c, per_layer_type=per_layer_type, original_context=original_context),
+    )
+
+
+def _head_dim_forward(ctx: _Forward) -> None:
+    if ctx.config.get("head_dim"):
+        ctx.put("attention.key_length", _u32(ctx.dims.head_dim))
+        ctx.put("attention.value_length", _u32(ctx.dims.head_dim))
+
+
+def _head_dim_backward(ctx: _Backward) -> None:
+    if ctx.get("attention.key_length") is not None:
+        ctx.config["head_dim"] = ctx.dims.head_dim
+
+
+_HEAD_DIM = Hook("head_dim", _head_dim_forward, _head_dim_backward)
+
+
+def _vocab_size_forward(ctx: _Forward) -> None:
+    ctx.put("vocab_size", _u32(ctx.n_vocab))
+
+
+_VOCAB_SIZE = Hook("vocab_size", _vocab_size_forward, lambda ctx: None)  # llama.cpp's llama converter writes it
+
+
+def _biases_backward(ctx: _Backward) -> None:
+    ctx.config["attention_bias"] = any(n.endswith(".attn_q.bias") for n in ctx.names)
+    ctx.config["mlp_bias"] = any(n.endswith(".ffn_up.bias") for n in ctx.names)
+
+
+_BIASES = Hook("biases", lambda ctx: None, _biases_backward)
+
+
+def _layer_types(config: Mapping[str, Any], n_layer: int, every: int) -> list[str]:
+    """transformers' per-layer attention kinds; ``every``: the default period of a full-attention layer."""
+    types = config.get("layer_types")
+    if types is not None:
+        if len(types) != n_layer:
+            raise FormatError(f"config.json: layer_types has {len(types)} entries for {n_layer} layers")
+        return list(types)
+    period = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or every
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layer)]
+
+
+def _swa_pattern_forward(ctx: _Forward, every: int) -> None:
+    window = ctx.config.get("sliding_window")
+    types = _layer_types(ctx.config, ctx.dims.n_layer, every)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise FormatError(f"config.json: layer_types {unknown} have no llama.cpp counterpart")
+    if not window or "sliding_attention" not in types:
+        return
+    ctx.put("attention.sliding_window", _u32(window))
+    # llama.cpp reads this key as one flag per layer (or as a period); the flags say exactly what HF does
+    ctx.put("attention.sliding_window_pattern",
+            MetaValue(V.ARRAY, [t == "sliding_attention" for t in types], V.BOOL))
+
+
+def _swa_pattern_backward(ctx: _Backward, every: int) -> None:
+    window = ctx.get("attention.sliding_window")
+    n = ctx.dims.n_layer
+    pattern = ctx.get("attention.sliding_window_pattern")
+    if window is None:
+        ctx.config["sliding_window"] = None
+        ctx.config["layer_types"] = ["full_attention"] * n
+        return
+    if pattern is None:
+        flags = [(i + 1) % every != 0 for i in range(n)]
+    elif isinstance(pattern, int):
+        flags = [(i + 1) % pattern != 0 for i in range(n)]
+    else:
+        flags = [bool(x) for x in pattern]
+    ctx.config["sliding_window"] = int(window)
+    ctx.config["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
+
+
+def _swa_pattern(every: int) -> Hook:
+    return Hook("sliding_window", lambda c: _swa_pattern_forward(c, every), lambda c: _swa_pattern_backward(c, every))
+
+
+def _ignored_window_forward(ctx: _Forward, record: bool) -> None:
+    """Families whose llama.cpp graph has no sliding window: warn when it matters; ``record`` keeps the
+    value in the GGUF (the HF class written back has the setting)."""
+    window = ctx.config.get("sliding_window")
+    if window is None:
+        return
+    if record:
+        ctx.put("attention.sliding_window", _u32(window))
+    if window < ctx.dims.ctx:
+        warnings.warn(
+            f"config.json: sliding_window={window} is smaller than the context ({ctx.dims.ctx}); llama.cpp's "
+            f"{ctx.arch} graph attends to the whole context, so outputs differ past {window} tokens",
+            stacklevel=4,
+        )
+
+
+def _ignored_window_backward(ctx: _Backward) -> None:
+    window = ctx.get("attention.sliding_window")
+    ctx.config["sliding_window"] = int(window) if window else None
+
+
+_IGNORED_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), _ignored_window_backward)
+# Mistral's window: to_hf writes LlamaForCausalLM, which has no such setting
+_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, False), lambda c: None)
+
+
+def _softcap_forward(ctx: _Forward, attn: bool, final_required: bool) -> None:
+    a, f = ctx.config.get("attn_logit_softcapping"), ctx.config.get("final_logit_softcapping")
+    if attn:
+        if a is None:
+            raise FormatError(f"config.json: llama.cpp's {ctx.arch} always soft-caps attention logits; attn_logit_softcapping is null")
+        ctx.put("attn_logit_softcapping", _f32(a))
+    elif a is not None:
+        raise FormatError(f"config.json: llama.cpp's {ctx.arch} has no attention soft-capping (attn_logit_softcapping={a})")
+    if f is None and final_required:
+        raise FormatError(f"config.json: llama.cpp's {ctx.arch} always soft-caps the final logits; final_logit_softcapping is null")
+    if f is not None:
+        ctx.put("final_logit_softcapping", _f32(f))
+
+
+def _softcap_backward(ctx: _Backward, attn: bool, final_required: bool) -> None:
+    ctx.config["attn_logit_softcapping"] = ctx.get("attn_logit_softcapping", 50.0) if attn else None
+    ctx.config["final_logit_softcapping"] = ctx.get("final_logit_softcapping", 30.0 if final_required else None)
+
+
+def _softcap(attn: bool, final_required: bool) -> Hook:
+    return Hook("softcap", lambda c: _softcap_forward(c, attn, final_required), lambda c: _softcap_backward(c, attn, final_required))
+
+
+def _gemma_query_scalar(dims: Dims, wide_layers: int) -> int:
+    """What llama.cpp's Gemma 2/3 graph divides queries by (squared): the head size, except for the
+    layer count of the 27B model, where it is hidden size / heads (integer division, as in C)."""
+    return dims.hidden // dims.n_head if dims.n_layer == wide_layers else dims.head_dim
+
+
+def _query_scale_forward(ctx: _Forward, wide_layers: int) -> None:
+    want = _gemma_query_scalar(ctx.dims, wide_layers)
+    have = ctx.config.get("query_pre_attn_scalar", want)
+    if have != want:
+        raise FormatError(
+            f"config.json: query_pre_attn_scalar={have}, but llama.cpp's {ctx.arch} scales queries by 1/sqrt({want}) "
+            f"for a {ctx.dims.n_layer}-layer model (it reads no key for it); the GGUF would compute different attention"
+        )
+
+
+def _query_scale(wide_layers: int) -> Hook:
+    def backward(ctx: _Backward) -> None:
+        ctx.config["query_pre_attn_scalar"] = _gemma_query_scalar(ctx.dims, wide_layers)
+
+    return Hook("query_pre_attn_scalar", lambda c: _query_scale_forward(c, wide_layers), backward)
+
+
+def _pooling_forward(ctx: _Forward) -> None:
+    ctx.put("attention.causal", MetaValue(V.BOOL, False))
+    raw = ctx.sidecar.get("modules.json")
+    if raw is None:
+        return
+    try:
+        modules = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"modules.json: not valid JSON ({e})") from None
+    pooling = next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
+    if pooling is None:
+        return
+    path = str(pooling.get("path") or "").strip("/")
+    conf_name = f"{path}/config.json" if path else "config.json"
+    if conf_name not in ctx.sidecar:
+        warnings.warn(
+            f"modules.json names a Pooling module but {conf_name} is not among the files read; "
+            "using sentence-transformers' default, mean pooling", stacklevel=4,
+        )
+        mode = "mean"
+    else:
+        conf = json.loads(ctx.sidecar[conf_name])
+        flags = [("mean", "pooling_mode_mean_tokens"), ("cls", "pooling_mode_cls_token"), ("lasttoken", "pooling_mode_lasttoken")]
+        mode = next((m for m, key in flags if conf.get(key)), conf.get("pooling_mode"))
+        if mode not in _POOLING:
+            raise FormatError(f"{conf_name}: pooling {mode!r} has no llama.cpp counterpart (mean, cls, lasttoken)")
+    ctx.put("pooling_type", _u32(_POOLING[mode]))
+
+
+def _pooling_backward(ctx: _Backward) -> None:
+    pooling = ctx.get("pooling_type")
+    mode = {v: k for k, v in _POOLING.items()}.get(pooling)
+    if mode is None or mode == "none":
+        return
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    conf = {
+        "word_embedding_dimension": ctx.dims.hidden,
+        "pooling_mode_cls_token": mode == "cls",
+        "pooling_mode_mean_tokens": mode == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_lasttoken": mode == "lasttoken",
+    }
+    ctx.sidecar["modules.json"] = json.dumps(modules, indent=2).encode()
+    ctx.sidecar["1_Pooling/config.json"] = json.dumps(conf, indent=2).encode()
+
+
+_POOLING_HOOK = Hook("pooling", _pooling_forward, _pooling_backward)
+
+
+def _bert_backward(ctx: _Backward) -> None:
+    types = next((t for t in ctx.ckpt.tensors if t.name == "token_types.weight"), None)
+    count = types.shape[0] if types is not None else ctx.ckpt.get("tokenizer.ggml.token_type_count", 2)
+    ctx.config["type_vocab_size"] = int(count)
+    pad = ctx.ckpt.get("tokenizer.ggml.padding_token_id")
+    ctx.config["pad_token_id"] = int(pad) if pad is not None else 0
+
+
+_BERT = Hook("bert", lambda ctx: None, _bert_backward)
+
+
+# ---- the families -------------------------------------------------------------------------------
+
+
+_DECODER_PARAMS = (
+    Param("block_count", "num_hidden_layers"),
+    Param("context_length", "max_position_embeddings", default=2048),
+    Param("embedding_length", "hidden_size"),
+    Param("feed_forward_length", "intermediate_size"),
+    Param("attention.head_count", "num_attention_heads"),
+    Param("attention.head_count_kv", "num_key_value_heads", fallback="num_attention_heads"),
+    Param("attention.layer_norm_rms_epsilon", "rms_norm_eps", V.FLOAT32, default=1e-6),
+)
+
+_ATTENTION = (
+    Rule("attn_norm", "input_layernorm", ("hidden",)),
+    Rule("attn_q", "self_attn.q_proj", ("q", "hidden")),
+    Rule("attn_k", "self_attn.k_proj", ("kv", "hidden")),
+    Rule("attn_v", "self_attn.v_proj", ("kv", "hidden")),
+    Rule("attn_output", "self_attn.o_proj", ("hidden", "q")),
+)
+_MLP = (
+    Rule("ffn_norm", "post_attention_layernorm", ("hidden",)),
+    Rule("ffn_gate", "mlp.gate_proj", ("ff", "hidden")),
+    Rule("ffn_up", "mlp.up_proj", ("ff", "hidden")),
+    Rule("ffn_down", "mlp.down_proj", ("hidden", "ff")),
+)
+_DECODER_GLOBALS = (
+    Rule("token_embd", "model.embed_tokens", ("*", "hidden")),
+    Rule("output_norm", "model.norm", ("hidden",)),
+    Rule("output", "lm_head", ("*", "hidden")),
+)
+
+
+def _permuted(rules: Sequence[Rule]) -> tuple[Rule, ...]:
+    """The llama graph's layout: q and k rows interleaved per head."""
+    out = []
+    for r in rules:
+        if r.gguf == "attn_q":
+            r = Rule(r.gguf, r.hf, r.shape, _Q)
+        elif r.gguf == "attn_k":
+            r = Rule(r.gguf, r.hf, r.shape, _K)
+        out.append(r)
+    return tuple(out)
+
+
+def _gemma_norms(rules: Sequence[Rule]) -> tuple[Rule, ...]:
+    """Gemma's norms store ``weight`` where llama.cpp wants ``1 + weight``."""
+    return tuple(Rule(r.gguf, r.hf, r.shape, _PLUS_ONE) if "norm" in r.gguf else r for r in rules)
+
+
+_GEMMA_ACT = ("gelu_pytorch_tanh", "gelu")  # llama.cpp's GELU is the tanh approximation
+_GEMMA_LAYER = _gemma_norms(_ATTENTION + _MLP)
+_GEMMA2_LAYER = _gemma_norms(_ATTENTION + (
+    Rule("post_attention_norm", "post_attention_layernorm", ("hidden",)),
+    Rule("ffn_norm", "pre_feedforward_layernorm", ("hidden",)),
+    Rule("ffn_gate", "mlp.gate_proj", ("ff", "hidden")),
+    Rule("ffn_up", "mlp.up_proj", ("ff", "hidden")),
+    Rule("ffn_down", "mlp.down_proj", ("hidden", "ff")),
+    Rule("post_ffw_norm", "post_feedforward_layernorm", ("hidden",)),
+))
+_GEMMA3_LAYER = _GEMMA2_LAYER + _gemma_norms((
+    Rule("attn_q_norm", "self_attn.q_norm", ("head_dim",)),
+    Rule("attn_k_norm", "self_attn.k_norm", ("head_dim",)),
+))
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "llama", ("MixtralForCausalLM",), "mixtral",
+        layer_tensors=_permuted(_ATTENTION) + (
+            Rule("ffn_norm", "post_attention_layernorm", ("hidden",)),
+            Rule("ffn_gate_inp", "block_sparse_moe.gate", ("n_expert", "hidden")),
+            Rule("ffn_gate_exps", "block_sparse_moe.experts.{x}.w1", ("n_expert", "ff", "hidden")),
+            Rule("ffn_down_exps", "block_sparse_moe.experts.{x}.w2", ("n_expert", "hidden", "ff")),
+            Rule("ffn_up_exps", "block_sparse_moe.experts.{x}.w3", ("n_expert", "ff", "hidden")),
+        ),
+        global_tensors=_DECODER_GLOBALS,
+        params=_DECODER_PARAMS + (
+            Param("expert_count", "num_local_experts"),
+            Param("expert_used_count", "num_experts_per_tok"),
+        ),
+        hooks=(_VOCAB_SIZE, _HEAD_DIM, _rope(dimension_count=True), _IGNORED_WINDOW),
+        hf_config={"hidden_act": "silu"},
+        gguf_selector="expert_count",
+    ),
+    Family(
+        "llama", ("LlamaForCausalLM", "MistralForCausalLM"), "llama",
+        layer_tensors=_permuted(_ATTENTION) + _MLP,
+        global_tensors=_DECODER_GLOBALS,
+        params=_DECODER_PARAMS,
+        hooks=(_VOCAB_SIZE, _HEAD_DIM, _rope(dimension_count=True), _BIASES, _WARN_WINDOW),
+        hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        "qwen2", ("Qwen2ForCausalLM",), "qwen2",
+        layer_tensors=_ATTENTION + _MLP, global_tensors=_DECODER_GLOBALS, params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope()), hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        "qwen3", ("Qwen3ForCausalLM",), "qwen3",
+        layer_tensors=_ATTENTION + _MLP + (
+            Rule("attn_q_norm", "self_attn.q_norm", ("head_dim",)),
+            Rule("attn_k_norm", "self_attn.k_norm", ("head_dim",)),
+        ),
+        global_tensors=_DECODER_GLOBALS, params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope(), _BIASES), hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        # llama.cpp's phi3 graph keeps the fused projections: attn_qkv (q, k, v rows in that order)
+        # and ffn_up holding gate then up, split by its SwiGLU
+        "phi3", ("Phi3ForCausalLM",), "phi3",
+        layer_tensors=(
+            Rule("attn_norm", "input_layernorm", ("hidden",)),
+            Rule("attn_qkv", "self_attn.qkv_proj", ("qkv", "hidden")),
+            Rule("attn_output", "self_attn.o_proj", ("hidden", "q")),
+            Rule("ffn_norm", "post_attention_layernorm", ("hidden",)),
+            Rule("ffn_up", "mlp.gate_up_proj", ("ff2", "hidden")),
+            Rule("ffn_down", "mlp.down_proj", ("hidden", "ff")),
+        ),
+        global_tensors=_DECODER_GLOBALS, params=_DECODER_PARAMS,
+        hooks=(_rope(dimension_count=True, original_context=True), _IGNORED_WINDOW),
+        hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        "gemma", ("GemmaForCausalLM",), "gemma",
+        layer_tensors=_GEMMA_LAYER, global_tensors=_gemma_norms(_DECODER_GLOBALS), params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope(), _BIASES),
+        hf_config={"hidden_act": "gelu_pytorch_tanh"}, activations=_GEMMA_ACT, output="tied",
+    ),
+    Family(
+        "gemma2", ("Gemma2ForCausalLM",), "gemma2",
+        layer_tensors=_GEMMA2_LAYER, global_tensors=_gemma_norms(_DECODER_GLOBALS), params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope(), _swa_pattern(2), _softcap(attn=True, final_required=True), _query_scale(46)),
+        hf_config={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+        activations=_GEMMA_ACT, output="tied",
+    ),
+    Family(
+        "gemma3", ("Gemma3ForCausalLM",), "gemma3_text",
+        layer_tensors=_GEMMA3_LAYER, global_tensors=_gemma_norms(_DECODER_GLOBALS), params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope(per_layer_type=True), _swa_pattern(6), _softcap(attn=False, final_required=False),
+               _query_scale(62)),
+        hf_config={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+        activations=_GEMMA_ACT,
+    ),
+    Family(
+        "granite", ("GraniteForCausalLM",), "granite",
+        layer_tensors=_permuted(_ATTENTION) + _MLP, global_tensors=_DECODER_GLOBALS,
+        params=_DECODER_PARAMS + (
+            # llama.cpp reads logit_scale as required; HF's defaults are 1.0 for all four
+            Param("logit_scale", "logits_scaling", V.FLOAT32, default=1.0),
+            Param("residual_scale", "residual_multiplier", V.FLOAT32, default=1.0),
+            Param("embedding_scale", "embedding_multiplier", V.FLOAT32, default=1.0),
+            Param("attention.scale", "attention_multiplier", V.FLOAT32, default=1.0),
+        ),
+        hooks=(_VOCAB_SIZE, _rope(dimension_count=True), _BIASES),
+        hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        "bert", ("BertModel",), "bert",
+        layer_tensors=(
+            Rule("attn_q", "attention.self.query", ("q", "hidden")),
+            Rule("attn_k", "attention.self.key", ("kv", "hidden")),
+            Rule("attn_v", "attention.self.value", ("kv", "hidden")),
+            Rule("attn_output", "attention.output.dense", ("hidden", "q")),
+            Rule("attn_output_norm", "attention.output.LayerNorm", ("hidden",)),
+            Rule("ffn_up", "intermediate.dense", ("ff", "hidden")),
+            Rule("ffn_down", "output.dense", ("hidden", "ff")),
+            Rule("layer_output_norm", "output.LayerNorm", ("hidden",)),
+        ),
+        global_tensors=(
+            Rule("token_embd", "embeddings.word_embeddings", ("*", "hidden")),
+            Rule("token_types", "embeddings.token_type_embeddings", ("n_types", "hidden")),
+            Rule("position_embd", "embeddings.position_embeddings", ("ctx", "hidden")),
+            Rule("token_embd_norm", "embeddings.LayerNorm", ("hidden",)),
+        ),
+        params=(
+            Param("block_count", "num_hidden_layers"),
+            Param("context_length", "max_position_embeddings", default=512),
+            Param("embedding_length", "hidden_size"),
+            Param("feed_forward_length", "intermediate_size"),
+            Param("attention.head_count", "num_attention_heads"),
+            Param("attention.layer_norm_epsilon", "layer_norm_eps", V.FLOAT32, default=1e-12),
+        ),
+        hooks=(_POOLING_HOOK, _BERT),
+        hf_config={"hidden_act": "gelu", "position_embedding_type": "absolute"},
+        layer_prefix="encoder.layer",
+        activations=("gelu", "gelu_new", "gelu_pytorch_tanh"),
+        output="none",
+        # BertModel's pooler (dense + tanh over [CLS]) feeds no llama.cpp pooling type
+        dropped=("pooler.dense.weight", "pooler.dense.bias"),
+        encoder=True,
+    ),
+)
+
+# buffers transformers recomputes and some checkpoints still carry
+_BUFFERS = ("rotary_emb.inv_freq", "position_ids")
+
+
+def supported_hf_classes() -> list[str]:
+    return [c for f in FAMILIES for c in f.hf_classes]
+
+
+def family_for_hf(config: Mapping[str, Any], source: str = "config.json") -> Family:
+    classes = config.get("architectures") or []
+    for family in FAMILIES:
+        if any(c in family.hf_classes for c in classes):
+            return family
+    raise FormatError(
+        f"{source}: unsupported architecture {', '.join(classes) or '(none given)'}; "
+        f"supported: {', '.join(supported_hf_classes())}"
+    )
+
+
+def family_for_gguf(arch: Optional[str], source: str = "GGUF", metadata: Optional[Mapping[str, MetaValue]] = None) -> Family:
+    """The family of a GGUF architecture; ``metadata`` tells apart families sharing one (Mixtral in ``llama``)."""
+    for family in FAMILIES:
+        if family.gguf_arch != arch:
+            continue
+        if family.gguf_selector is not None:
+            item = (metadata or {}).get(f"{arch}.{family.gguf_selector}")
+            if item is None or not item.value:
+                continue
+        return family
+    supported = sorted({f.gguf_arch for f in FAMILIES})
+    raise FormatError(f"{source}: unsupported architecture {arch!r}; supported: {', '.join(supported)}")
+
+
+# ---- HF → GGUF ----------------------------------------------------------------------------------
+
+
+def _dims_from_config(config: Mapping[str, Any], family: Family) -> Dims:
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in config]
+    if missing:
+        raise FormatError(f"config.json: missing {', '.join(missing)}")
+    hidden, n_head = config["hidden_size"], config["num_attention_heads"]
+    # families without the head_dim hook derive it, as llama.cpp does (its Granite converter drops head_dim)
+    head_dim = config.get("head_dim") if any(h.name == "head_dim" for h in family.hooks) else None
+    return Dims(
+        hidden=hidden,
+        n_layer=config["num_hidden_layers"],
+        n_head=n_head,
+        n_head_kv=config.get("num_key_value_heads") or n_head,
+        head_dim=head_dim or hidden // n_head,
+        ff=config["intermediate_size"],
+        n_expert=config.get("num_local_experts") or 0,
+        ctx=config.get("max_position_embeddings") or 0,
+        n_types=config.get("type_vocab_size") or 0,
+    )
+
+
+def _param_forward(p: Param, config: Mapping[str, Any]) -> MetaValue:
+    value = config.get(p.hf)
+    if value is None and p.fallback is not None:
+        value = config.get(p.fallback)
+    if value is None:
+        value = p.default
+    if value is None:
+        raise FormatError(f"config.json: {p.hf} is missing")
+    return _META[p.type](value)
+
+
+def _check_activation(family: Family, config: Mapping[str, Any]) -> None:
+    act = config.get("hidden_activation") or config.get("hidden_act")
+    if act is not None and act not in family.activations:
+        raise FormatError(
+            f"config.json: activation {act!r}, but llama.cpp's {family.gguf_arch} graph computes "
+            f"{' / '.join(family.activations)}"
+        )
+
+
+def _hf_layer_name(family: Family, i: int, hf: str) -> str:
+    return f"{family.layer_prefix}.{i}.{hf}"
+
+
+def _hf_plan(family: Family, dims: Dims) -> dict[str, tuple[Rule, str, Optional[int]]]:
+    """HF tensor name → (rule, GGUF name, expert index)."""
+    plan: dict[str, tuple[Rule, str, Optional[int]]] = {}
+    for rule in family.global_tensors:
+        for s in (".weight", ".bias"):
+            plan[rule.hf + s] = (rule, rule.gguf + s, None)
+    for i in range(dims.n_layer):
+        for rule in family.layer_tensors:
+            for s in (".weight", ".bias"):
+                target = f"blk.{i}.{rule.gguf}{s}"
+                if rule.experts:
+                    for x in range(dims.n_expert):
+                        plan[_hf_layer_name(family, i, rule.hf.format(x=x)) + s] = (rule, target, x)
+                else:
+                    plan[_hf_layer_name(family, i, rule.hf) + s] = (rule, target, None)
+    return plan
+
+
+def _expected_shape(rule: Rule, dims: Dims, bias: bool) -> Optional[tuple[int, ...]]:
+    if not rule.shape:
+        return None
+    shape = rule.shape[:-1] if bias and len(rule.shape) > 1 else rule.shape
+    values = []
+    for name in shape:
+        if name == "*":
+            return None
+        v = dims.value(name)
+        if v is None:
+            return None
+        values.append(v)
+    return tuple(values)
+
+
+def _check_shape(t: LazyTensor, rule: Rule, dims: Dims, expert: bool) -> None:
+    want = _expected_shape(rule, dims, t.name.endswith(".bias"))
+    if want is None:
+        return
+    if expert:
+        want = want[1:]
+    if tuple(t.shape) != want:
+        raise FormatError(f"tensor {t.name} has shape {list(t.shape)} but config.json implies {list(want)}")
+
+
+def _stacked(name: str, parts: list[LazyTensor]) -> LazyTensor:
+    """Experts stacked along a new leading axis; loading holds this one tensor (all experts of it)."""
+    qtype = parts[0].qtype
+    parts = [p if p.qtype is qtype else _as_type(p, qtype) for p in parts]
+
+    def load() -> np.ndarray:
+        out = np.empty(sum(p.nbytes for p in parts), dtype=np.uint8)
+        at = 0
+        for p in parts:
+            data = np.asarray(p.raw()).reshape(-1).view(np.uint8)
+            out[at : at + data.size] = data
+            at += data.size
+        return out
+
+    return LazyTensor(name, (len(parts), *parts[0].shape), qtype, load)
 
 
 def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
@@ -234,77 +1068,59 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
     if "text_config" in config:  # multimodal wrappers keep the language model's settings here
         config = {**config, **config["text_config"]}
     family = family_for_hf(config)
-    n_head = config["num_attention_heads"]
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    n_layer = config["num_hidden_layers"]
+    _check_activation(family, config)
+    dims = _dims_from_config(config, family)
+    arch = family.gguf_arch
 
     tok = gguf_tokenizer_metadata(ckpt.sidecar, config)
-    n_vocab = len(tok["tokenizer.ggml.tokens"].value) if "tokenizer.ggml.tokens" in tok else config["vocab_size"]
     metadata: dict[str, MetaValue] = {
-        "general.architecture": MetaValue(V.STRING, family.gguf_arch),
+        "general.architecture": MetaValue(V.STRING, arch),
         "general.type": MetaValue(V.STRING, "model"),
     }
     if name:
         metadata["general.name"] = MetaValue(V.STRING, name)
-    metadata.update(_hparams_metadata(family, config, n_vocab))
+    for p in family.params:
+        metadata[f"{arch}.{p.key}"] = _param_forward(p, config)
+    n_vocab = len(tok["tokenizer.ggml.tokens"].value) if "tokenizer.ggml.tokens" in tok else config.get("vocab_size", 0)
+    forward = _Forward(config, dims, arch, ckpt.sidecar, n_vocab, metadata, [])
+    for hook in family.hooks:
+        hook.forward(forward)
     metadata.update(tok)
 
-    hf_to_gguf: dict[str, str] = {}
-    for gguf_name, hf_name in _GLOBAL_TENSORS:
-        for suffix in (".weight", ".bias"):
-            hf_to_gguf[hf_name + suffix] = gguf_name + suffix
-    for i in range(n_layer):
-        for gguf_name, hf_name in family.layer_tensors:
-            for suffix in (".weight", ".bias"):
-                hf_to_gguf[f"model.layers.{i}.{hf_name}{suffix}"] = f"blk.{i}.{gguf_name}{suffix}"
-
-    tensors: list[LazyTensor] = []
-    rope = llama3_rope_factors(config, config.get("head_dim") or config["hidden_size"] // n_head)
-    if rope is not None:
-        tensors.append(LazyTensor.from_array("rope_freqs.weight", rope))
+    plan = _hf_plan(family, dims)
+    tensors: list[LazyTensor] = list(forward.tensors)
+    groups: dict[str, list[Optional[LazyTensor]]] = {}
+    tied = config.get("tie_word_embeddings", True)
     for t in ckpt.tensors:
-        if t.name.endswith("rotary_emb.inv_freq") or t.name.endswith("position_ids"):
-            continue  # buffers transformers recomputes
-        target = hf_to_gguf.get(t.name)
-        if target is None:
-            raise FormatError(f"tensor {t.name} does not belong to a {family.hf_classes[0]} checkpoint")
+        if t.name.endswith(_BUFFERS) or t.name in family.dropped:
+            continue
+        entry = plan.get(t.name)
+        if entry is None:
+            raise FormatError(f"tensor {t.name} does not belong to a {family.name} checkpoint")
+        rule, target, expert = entry
+        if family.output != "optional" and rule.gguf == "output":
+            if family.output == "tied" and tied:
+                continue  # the same matrix as the embedding; llama.cpp reads token_embd
+            raise FormatError(f"tensor {t.name}: llama.cpp's {arch} has no separate output matrix (untied lm_head)")
         if t.qtype not in FLOAT_TYPES:
             raise FormatError(f"tensor {t.name}: type {t.qtype.name} is not a float type")
-        _check_shape(t, target, config, family)
-        loader = t.raw
-        if family.permute_qk and (".attn_q." in target or ".attn_k." in target):
-            heads = n_head if ".attn_q." in target else n_head_kv
-            loader = _same_type_loader(t, lambda w, h=heads: permute_qk(w, h))
-        mapped = LazyTensor(target, t.shape, t.qtype, loader)
+        _check_shape(t, rule, dims, expert is not None)
+        if expert is not None:
+            group = groups.setdefault(target, [None] * dims.n_expert)
+            group[expert] = t
+            if all(p is not None for p in group):
+                tensors.append(_stacked(target, group))  # type: ignore[arg-type]
+                del groups[target]
+            continue
+        mapped = LazyTensor(target, t.shape, t.qtype, t.raw)
+        if rule.transform is not None:
+            mapped = rule.transform.forward(mapped, dims)
         tensors.append(_as_type(mapped, QuantType.F32) if len(t.shape) == 1 else mapped)
+    if groups:
+        target, group = next(iter(groups.items()))
+        missing = [i for i, p in enumerate(group) if p is None]
+        raise FormatError(f"{target}: the checkpoint lacks experts {missing} of {dims.n_expert}")
     return Checkpoint(metadata, tensors, sidecar={})
-
-
-def _check_shape(t: LazyTensor, target: str, config: Mapping[str, Any], family: Family) -> None:
-    hidden = config["hidden_size"]
-    n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // n_head
-    kv = (config.get("num_key_value_heads") or n_head) * head_dim
-    expected = {
-        "attn_q.weight": (n_head * head_dim, hidden),
-        "attn_k.weight": (kv, hidden),
-        "attn_v.weight": (kv, hidden),
-        "attn_output.weight": (hidden, n_head * head_dim),
-        "ffn_gate.weight": (config["intermediate_size"], hidden),
-        "ffn_up.weight": (config["intermediate_size"], hidden),
-        "ffn_down.weight": (hidden, config["intermediate_size"]),
-        "attn_norm.weight": (hidden,),
-        "ffn_norm.weight": (hidden,),
-        "output_norm.weight": (hidden,),
-    }
-    key = target.split(".", 2)[-1] if target.startswith("blk.") else target
-    want = expected.get(key)
-    if key in ("token_embd.weight", "output.weight"):
-        want = (t.shape[0], hidden)
-    if want is not None and tuple(t.shape) != want:
-        raise FormatError(
-            f"tensor {t.name} has shape {list(t.shape)} but config.json implies {list(want)}"
-        )
 
 
 def cast_checkpoint(ckpt: Checkpoint, dtype: QuantType) -> Checkpoint:
@@ -316,6 +1132,34 @@ def cast_checkpoint(ckpt: Checkpoint, dtype: QuantType) -> Checkpoint:
 # ---- GGUF → HF ----------------------------------------------------------------------------------
 
 
+def _dims_from_gguf(ckpt: Checkpoint, arch: str) -> Dims:
+    g = lambda key, default=None: ckpt.get(f"{arch}.{key}", default)  # noqa: E731
+    required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+    missing = [f"{arch}.{k}" for k in required if g(k) is None]
+    if missing:
+        raise FormatError(f"GGUF lacks required metadata: {', '.join(missing)}")
+    hidden, n_head = g("embedding_length"), g("attention.head_count")
+    types = next((t for t in ckpt.tensors if t.name == "token_types.weight"), None)
+    return Dims(
+        hidden=hidden,
+        n_layer=g("block_count"),
+        n_head=n_head,
+        n_head_kv=g("attention.head_count_kv", n_head),
+        head_dim=g("attention.key_length") or hidden // n_head,
+        ff=g("feed_forward_length"),
+        n_expert=g("expert_count", 0),
+        ctx=g("context_length", 0),
+        n_types=types.shape[0] if types is not None else 0,
+    )
+
+
+def _split_expert(t: LazyTensor, name: str, x: int) -> LazyTensor:
+    """Expert ``x`` of a stacked tensor: a slice of its bytes (rows are whole blocks in any type)."""
+    per = t.nbytes // t.shape[0]
+    shape = tuple(t.shape[1:])
+    return LazyTensor(name, shape, t.qtype, lambda: np.asarray(t.raw()).reshape(-1)[x * per : (x + 1) * per])
+
+
 def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
     """A llama.cpp-style checkpoint → HF names, ``config.json``, ``generation_config.json`` and tokenizer files.
 
@@ -325,65 +1169,66 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
     from .tokenizer import hf_tokenizer_files
 
     arch = ckpt.architecture
-    family = family_for_gguf(arch)
-    g = lambda key, default=None: ckpt.get(f"{arch}.{key}", default)  # noqa: E731
-    required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
-    missing = [f"{arch}.{k}" for k in required if g(k) is None]
-    if missing:
-        raise FormatError(f"GGUF lacks required metadata: {', '.join(missing)}")
-    n_layer, hidden, n_head = g("block_count"), g("embedding_length"), g("attention.head_count")
-    n_head_kv = g("attention.head_count_kv", n_head)
+    family = family_for_gguf(arch, metadata=ckpt.metadata)
+    dims = _dims_from_gguf(ckpt, arch)
     names = {t.name for t in ckpt.tensors}
-    head_dim = g("attention.key_length") or hidden // n_head
     token_embd = next((t for t in ckpt.tensors if t.name == "token_embd.weight"), None)
     if token_embd is None:
         raise FormatError("GGUF has no token_embd.weight")
     bos, eos = ckpt.get("tokenizer.ggml.bos_token_id"), ckpt.get("tokenizer.ggml.eos_token_id")
-    config: dict[str, Any] = {
-        "architectures": [family.hf_classes[0]],
-        "model_type": family.hf_model_type,
-        "hidden_size": hidden,
-        "intermediate_size": g("feed_forward_length"),
-        "num_hidden_layers": n_layer,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_head_kv,
-        "head_dim": head_dim,
-        "max_position_embeddings": g("context_length", 2048),
-        "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": g("rope.freq_base", 10000.0),
-        "vocab_size": token_embd.shape[0],
-        "tie_word_embeddings": "output.weight" not in names,
-        "hidden_act": "silu",
-        "attention_bias": any(n.endswith("attn_q.bias") for n in names),
-        "mlp_bias": False,
-        "dtype": {QuantType.F32: "float32", QuantType.F16: "float16", QuantType.BF16: "bfloat16"}[dtype],
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-    }
-    if g("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
-    if "rope_freqs.weight" in names:
-        raise FormatError("GGUF → HF: Llama 3 rope scaling (rope_freqs) cannot be recovered into config.json yet")
+    config: dict[str, Any] = {"architectures": [family.hf_classes[0]], "model_type": family.hf_model_type}
+    for p in family.params:
+        value = ckpt.get(f"{arch}.{p.key}", p.default)
+        if value is None and p.fallback is not None:
+            value = config.get(p.fallback)
+        config[p.hf] = value
+    config["vocab_size"] = token_embd.shape[0]
+    if family.output != "none":
+        config["tie_word_embeddings"] = "output.weight" not in names
+    config.update(family.hf_config)
+    config["dtype"] = {QuantType.F32: "float32", QuantType.F16: "float16", QuantType.BF16: "bfloat16"}[dtype]
+    if not family.encoder:
+        config["bos_token_id"] = bos
+        config["eos_token_id"] = eos
+        # explicit even when absent: some config classes default to ids of the real vocabulary (Phi-3: 32000)
+        config["pad_token_id"] = ckpt.get("tokenizer.ggml.padding_token_id")
+    backward = _Backward(ckpt, dims, arch, config, {}, set(), names)
+    for hook in family.hooks:
+        hook.backward(backward)
 
-    gguf_to_hf = {g_name + s: hf_name + s for g_name, hf_name in _GLOBAL_TENSORS for s in (".weight", ".bias")}
-    for i in range(n_layer):
-        for g_name, hf_name in family.layer_tensors:
+    plan: dict[str, tuple[Rule, str]] = {}
+    for rule in family.global_tensors:
+        for s in (".weight", ".bias"):
+            plan[rule.gguf + s] = (rule, rule.hf + s)
+    for i in range(dims.n_layer):
+        for rule in family.layer_tensors:
             for s in (".weight", ".bias"):
-                gguf_to_hf[f"blk.{i}.{g_name}{s}"] = f"model.layers.{i}.{hf_name}{s}"
+                plan[f"blk.{i}.{rule.gguf}{s}"] = (rule, _hf_layer_name(family, i, rule.hf) + s)
     tensors = []
     for t in ckpt.tensors:
-        target = gguf_to_hf.get(t.name)
-        if target is None:
-            raise FormatError(f"tensor {t.name} has no place in a {family.hf_classes[0]} checkpoint")
-        src = t if t.qtype in FLOAT_TYPES else _as_type(t, QuantType.F32)
-        if family.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
-            heads = n_head if ".attn_q." in t.name else n_head_kv
-            src = LazyTensor(t.name, t.shape, src.qtype, _same_type_loader(src, lambda w, h=heads: unpermute_qk(w, h)))
+        if t.name in backward.skip:
+            continue
+        entry = plan.get(t.name)
+        if entry is None:
+            raise FormatError(f"tensor {t.name} has no place in a {family.name} checkpoint")
+        rule, target = entry
+        if rule.experts:
+            if len(t.shape) != 3 or t.shape[0] != dims.n_expert:
+                raise FormatError(f"tensor {t.name} has shape {list(t.shape)}, expected {dims.n_expert} stacked experts")
+            for x in range(dims.n_expert):
+                part = _split_expert(t, target.format(x=x), x)
+                tensors.append(_as_type(_as_float(part), dtype))
+            continue
+        src = _as_float(t)
+        if rule.transform is not None:
+            src = rule.transform.backward(src, dims)
         tensors.append(_as_type(LazyTensor(target, t.shape, src.qtype, src.raw), dtype))
-    generation = {"bos_token_id": bos, "eos_token_id": eos}
-    sidecar = {
-        "config.json": json.dumps(config, indent=2).encode(),
-        "generation_config.json": json.dumps({k: v for k, v in generation.items() if v is not None}, indent=2).encode(),
-    }
+    sidecar = {"config.json": json.dumps(config, indent=2).encode()}
+    if not family.encoder:
+        generation = {"bos_token_id": bos, "eos_token_id": eos}
+        sidecar["generation_config.json"] = json.dumps(
+            {k: v for k, v in generation.items() if v is not None}, indent=2
+        ).encode()
+    sidecar.update(backward.sidecar)
     sidecar.update(hf_tokenizer_files(ckpt.metadata))
     return Checkpoint({}, tensors, sidecar)

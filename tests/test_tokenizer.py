@@ -44,7 +44,7 @@ tokenizers = _need("tokenizers")
 transformers = _need("transformers")
 llama_cpp = _need("llama_cpp")
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ LLAMA3_REGEX = (
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-CHAT_TEMPLATE = "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 # ---- test data ------------------------------------------------------------------------------------
 
@@ -127,7 +127,7 @@ def _save(tok: Tokenizer, path: Path, **specials: str) -> Path:
 
 def byte_level_bpe(path: Path, regex: str, *, llama3_style: bool) -> Path:
     """A byte-level BPE like Llama 3 (bos template, ignore_merges) or Qwen2 (no bos, NFC normalizer)."""
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start|>", "<|end|>"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(ignore_merges=llama3_style))
     if not llama3_style:
         tok.normalizer = normalizers.NFC()
@@ -174,14 +174,17 @@ def _complete_merges(tok: Tokenizer) -> None:
     tok.model = replacement.model
 
 
-def spm_bpe(path: Path, *, complete: bool = True) -> Path:
-    """A SentencePiece-style BPE with byte fallback, laid out like Llama 2's tokenizer.json."""
+def spm_bpe(path: Path, *, gemma: bool = False, complete: bool = True) -> Path:
+    """A SentencePiece-style BPE with byte fallback, laid out like Llama 2's tokenizer.json (▁ prepended), or
+    like Gemma's (``gemma``: no ▁ prepended, <pad> <eos> <bos> <unk> first, a no-op Split pre-tokenizer)."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
+    bos, eos = ("<bos>", "<eos>") if gemma else ("<s>", "</s>")
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     alphabet = sorted({c for line in corpus() for c in line.replace(" ", "▁")} | {"▁"})
     trainer = trainers.BpeTrainer(
         vocab_size=700,
-        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+        special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)],
         initial_alphabet=alphabet,
         limit_alphabet=len(alphabet),
         show_progress=False,
@@ -189,20 +192,41 @@ def spm_bpe(path: Path, *, complete: bool = True) -> Path:
     tok.train_from_iterator(corpus(), trainer)
     if complete:
         _complete_merges(tok)
-    # Llama 2's layout: ▁ prepended and spaces escaped by the normalizer, no pre-tokenizer
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = None
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    replace = normalizers.Replace(" ", "▁")
+    to_space = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        tok.normalizer = replace
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tok.decoder = decoders.Sequence(to_space)
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace])
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence(to_space + [decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
     # byte tokens are vocabulary, not added tokens, in a SentencePiece-derived tokenizer.json
     data = json.loads(tok.to_str())
     data["added_tokens"] = [a for a in data["added_tokens"] if not a["content"].startswith("<0x")]
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens(["<|start|>", "<|end|>"])
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"] + (["<start_of_turn>", "<end_of_turn>"] if gemma else []))
+    # matched in the raw text, as llama.cpp matches user-defined tokens (a normalized one would be looked for
+    # after ▁ is prepended, which llama.cpp cannot do)
+    tok.add_tokens([AddedToken("<tool>", normalized=False)])
+    extra = {"pad_token": "<pad>"} if gemma else {}
+    return _save(tok, path, bos_token=bos, eos_token=eos, unk_token="<unk>", **extra)
+
+
+def unigram(path: Path) -> Path:
+    """A SentencePiece-style Unigram (Metaspace, ▁ prepended)."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(corpus(), trainer)
     return _save(tok, path, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -285,8 +309,8 @@ def llama(path: Path) -> Any:
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
-def hf(path: Path) -> Any:
-    return transformers.AutoTokenizer.from_pretrained(str(path))
+def hf(path: Path, split_special_tokens: bool = False) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(str(path), split_special_tokens=split_special_tokens)
 
 
 def write_files(files: dict[str, bytes], path: Path) -> Path:
@@ -296,24 +320,29 @@ def write_files(files: dict[str, bytes], path: Path) -> Path:
     return path
 
 
-Encoder = Callable[[str, bool], list[int]]
+# (text, add special tokens, parse special tokens in the text) -> ids
+Encoder = Callable[[str, bool, bool], list[int]]
 
 
 def llama_ids(llm: Any) -> Encoder:
-    return lambda text, add: llm.tokenize(text.encode("utf-8"), add_bos=add, special=True)
+    return lambda text, add, special: llm.tokenize(text.encode("utf-8"), add_bos=add, special=special)
 
 
-def hf_ids(tok: Any) -> Encoder:
-    return lambda text, add: list(tok(text, add_special_tokens=add)["input_ids"])
+def hf_ids(path: Path) -> Encoder:
+    """transformers' ids; llama.cpp's special=False (special tokens in the text are plain text) is
+    transformers' split_special_tokens=True."""
+    plain, split = hf(path), hf(path, split_special_tokens=True)
+    return lambda text, add, special: list((plain if special else split)(text, add_special_tokens=add)["input_ids"])
 
 
-def mismatches(a: Encoder, b: Encoder, texts: list[str]) -> list[tuple[str, bool, list[int], list[int]]]:
+def mismatches(a: Encoder, b: Encoder, texts: list[str]) -> list[tuple[str, bool, bool, list[int], list[int]]]:
     bad = []
     for text in texts:
         for add in (False, True):
-            x, y = a(text, add), b(text, add)
-            if x != y:
-                bad.append((text, add, x, y))
+            for special in (False, True):
+                x, y = a(text, add, special), b(text, add, special)
+                if x != y:
+                    bad.append((text, add, special, x, y))
     return bad
 
 
@@ -337,13 +366,14 @@ class Case:
                 f"text {specials[0]} between {specials[1]}",
                 f"{specials[1]}{specials[0]}",
             ]
-        self.texts = texts + corpus(60, seed=99)
+        self.texts = texts + ["<tool> call", "a<tool>b"] + corpus(60, seed=99)
 
 
 BUILDERS: dict[str, tuple[Callable[[Path], Path], list[str]]] = {
-    "llama3": (lambda p: byte_level_bpe(p, LLAMA3_REGEX, llama3_style=True), ["<|start|>", "<|end|>"]),
-    "qwen2": (lambda p: byte_level_bpe(p, QWEN2_REGEX, llama3_style=False), ["<|start|>", "<|end|>"]),
-    "spm": (spm_bpe, ["<|start|>", "<|end|>"]),
+    "llama3": (lambda p: byte_level_bpe(p, LLAMA3_REGEX, llama3_style=True), ["<|im_start|>", "<|im_end|>"]),
+    "qwen2": (lambda p: byte_level_bpe(p, QWEN2_REGEX, llama3_style=False), ["<|im_start|>", "<|im_end|>"]),
+    "spm": (spm_bpe, ["<|im_start|>", "<|im_end|>"]),
+    "gemma": (lambda p: spm_bpe(p, gemma=True), ["<start_of_turn>", "<|im_end|>"]),
     "bert": (wordpiece, ["[MASK]", "[SEP]"]),
 }
 
@@ -360,8 +390,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_llama_cpp_matches_transformers(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
-    bad = mismatches(llama_ids(case.llm), hf_ids(hf(case.hf_dir)), case.texts)
-    assert not bad, f"{name}: {len(bad)} of {2 * len(case.texts)} differ, first: {bad[0]}"
+    bad = mismatches(llama_ids(case.llm), hf_ids(case.hf_dir), case.texts)
+    assert not bad, f"{name}: {len(bad)} of {4 * len(case.texts)} differ, first: {bad[0]}"
 
 
 def test_metadata_conventions(cases: dict[str, Case]) -> None:
@@ -375,11 +405,11 @@ def test_metadata_conventions(cases: dict[str, Case]) -> None:
     tokens, types = spm["tokenizer.ggml.tokens"].value, spm["tokenizer.ggml.token_type"].value
     kind = dict(zip(tokens, types.tolist()))
     assert kind["<unk>"] == TokenType.UNKNOWN and kind["<s>"] == TokenType.CONTROL and kind["<0x41>"] == TokenType.BYTE
-    assert kind["<|start|>"] == TokenType.CONTROL
+    assert kind["<|im_start|>"] == TokenType.CONTROL
     assert types.dtype == np.int32 and spm["tokenizer.ggml.scores"].value.dtype == np.float32
     assert spm["tokenizer.ggml.add_space_prefix"].value is True
     qtypes = dict(zip(qw["tokenizer.ggml.tokens"].value, qw["tokenizer.ggml.token_type"].value.tolist()))
-    assert qtypes["<tool>"] == TokenType.USER_DEFINED and qtypes["<|end|>"] == TokenType.CONTROL
+    assert qtypes["<tool>"] == TokenType.USER_DEFINED and qtypes["<|im_end|>"] == TokenType.CONTROL
     assert qw["tokenizer.ggml.eos_token_id"].value == qw["tokenizer.ggml.padding_token_id"].value
     # BERT: llama.cpp's phantom-space vocabulary, [CLS] as bos
     btokens = bert["tokenizer.ggml.tokens"].value
@@ -394,14 +424,14 @@ def test_metadata_conventions(cases: dict[str, Case]) -> None:
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_rebuilt_files_match_llama_cpp(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
-    bad = mismatches(llama_ids(case.llm), hf_ids(hf(case.rebuilt)), case.texts)
-    assert not bad, f"{name}: {len(bad)} of {2 * len(case.texts)} differ, first: {bad[0]}"
+    bad = mismatches(llama_ids(case.llm), hf_ids(case.rebuilt), case.texts)
+    assert not bad, f"{name}: {len(bad)} of {4 * len(case.texts)} differ, first: {bad[0]}"
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_round_trip_hf_gguf_hf(cases: dict[str, Case], name: str) -> None:
     case = cases[name]
-    bad = mismatches(hf_ids(hf(case.hf_dir)), hf_ids(hf(case.rebuilt)), case.texts)
+    bad = mismatches(hf_ids(case.hf_dir), hf_ids(case.rebuilt), case.texts)
     assert not bad, f"{name}: {len(bad)} differ, first: {bad[0]}"
     # and the rebuilt files convert back to the same llama.cpp vocabulary
     again = gguf_tokenizer_metadata(sidecar_of(case.rebuilt))
@@ -443,7 +473,7 @@ def test_sentencepiece_model(tmp_path: Path) -> None:
     bad = [b for b in bad if b[1] != b[2]]
     assert not bad, f"{len(bad)} differ from sentencepiece, first: {bad[0]}"
     rebuilt = write_files(hf_tokenizer_files(md), tmp_path / "sp-rebuilt")
-    bad2 = mismatches(llama_ids(llm), hf_ids(hf(rebuilt)), texts)
+    bad2 = mismatches(llama_ids(llm), hf_ids(rebuilt), texts)
     assert not bad2, f"{len(bad2)} differ, first: {bad2[0]}"
 
 
@@ -463,8 +493,8 @@ def test_gpt2_byte_level_pre_tokenizer(tmp_path: Path) -> None:
     assert md["tokenizer.ggml.pre"].value == "gpt-2"
     llm = llama(write_gguf(md, tmp_path / "gpt2.gguf"))
     texts = SAMPLES + corpus(40, seed=5)
-    assert not mismatches(llama_ids(llm), hf_ids(hf(src)), texts)
-    assert not mismatches(llama_ids(llm), hf_ids(hf(write_files(hf_tokenizer_files(md), tmp_path / "r"))), texts)
+    assert not mismatches(llama_ids(llm), hf_ids(src), texts)
+    assert not mismatches(llama_ids(llm), hf_ids(write_files(hf_tokenizer_files(md), tmp_path / "r")), texts)
 
 
 # ---- pre-tokenizer derivation and errors ------------------------------------------------------------
