@@ -68,8 +68,12 @@ _DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
-# The dtypes slmpkg holds in a Checkpoint (the float types the quantizer reads and writes).
-_DTYPE_TO_QTYPE = {"F32": QuantType.F32, "F16": QuantType.F16, "BF16": QuantType.BF16}
+# The dtypes slmpkg holds in a Checkpoint: the float types the quantizer reads and writes, and the
+# integer/double types ggml also has (buffers such as BERT's int64 position_ids, which mappings skip).
+_DTYPE_TO_QTYPE = {
+    "F32": QuantType.F32, "F16": QuantType.F16, "BF16": QuantType.BF16, "F64": QuantType.F64,
+    "I8": QuantType.I8, "I16": QuantType.I16, "I32": QuantType.I32, "I64": QuantType.I64,
+}
 _QTYPE_TO_DTYPE = {q: d for d, q in _DTYPE_TO_QTYPE.items()}
 WRITABLE_TYPES: tuple[QuantType, ...] = tuple(_QTYPE_TO_DTYPE)
 
@@ -234,14 +238,21 @@ def _is_sidecar(p: Path) -> bool:
     return p.is_file() and not name.startswith(".") and not name.endswith(_WEIGHT_SUFFIXES)
 
 
-def _read_sidecar(directory: Path) -> dict[str, bytes]:
+# how deep sidecar files are collected: sentence-transformers keeps its pooling settings one level
+# down (1_Pooling/config.json); deeper trees are not part of a model's own files
+_SIDECAR_DEPTH = 2
+
+
+def _read_sidecar(directory: Path, prefix: str = "", depth: int = _SIDECAR_DEPTH) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for p in sorted(directory.iterdir()):
         if _is_sidecar(p):
             try:
-                out[p.name] = p.read_bytes()
+                out[prefix + p.name] = p.read_bytes()
             except OSError as e:
                 raise FormatError(f"{p}: cannot read ({e.strerror or e})") from None
+        elif depth > 1 and p.is_dir() and not p.is_symlink() and not p.name.startswith("."):
+            out.update(_read_sidecar(p, f"{prefix}{p.name}/", depth - 1))
     return out
 
 

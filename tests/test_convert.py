@@ -467,27 +467,11 @@ def _minilm() -> Path:
     return path
 
 
-def _without_int_buffers(src: Path, dst: Path) -> Path:
-    """A copy of the model directory whose safetensors lacks the int64 ``position_ids`` buffer."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(src, dst)
-    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if v.dtype.kind == "f"}
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
-@pytest.mark.xfail(strict=True, raises=FormatError,
-                   reason="formats/safetensors.py refuses the int64 embeddings.position_ids buffer BERT checkpoints carry")
-def test_minilm_converts_as_shipped(tmp_path):
-    _convert(_minilm(), tmp_path / "minilm.gguf", quant="F32")
-
-
 def test_minilm_embeddings_match_sentence_transformers(tmp_path):
     st = pytest.importorskip("sentence_transformers")
     src = _minilm()
     out = tmp_path / "minilm.gguf"
-    _convert(_without_int_buffers(src, tmp_path / "minilm"), out, quant="F32")
+    _convert(src, out, quant="F32")  # as shipped: int64 position_ids buffer, 1_Pooling/config.json
     assert _metadata(out)["bert.pooling_type"] == 1
     texts = ["The quick brown fox jumps over the lazy dog.", "A llama packs small language models.",
              "numbers 1234 and café", "Hello world"]
