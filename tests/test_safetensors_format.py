@@ -362,7 +362,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bad offsets": (lambda p: _one_f32(p, data_offsets=[8, 0]), "data_offsets"),
     "bad shape": (lambda p: _one_f32(p, shape=[-1]), "shape"),
     "F8_E4M3": (lambda p: _one_f32(p, dtype="F8_E4M3", shape=[8]), "tensor 'w' has dtype F8_E4M3"),
-    "I64": (lambda p: _one_f32(p, dtype="I64", shape=[1]), "tensor 'w' has dtype I64"),
+    "U16": (lambda p: _one_f32(p, dtype="U16", shape=[4]), "tensor 'w' has dtype U16"),
     "unknown dtype": (lambda p: _one_f32(p, dtype="F3"), "unknown dtype 'F3'"),
     "index names missing shard": (lambda p: _index_dir(p, {"a": "model-00001-of-00002.safetensors",
                                                            "b": "model-00002-of-00002.safetensors"}).parent,
@@ -521,3 +521,29 @@ def test_parse_size(text: object, expected: int) -> None:
 def test_parse_size_refuses(text: object) -> None:
     with pytest.raises(UsageError):
         st.parse_size(text)
+
+
+def test_integer_buffers_are_read_as_ggml_integer_types(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"ids": np.arange(6, dtype=np.int64).reshape(1, 6), "w": np.ones(4, np.float32)}, tmp_path / "model.safetensors")
+    tensors = {t.name: t for t in st.read(tmp_path).tensors}
+    assert tensors["ids"].qtype is QuantType.I64 and tensors["ids"].shape == (1, 6)
+    assert np.array_equal(tensors["ids"].raw().view(np.int64), np.arange(6))
+
+
+def test_sidecar_reads_one_level_of_subfolders(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones(4, np.float32)}, tmp_path / "model.safetensors")
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (tmp_path / "1_Pooling" / "deeper").mkdir()
+    (tmp_path / "1_Pooling" / "deeper" / "x.json").write_text("{}")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    sidecar = st.read(tmp_path).sidecar
+    assert sidecar == {"1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}'}
+    out = tmp_path.parent / "copy"
+    st.write(out, Checkpoint({}, st.read(tmp_path).tensors, sidecar))
+    assert (out / "1_Pooling" / "config.json").read_bytes() == sidecar["1_Pooling/config.json"]
