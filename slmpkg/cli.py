@@ -184,3 +184,64 @@ def convert_command(
         _emit_json(result.to_dict())
     elif not quiet:
         click.echo(f"{result.output}: {result.format}, {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+
+
+# ---- keys and signatures ------------------------------------------------------------------------
+
+
+@main.command("keygen")
+@click.option("-o", "--output", "name", required=True, metavar="NAME",
+              help="Writes NAME.pem (private, mode 0600) and NAME.pub.pem.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing key pair.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def keygen_command(name: str, overwrite: bool, as_json: bool) -> None:
+    """Create an ECDSA P-256 signing key pair (the key type OpenSSF model signing verifies)."""
+    from .signing import generate_keypair
+
+    private, public = generate_keypair(name, overwrite=overwrite)
+    if as_json:
+        _emit_json({"private_key": str(private), "public_key": str(public)})
+    else:
+        click.echo(f"private key: {private}\npublic key:  {public}")
+
+
+@main.command("sign")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(path_type=Path), help="Private key (PEM).")
+@click.option("-o", "--signature", "signature", type=click.Path(path_type=Path),
+              help="Signature file (default: DIR/model.sig, or FILE.sig beside a file).")
+@click.option("--ignore", "ignore", multiple=True, type=click.Path(path_type=Path), help="Path to leave out (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def sign_command(path: Path, key: Path, signature: Optional[Path], ignore: tuple[Path, ...], as_json: bool) -> None:
+    """Sign a model file or directory: an OpenSSF model-signing v1.0 bundle (`model_signing verify key` accepts it)."""
+    from .signing import hash_artifact, sign
+
+    sig = sign(path, key, signature, ignore_paths=ignore)
+    if as_json:
+        manifest = hash_artifact(path, ignore_paths=[*ignore, sig])
+        _emit_json({"path": str(path), "signature": str(sig), "root_digest": manifest.root_digest,
+                    "files": len(manifest.resources)})
+    else:
+        click.echo(f"{path}: signed → {sig}")
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--pub", "pub", required=True, type=click.Path(path_type=Path), help="Public key (PEM).")
+@click.option("--sig", "signature", type=click.Path(path_type=Path),
+              help="Signature file (default: DIR/model.sig, or FILE.sig beside a file).")
+@click.option("--ignore", "ignore", multiple=True, type=click.Path(path_type=Path), help="Path left out when signing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def verify_command(path: Path, pub: Path, signature: Optional[Path], ignore: tuple[Path, ...], as_json: bool) -> None:
+    """Check a signature: every file's digest, no file added or missing, signed by this key. Exit 1 if not."""
+    from .signing import verify
+
+    result = verify(path, pub, signature, ignore_paths=ignore)
+    if as_json:
+        _emit_json({"path": str(path), "verified": True, "signature": str(result.signature_path),
+                    "root_digest": result.root_digest, "files": [r.name for r in result.resources]})
+    else:
+        click.echo(f"{path}: verified ({len(result.resources)} files, signed by {result.signer or pub})")

@@ -18,3 +18,9 @@ class FormatError(SlmpkgError):
 
 class UsageError(SlmpkgError):
     """Options that contradict each other or the input (e.g. re-quantizing without --allow-requantize)."""
+
+
+class SignatureError(SlmpkgError):
+    """Signing or verification failed. The message is one line naming the file and what failed: a bad
+    signature, the wrong key, a file changed/added/removed, a malformed bundle, or a path we refuse
+    (symlink, special file)."""

@@ -119,3 +119,21 @@ def test_failure_keeps_an_existing_output(model, tmp_path):
     result = run("quantize", tmp_path / "nope.gguf", "-o", out, "--quant", "Q4_0")
     assert result.exit_code == 1
     assert out.read_bytes() == b"previous result"
+
+
+def test_keygen_sign_verify_and_tamper(model, tmp_path):
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "model.gguf").write_bytes(model.read_bytes())
+    (artifact / "README.md").write_text("tiny model")
+    key = tmp_path / "keys" / "release"
+    assert run("keygen", "-o", key).exit_code == 0
+    signed = run("sign", artifact, "--key", f"{key}.pem", "--json")
+    assert signed.exit_code == 0, signed.output
+    assert Path(json.loads(signed.output)["signature"]) == artifact / "model.sig"
+    verified = run("verify", artifact, "--pub", f"{key}.pub.pem", "--json")
+    assert verified.exit_code == 0 and sorted(json.loads(verified.output)["files"]) == ["README.md", "model.gguf"]
+    (artifact / "extra.txt").write_text("smuggled")
+    result = run("verify", artifact, "--pub", f"{key}.pub.pem")
+    assert result.exit_code == 1
+    assert result.output.startswith("slmpkg: error: ") and "extra.txt: file added" in result.output
