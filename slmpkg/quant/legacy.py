@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, first_max_abs, row_sigma2, safe_reciprocal
+from ._common import F32, row_sigma2, safe_reciprocal
 from .blocks import BLOCK, as_blocks, as_bytes
 
 QK = 32
@@ -26,15 +26,56 @@ def _columns(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, QK).T)
 
 
-def _first_extreme(xt: np.ndarray, reduce: np.ufunc) -> np.ndarray:
-    """``if (v < min) min = v`` from ±FLT_MAX: the extreme value, and for a zero extreme the first
-    zero met (``-0.0`` and ``0.0`` compare equal, so C keeps whichever comes first)."""
-    ext = reduce.reduce(xt, axis=0)
-    zero = ext == 0
-    if zero.any():
-        zb = xt[:, zero]
-        first = np.argmax(zb == 0, axis=0)
-        ext[zero] = zb[first, np.arange(zb.shape[1])]
+# ---- without an importance matrix: quantize_row_*_ref ---------------------------------------
+#
+# numpy is fast along long contiguous rows and slow along a block's short last axis (each short row
+# costs a loop of its own). So a chunk is first rearranged into "lanes": groups of four consecutive
+# values moved as one 16-byte complex128 (a quarter of the cost of an element-wise transpose), giving
+# ``(8, n_blocks * 4)`` where row k holds elements 4k..4k+3 of every block. Extremes are then
+# reductions across eight rows, per-block scales are repeated four times to line up, and the integer
+# levels come back to block order as 4-byte groups.
+
+LANES = QK // 4
+
+
+def _lanes(xb: np.ndarray) -> np.ndarray:
+    """``(n_blocks, 32)`` → ``(8, n_blocks * 4)`` float32 lanes (see above)."""
+    return np.ascontiguousarray(xb.view(np.complex128).T).view(F32).reshape(LANES, -1)
+
+
+def _per_block(v4: np.ndarray, combine: np.ufunc) -> np.ndarray:
+    """Fold the four values each block has in a lane row, ``(n_blocks * 4,)`` → ``(n_blocks,)``."""
+    c = v4.reshape(-1, 4)
+    return combine(combine(c[:, 0], c[:, 1]), combine(c[:, 2], c[:, 3]))
+
+
+def _extremes(lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and smallest value of each block."""
+    hi = _per_block(np.maximum.reduce(lanes, axis=0), np.maximum)
+    lo = _per_block(np.minimum.reduce(lanes, axis=0), np.minimum)
+    return hi, lo
+
+
+def _signed_extreme(xb: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` from 0: the first value of largest
+    magnitude, ``+0.0`` for an all-zero block. Only blocks holding both ``a`` and ``-a`` need a look
+    for which comes first."""
+    out = np.where(hi >= -lo, hi, lo)
+    tied = np.flatnonzero((hi == -lo) & (hi > 0))
+    if tied.size:
+        rows = xb[tied]
+        out[tied] = rows[np.arange(tied.size), np.argmax(np.abs(rows) == hi[tied, None], axis=1)]
+    out[out == 0] = F32(0.0)  # C only ever stores a nonzero value
+    return out
+
+
+def _first_zero_sign(xb: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """``if (v < min) min = v`` from ±FLT_MAX keeps the first zero met when the extreme is zero
+    (``-0.0`` and ``0.0`` compare equal); give such blocks that zero's sign."""
+    zero = np.flatnonzero(ext == 0)
+    if zero.size:
+        rows = xb[zero]
+        ext[zero] = rows[np.arange(zero.size), np.argmax(rows == 0, axis=1)]
     return ext
 
 
@@ -58,67 +99,98 @@ def _roundf_int8(v: np.ndarray) -> np.ndarray:
     return t + _to_int8(frac)
 
 
-def _nibbles(levels: np.ndarray) -> np.ndarray:
-    """Levels ``(n_blocks, 32)`` → ggml's packing ``(n_blocks, 16)``: element j low, j+16 high nibble."""
-    lv = levels.astype(np.uint8, copy=False) & np.uint8(0x0F)
-    return lv[:, :16] | (lv[:, 16:] << 4)
+_ONES = np.uint64(0x0101010101010101)
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
-def _high_bits(levels: np.ndarray) -> np.ndarray:
-    """Bit 4 of each level of ``(n_blocks, 32)`` gathered into one little-endian uint32 (bit j = element j)."""
-    bits = (levels.astype(np.uint8, copy=False) >> 4) & np.uint8(1)
-    return np.ascontiguousarray(np.packbits(bits, axis=1, bitorder="little")).view("<u4").reshape(-1)
+def _cap(levels: np.ndarray, bits: int) -> np.ndarray:
+    """``MIN(2**bits - 1, level)`` in place for levels in ``[0, 2**bits]``, eight bytes per operation:
+    bit ``bits`` is set only in a level equal to ``2**bits``, and subtracting it gives ``2**bits - 1``
+    (numpy's float ``minimum`` is several times slower than this)."""
+    w = levels.view(np.uint64)
+    w -= (w >> np.uint64(bits)) & _ONES
+    return levels
 
 
-# ---- without an importance matrix: quantize_row_*_ref ---------------------------------------
+def _nibbles(lane_levels: np.ndarray, wide: bool) -> np.ndarray:
+    """Lane levels (uint8 ``(8, n_blocks * 4)``) → ggml's 16 bytes per block: element j in the low
+    nibble, j+16 in the high one, as ``(n_blocks, 16)``. ``wide`` levels (5-bit) lose their bit 4 here."""
+    w = lane_levels.view(np.uint64)  # rows 0-3 hold elements 0-15, rows 4-7 elements 16-31
+    low, high = w[: LANES // 2], w[LANES // 2 :]
+    if wide:
+        low, high = low & _LOW_NIBBLES, high & _LOW_NIBBLES
+    return _block_order((low | (high << np.uint64(4))).view(np.uint8))
 
 
-# The extremes need blocks as columns; the elementwise rest runs on blocks as rows, which spares
-# transposing the small integer results back (a byte-wise transpose costs more than the arithmetic).
+def _lanes_of_columns(levels: np.ndarray) -> np.ndarray:
+    """Integer levels laid out as columns ``(32, n_blocks)`` → uint8 lanes ``(8, n_blocks * 4)``."""
+    nb = levels.shape[1]
+    return np.ascontiguousarray(levels.astype(np.uint8).reshape(LANES, 4, nb).transpose(0, 2, 1)).reshape(LANES, -1)
+
+
+def _block_order(lane_bytes: np.ndarray) -> np.ndarray:
+    """Lane rows of bytes ``(r, n_blocks * 4)`` → ``(n_blocks, 4r)`` bytes in element order."""
+    r = lane_bytes.shape[0]
+    return lane_bytes.view(np.uint32).reshape(r, -1).T.copy().view(np.uint8)
+
+
+def _high_bits(lane_levels: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of a block's 32 levels gathered into one uint32 (bit j = element j)."""
+    bits = ((lane_levels.view(np.uint32) >> np.uint32(4)) & np.uint32(0x01010101)).reshape(LANES, -1)
+    nibble = (bits | (bits >> np.uint32(7)) | (bits >> np.uint32(14)) | (bits >> np.uint32(21))) & np.uint32(0xF)
+    out = nibble[0].copy()
+    for k in range(1, LANES):
+        out |= nibble[k] << np.uint32(4 * k)
+    return out
 
 
 def _symmetric_ref(x: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
-    xt = _columns(x)
-    d = first_max_abs(xt)[1] / F32(-half_range)
-    v = x.reshape(-1, QK) * safe_reciprocal(d)[:, None]
-    v += F32(half_range + 0.5)
-    # MIN(top, (int8_t)v) == (int8_t)min(v, top) for the v ≥ 0 these blocks produce; float min is faster
-    np.minimum(v, F32(2 * half_range - 1), out=v)
-    levels = _to_int8(v)
-    out = np.empty(xt.shape[1], BLOCK[qtype])
+    xb = x.reshape(-1, QK)
+    lanes = _lanes(xb)
+    d = _signed_extreme(xb, *_extremes(lanes)) / F32(-half_range)
+    lanes *= np.repeat(safe_reciprocal(d), 4)
+    lanes += F32(half_range + 0.5)
+    # MIN(top, (int8_t)v): the levels land in [0, 2 * half_range]
+    levels = _cap(_to_int8(lanes).view(np.uint8), half_range.bit_length())
+    out = np.empty(xb.shape[0], BLOCK[qtype])
     out["d"] = d
-    out["qs"] = _nibbles(levels)
+    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_0)
     if qtype is T.Q5_0:
         out["qh"] = _high_bits(levels)
     return as_bytes(out, x.shape[0])
 
 
 def _affine_ref(x: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
-    xt = _columns(x)
-    lo = _first_extreme(xt, np.minimum)
-    hi = _first_extreme(xt, np.maximum)
+    xb = x.reshape(-1, QK)
+    lanes = _lanes(xb)
+    hi, lo = _extremes(lanes)
+    hi, lo = _first_zero_sign(xb, hi), _first_zero_sign(xb, lo)
     d = (hi - lo) / F32(n_levels - 1)
-    v = x.reshape(-1, QK) - lo[:, None]
-    v *= safe_reciprocal(d)[:, None]
-    v += F32(0.5)
+    lanes -= np.repeat(lo, 4)
+    lanes *= np.repeat(safe_reciprocal(d), 4)
+    lanes += F32(0.5)
+    levels = _to_int8(lanes).view(np.uint8)
     if qtype is T.Q4_1:
-        np.minimum(v, F32(n_levels - 1), out=v)
-    levels = _to_int8(v)
-    out = np.empty(xt.shape[1], BLOCK[qtype])
+        _cap(levels, 4)
+    out = np.empty(xb.shape[0], BLOCK[qtype])
     out["d"] = d
     out["m"] = lo
-    out["qs"] = _nibbles(levels)
+    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_1)
     if qtype is T.Q5_1:
         out["qh"] = _high_bits(levels)
     return as_bytes(out, x.shape[0])
 
 
 def _q8_0(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
-    xt = _columns(x)
-    d = np.maximum.reduce(np.abs(xt), axis=0) / F32(127)
-    out = np.empty(xt.shape[1], BLOCK[T.Q8_0])
+    xb = x.reshape(-1, QK)
+    lanes = _lanes(xb)
+    hi, lo = _extremes(lanes)
+    amax = np.maximum(hi, -lo) + F32(0.0)  # C's fabsf gives +0.0 for a block of -0.0
+    d = amax / F32(127)
+    lanes *= np.repeat(safe_reciprocal(d), 4)
+    out = np.empty(xb.shape[0], BLOCK[T.Q8_0])
     out["d"] = d
-    out["qs"] = _roundf_int8(x.reshape(-1, QK) * safe_reciprocal(d)[:, None])
+    out["qs"] = _block_order(_roundf_int8(lanes).view(np.uint8)).view(np.int8)
     return as_bytes(out, x.shape[0])
 
 
@@ -138,10 +210,10 @@ def _symmetric_impl(x: np.ndarray, qw: np.ndarray, qtype: T, half_range: int) ->
 
     xt = _columns(x)
     scale, levels = make_qx_quants(xt, half_range, 1, _weights(x, qw))
-    levels = levels.T
+    levels = _lanes_of_columns(levels)
     out = np.empty(xt.shape[1], BLOCK[qtype])
     out["d"] = scale
-    out["qs"] = _nibbles(levels)
+    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_0)
     if qtype is T.Q5_0:
         out["qh"] = _high_bits(levels)
     return as_bytes(out, x.shape[0])
@@ -152,11 +224,11 @@ def _affine_impl(x: np.ndarray, qw: np.ndarray, qtype: T, n_levels: int) -> np.n
 
     xt = _columns(x)
     scale, the_min, levels = make_qkx3_quants(xt, n_levels - 1, _weights(x, qw), -0.9, 0.05, 36, False)
-    levels = levels.T
+    levels = _lanes_of_columns(levels)
     out = np.empty(xt.shape[1], BLOCK[qtype])
     out["d"] = scale
     out["m"] = -the_min
-    out["qs"] = _nibbles(levels)
+    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_1)
     if qtype is T.Q5_1:
         out["qh"] = _high_bits(levels)
     return as_bytes(out, x.shape[0])
