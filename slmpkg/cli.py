@@ -245,3 +245,26 @@ def verify_command(path: Path, pub: Path, signature: Optional[Path], ignore: tup
                     "root_digest": result.root_digest, "files": [r.name for r in result.resources]})
     else:
         click.echo(f"{path}: verified ({len(result.resources)} files, signed by {result.signer or pub})")
+
+
+# ---- hardware targets ---------------------------------------------------------------------------
+
+
+@main.command("targets")
+@click.option("--detect", is_flag=True, help="Probe this host and rank the targets it runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def targets_command(detect: bool, as_json: bool) -> None:
+    """List the hardware targets artifacts are published for; with --detect, which ones this host runs."""
+    from .targets import TARGETS, compatible_targets, detect_host, targets_document
+
+    host = detect_host() if detect else None
+    if as_json:
+        _emit_json(targets_document(host))
+        return
+    ranks = {t.name: i + 1 for i, t in enumerate(compatible_targets(host))} if host else {}
+    if host:
+        click.echo(f"host: {host.describe()}\n")
+    for t in TARGETS:
+        mark = f"#{ranks[t.name]}" if t.name in ranks else ("  " if not host else " -")
+        click.echo(f"{mark:>3} {t.name:<20} {t.format:<12} {t.quantization:<8} {t.description}")

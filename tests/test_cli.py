@@ -137,3 +137,12 @@ def test_keygen_sign_verify_and_tamper(model, tmp_path):
     result = run("verify", artifact, "--pub", f"{key}.pub.pem")
     assert result.exit_code == 1
     assert result.output.startswith("slmpkg: error: ") and "extra.txt: file added" in result.output
+
+
+def test_targets_lists_the_catalog_and_ranks_this_host():
+    listed = json.loads(run("targets", "--json").output)
+    names = [t["name"] for t in listed["targets"]]
+    assert {"cpu-x86_64-avx2", "cuda-sm80", "jetson-orin", "apple-metal"} <= set(names)
+    detected = json.loads(run("targets", "--detect", "--json").output)
+    assert detected["compatible"], "every host runs at least one CPU target"
+    assert detected["compatible"][-1] in ("cpu-x86_64", "cpu-arm64")  # the baseline is the last resort
