@@ -1,1 +1,73 @@
-"""The artifact registry (local, S3, Hugging Face Hub stores). Not built yet."""
+"""The artifact registry: content-addressed blobs, per-target manifests, signed indexes and tags over a
+small :class:`~slmpkg.registry.store.Store` interface (local directory, S3).
+
+Example:
+    >>> from slmpkg.registry import open_store, push, pull      # doctest: +SKIP
+    >>> store = open_store("s3://models/registry")               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .core import (
+    INDEX_PREDICATE,
+    MANIFEST_MEDIA_TYPE,
+    TAG_PREDICATE,
+    GcResult,
+    PullResult,
+    PushResult,
+    TrustState,
+    gc,
+    ls,
+    parse_ref,
+    pull,
+    push,
+    tag,
+)
+from .errors import (
+    AuthError,
+    ConflictError,
+    ExpiredError,
+    IntegrityError,
+    MixAndMatchError,
+    NotFoundError,
+    RegistryError,
+    RollbackError,
+    StoreError,
+    TrustError,
+    UnsafePathError,
+)
+from .local import LocalStore, default_root
+from .store import Store
+
+__all__ = [
+    "INDEX_PREDICATE", "MANIFEST_MEDIA_TYPE", "TAG_PREDICATE",
+    "AuthError", "ConflictError", "ExpiredError", "GcResult", "IntegrityError", "LocalStore", "MixAndMatchError",
+    "NotFoundError", "PullResult", "PushResult", "RegistryError", "RollbackError", "Store", "StoreError",
+    "TrustError", "TrustState", "UnsafePathError",
+    "default_root", "gc", "ls", "open_store", "parse_ref", "pull", "push", "tag",
+]
+
+
+def open_store(url: str | os.PathLike[str] | None = None, **options) -> Store:
+    """A store for ``url``: a path or ``file://`` URL (default ``$SLMPKG_HOME/registry``) or
+    ``s3://bucket/prefix`` (options go to :class:`~slmpkg.registry.s3.S3Store`, e.g. ``endpoint_url``).
+
+    Example:
+        >>> open_store("/tmp/reg")                                 # doctest: +SKIP
+        LocalStore('/tmp/reg')
+    """
+    if url is None:
+        return LocalStore(default_root())
+    s = os.fspath(url)
+    if s.startswith("s3://"):
+        from .s3 import S3Store
+
+        return S3Store(s, **options)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    elif "://" in s:
+        raise RegistryError(f"{s}: unsupported registry URL (use a path, file://, or s3://)")
+    return LocalStore(Path(s).expanduser())

@@ -6,8 +6,10 @@ stderr (``slmpkg: error: FILE: problem``) and exit non-zero, without a traceback
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -15,7 +17,7 @@ from typing import Any, Callable, Optional
 import click
 
 from . import __version__
-from .errors import SlmpkgError
+from .errors import SlmpkgError, UsageError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -37,6 +39,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(e))
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # the reader went away (`slmpkg inspect x | head`): nothing left to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             _fail(f"{where}{e.strerror or e}")
@@ -268,3 +274,135 @@ def targets_command(detect: bool, as_json: bool) -> None:
     for t in TARGETS:
         mark = f"#{ranks[t.name]}" if t.name in ranks else ("  " if not host else " -")
         click.echo(f"{mark:>3} {t.name:<20} {t.format:<12} {t.quantization:<8} {t.description}")
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+_registry_option = click.option(
+    "--registry", "registry", envvar="SLMPKG_REGISTRY", metavar="URL",
+    help="A directory or file:// URL (default $SLMPKG_HOME/registry), or s3://bucket/prefix.",
+)
+_endpoint_option = click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (e.g. a local SeaweedFS/MinIO).")
+
+
+def _store(registry: Optional[str], endpoint_url: Optional[str]):
+    from .registry import open_store
+
+    options = {"endpoint_url": endpoint_url} if endpoint_url and str(registry or "").startswith("s3://") else {}
+    return open_store(registry or None, **options)
+
+
+@main.command("push")
+@click.argument("ref", metavar="NAME:VERSION")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="Hardware target this artifact is made for (see `slmpkg targets`).")
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signs the index.")
+@click.option("--tag", "tags", multiple=True, help="Also point NAME:TAG at this version (repeatable).")
+@click.option("--force", is_flag=True, help="Replace this target's artifact if the version already has a different one.")
+@_registry_option
+@_endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[str, ...], force: bool,
+                 registry: Optional[str], endpoint_url: Optional[str], as_json: bool) -> None:
+    """Publish a file or directory as NAME:VERSION for one hardware target, signed."""
+    from .registry import push
+    from .signing import KeySigner
+    from .targets import get_target
+
+    get_target(target)
+    quant, bpw = _artifact_quant(artifact)
+    result = push(_store(registry, endpoint_url), ref, artifact, target, KeySigner(key),
+                  quant=quant, bits_per_weight=bpw, tags=tags, force=force)
+    if as_json:
+        _emit_json(dataclasses.asdict(result))
+    else:
+        click.echo(f"{result.name}:{result.release} [{result.target}] → index v{result.index_version}, "
+                   f"{result.uploaded_bytes / 1e6:.1f} MB uploaded, {result.existing_bytes / 1e6:.1f} MB already there")
+
+
+def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
+    """Type and bits per weight of a single GGUF artifact, for the manifest (None for anything else)."""
+    ggufs = [artifact] if artifact.is_file() else sorted(artifact.glob("*.gguf"))
+    if len(ggufs) != 1 or ggufs[0].suffix != ".gguf":
+        return None, None
+    from .inspection import inspect_file
+    from .presets import PRESETS
+
+    summary = inspect_file(ggufs[0])
+    ftype = summary.metadata.get("general.file_type")
+    name = next((p.name for p in PRESETS.values() if p.ftype == ftype), None)
+    return name, round(summary.bits_per_weight, 3)
+
+
+@main.command("pull")
+@click.argument("ref", metavar="NAME:VERSION|NAME:TAG")
+@click.option("--target", default="auto", show_default=True, help="A target name, or auto: the best one this host runs.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to install into.")
+@click.option("--pub", required=True, type=click.Path(path_type=Path), help="Public key the index must be signed with.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_registry_option
+@_endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def pull_command(ref: str, target: str, out: Path, pub: Path, overwrite: bool,
+                 registry: Optional[str], endpoint_url: Optional[str], as_json: bool) -> None:
+    """Fetch the artifact made for this host (or --target), verify every signature and digest, install it."""
+    from .registry import pull
+    from .signing import KeyVerifier
+    from .targets import compatible_targets, detect_host, get_target
+
+    ranked = [t.name for t in compatible_targets(detect_host())] if target == "auto" else [get_target(target).name]
+    result = pull(_store(registry, endpoint_url), ref, ranked, out, KeyVerifier(pub), overwrite=overwrite)
+    if as_json:
+        _emit_json(dataclasses.asdict(result))
+    else:
+        click.echo(f"{result.name}:{result.release} [{result.target}] → {result.out_dir} "
+                   f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.cached_bytes / 1e6:.1f} MB from cache)")
+
+
+@main.command("ls")
+@click.argument("ref", required=False, metavar="[NAME[:VERSION]]")
+@_registry_option
+@_endpoint_option
+@handle_errors
+def ls_command(ref: Optional[str], registry: Optional[str], endpoint_url: Optional[str]) -> None:
+    """List names, a name's versions and tags, or one version's targets (always JSON)."""
+    from .registry import ls
+
+    _emit_json(ls(_store(registry, endpoint_url), ref))
+
+
+@main.command("tag")
+@click.argument("source", metavar="NAME:VERSION")
+@click.argument("tag_ref", metavar="NAME:TAG")
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signs the tag.")
+@_registry_option
+@_endpoint_option
+@handle_errors
+def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], endpoint_url: Optional[str]) -> None:
+    """Point NAME:TAG at NAME:VERSION (a signed tag, moved by compare-and-swap)."""
+    from .registry import parse_ref, tag
+    from .signing import KeySigner
+
+    name, release = parse_ref(source)
+    if parse_ref(tag_ref)[0] != name:
+        raise UsageError(f"{tag_ref}: a tag names the same model as {source}")
+    version = tag(_store(registry, endpoint_url), tag_ref, release, KeySigner(key))
+    click.echo(f"{tag_ref} → {source} (tag v{version})")
+
+
+@main.command("gc")
+@click.option("--grace-hours", default=24.0, show_default=True, help="Keep blobs written within this many hours.")
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@_registry_option
+@_endpoint_option
+@handle_errors
+def gc_command(grace_hours: float, dry_run: bool, registry: Optional[str], endpoint_url: Optional[str]) -> None:
+    """Delete blobs no index references (never one younger than the grace period)."""
+    import datetime as dt
+
+    from .registry import gc
+
+    result = gc(_store(registry, endpoint_url), grace=dt.timedelta(hours=grace_hours), dry_run=dry_run)
+    _emit_json(dataclasses.asdict(result))

@@ -146,3 +146,19 @@ def test_targets_lists_the_catalog_and_ranks_this_host():
     detected = json.loads(run("targets", "--detect", "--json").output)
     assert detected["compatible"], "every host runs at least one CPU target"
     assert detected["compatible"][-1] in ("cpu-x86_64", "cpu-arm64")  # the baseline is the last resort
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    """The README's main job: tiny model → quantize → sign → push (two targets) → pull --target auto."""
+    import os
+    import subprocess
+
+    done = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh"), str(tmp_path / "qs")],
+                          capture_output=True, text=True, env={**os.environ, "SLMPKG_REGISTRY": ""}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pulled = tmp_path / "qs" / "pulled"
+    assert (pulled / "model.sig").exists() and (pulled / "tiny.gguf").exists()
+    # this host runs an x86-64 or arm64 CPU target: the artifact pulled is the one pushed for it
+    host_arch = "arm" if os.uname().machine in ("aarch64", "arm64") else "avx2"
+    assert (pulled / "tiny.gguf").read_bytes() == (tmp_path / "qs" / host_arch / "tiny.gguf").read_bytes()
+    assert "verified" in done.stdout

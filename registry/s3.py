@@ -1,0 +1,291 @@
+"""The S3 store (boto3): ``s3://bucket/prefix``, endpoint from ``endpoint_url`` or ``AWS_ENDPOINT_URL``.
+
+- create-only writes use ``IfNoneMatch='*'`` (412 -> exists); compare-and-swap uses ``IfMatch=<etag>``
+  (or ``IfNoneMatch='*'`` to create), 412/409 -> :class:`~slmpkg.registry.errors.ConflictError`;
+- every upload carries a SHA256 checksum the server verifies (``BadDigest`` on mismatch); files above
+  ``multipart_threshold`` go up as multipart uploads, parts in parallel, each with its own SHA256
+  checksum, completed with ``IfNoneMatch='*'`` so an existing blob is never replaced;
+- downloads split a blob into ``part_size`` ranges fetched in parallel and written in place.
+
+Credentials come from boto3's usual chain (environment, config files) or the ``aws_access_key_id`` /
+``aws_secret_access_key`` options; messages name the access key id, never the secret.
+
+Example:
+    >>> store = S3Store("s3://models/registry", endpoint_url="http://127.0.0.1:8333")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import os
+import threading
+from typing import Any, BinaryIO
+
+from .errors import AuthError, ConflictError, IntegrityError, NotFoundError, StoreError
+from .store import Progress, Store, check_key
+
+__all__ = ["S3Store"]
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+               "AuthorizationHeaderMalformed", "InvalidSecurity"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _b64_sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+
+
+class S3Store(Store):
+    """A :class:`~slmpkg.registry.store.Store` in an S3 bucket (AWS, SeaweedFS, MinIO, R2, ...)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        part_size: int = 16 << 20,
+        multipart_threshold: int = 64 << 20,
+        max_workers: int = 8,
+        client: Any = None,
+    ):
+        if not url.startswith("s3://"):
+            raise StoreError(f"{url}: not an s3:// URL")
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise StoreError(f"{url}: no bucket in the URL")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.part_size = max(5 << 20, part_size)  # S3's minimum part size
+        self.multipart_threshold = multipart_threshold
+        self.max_workers = max_workers
+        if client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:  # pragma: no cover - depends on the environment
+                raise StoreError("s3:// registries need boto3: pip install boto3") from None
+            endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+            session = boto3.session.Session(
+                aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
+                region_name=region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            )
+            client = session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                config=Config(
+                    s3={"addressing_style": "path"} if endpoint_url else {},
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    max_pool_connections=max(10, 2 * max_workers),
+                    # We send our own SHA256 checksums; do not add CRC32s on top.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                ),
+            )
+            creds = session.get_credentials()
+            self._access_key = creds.access_key if creds else None
+        else:
+            self._access_key = None
+        self.endpoint = endpoint_url
+        self.client = client
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _k(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, e: Exception, key: str | None, op: str) -> Exception:
+        """Map a botocore error to ours (one line, no secrets)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = f"{self.url}/{key}" if key else self.url
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
+                return NotFoundError(f"{where}: not found")
+            if code == "NoSuchBucket":
+                return StoreError(f"{self.url}: bucket {self.bucket!r} does not exist")
+            if code in _PRECONDITION or status in (409, 412):
+                return ConflictError(f"{where}: changed since read (precondition failed on {op})")
+            if code in _AUTH_CODES or status == 403:
+                who = f" for access key {self._access_key!r}" if self._access_key else ""
+                return AuthError(f"{self.url}: credentials rejected{who} ({code or status} on {op}); check the secret key")
+            if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
+                return IntegrityError(f"{where}: the server rejected the upload's checksum ({code})")
+            return StoreError(f"{where}: {op} failed: {code or status} {err.get('Message', '')}".rstrip())
+        if isinstance(e, BotoCoreError):
+            return StoreError(f"{where}: {op} failed: {type(e).__name__}: {e}")
+        return e
+
+    def _call(self, op: str, key: str | None, **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, op)(Bucket=self.bucket, **kw)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, op) from None
+
+    # ---- small values -----------------------------------------------------------------------------
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        r = self._call("get_object", key, Key=self._k(key))
+        return r["Body"].read(), r["ETag"]
+
+    def get(self, key: str) -> bytes:
+        return self.get_with_etag(key)[0]
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("put_object", key, Key=self._k(key), Body=data, ChecksumSHA256=_b64_sha256(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            self._call("put_object", key, Key=self._k(key), Body=data, ChecksumSHA256=_b64_sha256(data), IfNoneMatch="*")
+        except ConflictError:
+            return False
+        return True
+
+    def compare_and_swap(self, key: str, expected_etag: str | None, data: bytes) -> str:
+        cond = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": expected_etag}
+        r = self._call("put_object", key, Key=self._k(key), Body=data, ChecksumSHA256=_b64_sha256(data), **cond)
+        return r["ETag"]
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = (f"{self.prefix}/" if self.prefix else "") + prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out = []
+        token = None
+        while True:
+            kw = {"Prefix": full, **({"ContinuationToken": token} if token else {})}
+            r = self._call("list_objects_v2", prefix or None, **kw)
+            out.extend(o["Key"][strip:] for o in r.get("Contents", []))
+            if not r.get("IsTruncated"):
+                break
+            token = r.get("NextContinuationToken")
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", key, Key=self._k(key))
+
+    def _head(self, key: str) -> dict:
+        return self._call("head_object", key, Key=self._k(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+            return True
+        except NotFoundError:
+            return False
+
+    # ---- blobs ------------------------------------------------------------------------------------
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def mtime(self, key: str) -> float:
+        return self._head(key)["LastModified"].timestamp()
+
+    def touch(self, key: str) -> None:
+        # A copy onto itself refreshes LastModified (single-request copies are limited to 5 GiB).
+        self._call("copy_object", key, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": self._k(key)},
+                   MetadataDirective="REPLACE")
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        r = self._call("get_object", key, Key=self._k(key), Range=f"bytes={start}-{end - 1}")
+        return r["Body"].read()
+
+    def put_file(self, key, path, *, sha256=None, if_absent=True, progress: Progress | None = None) -> bool:
+        size = os.path.getsize(path)
+        cond = {"IfNoneMatch": "*"} if if_absent else {}
+        if if_absent and self.exists(key):
+            return False
+        try:
+            if size <= self.multipart_threshold:
+                with open(path, "rb") as f:
+                    data = f.read()
+                digest = hashlib.sha256(data).digest()
+                if sha256 is not None and digest.hex() != sha256:
+                    raise IntegrityError(f"{path}: changed while uploading (sha256:{digest.hex()[:16]}, expected sha256:{sha256[:16]})")
+                self._call("put_object", key, Key=self._k(key), Body=data,
+                           ChecksumSHA256=base64.b64encode(digest).decode("ascii"), **cond)
+                if progress:
+                    progress(size)
+            else:
+                self._multipart(key, path, size, sha256, cond, progress)
+        except ConflictError:
+            if if_absent:
+                return False
+            raise
+        return True
+
+    def _multipart(self, key, path, size, sha256, cond, progress) -> None:
+        k = self._k(key)
+        upload_id = self._call("create_multipart_upload", key, Key=k, ChecksumAlgorithm="SHA256")["UploadId"]
+        n = (size + self.part_size - 1) // self.part_size
+        whole = hashlib.sha256() if sha256 is not None else None
+        lock = threading.Lock()
+
+        def part(i: int) -> dict:
+            with open(path, "rb") as f:
+                f.seek(i * self.part_size)
+                data = f.read(self.part_size)
+            r = self._call("upload_part", key, Key=k, UploadId=upload_id, PartNumber=i + 1, Body=data,
+                           ChecksumSHA256=_b64_sha256(data))
+            if progress:
+                with lock:
+                    progress(len(data))
+            return {"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": r.get("ChecksumSHA256") or _b64_sha256(data)}
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(min(self.max_workers, n)) as pool:
+                parts = list(pool.map(part, range(n)))
+            if whole is not None:  # the file may have changed between hashing and upload: check before completing
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        whole.update(chunk)
+                if whole.hexdigest() != sha256:
+                    raise IntegrityError(f"{path}: changed while uploading (expected sha256:{sha256[:16]})")
+            self._call("complete_multipart_upload", key, Key=k, UploadId=upload_id,
+                       MultipartUpload={"Parts": parts}, **cond)
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id)
+            except Exception:
+                pass
+            raise
+
+    def download(self, key: str, f: BinaryIO, *, size: int | None = None, progress: Progress | None = None) -> int:
+        """Ranged parallel GETs of ``part_size``, delivered to ``f`` in order (so a hashing writer sees
+        the bytes in sequence); at most ``max_workers`` ranges are in memory at once."""
+        total = self.size(key) if size is None else size
+        ranges = [(s, min(total, s + self.part_size)) for s in range(0, total, self.part_size)]
+        done = 0
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(self.max_workers, len(ranges)))) as pool:
+            pending: list[concurrent.futures.Future] = []
+            it = iter(ranges)
+            for r in it:
+                pending.append(pool.submit(self.read_range, key, *r))
+                if len(pending) >= self.max_workers:
+                    break
+            while pending:
+                data = pending.pop(0).result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self.read_range, key, *nxt))
+                f.write(data)
+                done += len(data)
+                if progress:
+                    progress(len(data))
+        if done != total:
+            raise IntegrityError(f"{self.url}/{key}: got {done} bytes, expected {total}")
+        return done

@@ -1,0 +1,193 @@
+"""The small key/value interface every registry backend implements.
+
+Keys are POSIX relative paths (``blobs/sha256/ab12...``, ``indexes/tiny-llama/1.0.json``). Values are
+bytes. A store gives four guarantees the registry builds on:
+
+- a reader never sees a partial value: every write becomes visible whole or not at all;
+- :meth:`Store.put_if_absent` creates a key only when it does not exist (immutable blobs);
+- :meth:`Store.compare_and_swap` replaces a key only when its etag is still the one read (indexes, tags);
+- blobs stream: :meth:`Store.put_file` / :meth:`Store.open_blob_writer` upload with a sha256 check,
+  :meth:`Store.read_range` / :meth:`Store.download` read them back in pieces.
+
+Example:
+    >>> from slmpkg.registry import open_store                  # doctest: +SKIP
+    >>> store = open_store("/tmp/reg")                           # doctest: +SKIP
+    >>> store.put_if_absent("a/b", b"hello")                     # doctest: +SKIP
+    True
+    >>> data, etag = store.get_with_etag("a/b")                  # doctest: +SKIP
+    >>> store.compare_and_swap("a/b", etag, b"bye")              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import IntegrityError, StoreError
+
+__all__ = ["BlobWriter", "Progress", "Store", "check_key"]
+
+#: ``progress(n)``: ``n`` more bytes moved. Called from worker threads, one call at a time.
+Progress = Callable[[int], None]
+
+CHUNK = 1 << 20
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a clean relative POSIX path whose components do not start with ``.``
+    (the local store keeps its temporary files and locks under dot-names), else raise.
+
+    Example:
+        >>> check_key("blobs/sha256/00")
+        'blobs/sha256/00'
+    """
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise StoreError(f"invalid store key {key!r}")
+    for part in key.split("/"):
+        if not part or part.startswith("."):
+            raise StoreError(f"invalid store key {key!r}: empty or dot-prefixed component")
+    return key
+
+
+class BlobWriter:
+    """Stream bytes into a blob: ``with store.open_blob_writer(key, sha256) as w: w.write(chunk)``.
+
+    The bytes are spooled to a local temporary file while hashed; on a clean exit the digest is checked
+    against ``sha256`` (when given) and the file is handed to :meth:`Store.put_file`. Nothing becomes
+    visible on error. ``created`` tells afterwards whether the key was new.
+    """
+
+    def __init__(self, store: Store, key: str, sha256: str | None, spool_dir: str | None = None):
+        self.store, self.key, self.expected = store, check_key(key), sha256
+        self._h = hashlib.sha256()
+        self.size = 0
+        self.created: bool | None = None
+        self._f: BinaryIO = tempfile.NamedTemporaryFile(prefix=".blob-", suffix=".partial", dir=spool_dir, delete=False)
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._h.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._h.hexdigest()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._f.close()
+            if exc_type is None:
+                if self.expected is not None and self.sha256 != self.expected:
+                    raise IntegrityError(
+                        f"{self.store.url}/{self.key}: written bytes hash to sha256:{self.sha256[:16]}, "
+                        f"expected sha256:{self.expected[:16]}"
+                    )
+                self.created = self.store.put_file(self.key, self._f.name, sha256=self.sha256, if_absent=True)
+        finally:
+            try:
+                os.unlink(self._f.name)
+            except FileNotFoundError:
+                pass
+
+
+class Store(abc.ABC):
+    """A flat key/value store with atomic writes, create-only writes and compare-and-swap."""
+
+    #: Where the store lives, for messages (``/path/to/registry``, ``s3://bucket/prefix``); no secrets.
+    url: str = ""
+
+    # ---- small values -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The value of ``key``; :class:`~slmpkg.registry.errors.NotFoundError` when absent."""
+
+    @abc.abstractmethod
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """``(value, etag)``; the etag is what :meth:`compare_and_swap` expects."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Create or replace ``key`` atomically."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``key`` unless it exists; True when this call created it."""
+
+    @abc.abstractmethod
+    def compare_and_swap(self, key: str, expected_etag: str | None, data: bytes) -> str:
+        """Replace ``key`` only if its etag is still ``expected_etag`` (``None``: only if it does not
+        exist); return the new etag, or raise :class:`~slmpkg.registry.errors.ConflictError`."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key that starts with ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error when it is already gone."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    # ---- blobs ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """Bytes in ``key``."""
+
+    @abc.abstractmethod
+    def mtime(self, key: str) -> float:
+        """When ``key`` was last written or touched (unix seconds); the garbage collector's clock."""
+
+    @abc.abstractmethod
+    def touch(self, key: str) -> None:
+        """Refresh :meth:`mtime`, so a blob an in-flight push reuses survives a concurrent gc."""
+
+    @abc.abstractmethod
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``key``."""
+
+    @abc.abstractmethod
+    def put_file(
+        self, key: str, path: str | os.PathLike[str], *, sha256: str | None = None, if_absent: bool = True,
+        progress: Progress | None = None,
+    ) -> bool:
+        """Upload a local file to ``key`` (create-only when ``if_absent``), checking ``sha256`` on the
+        way when the backend can; True when the key was created."""
+
+    def open_blob_writer(self, key: str, sha256: str | None = None) -> BlobWriter:
+        """A :class:`BlobWriter` that creates ``key`` (if absent) from the bytes written to it."""
+        return BlobWriter(self, key, sha256)
+
+    def download(self, key: str, f: BinaryIO, *, size: int | None = None, progress: Progress | None = None) -> int:
+        """Copy ``key`` into the open binary file ``f`` from its current position; return the bytes
+        copied. Backends override this with parallel ranged reads."""
+        total = self.size(key) if size is None else size
+        done = 0
+        while done < total:
+            chunk = self.read_range(key, done, min(total, done + 8 * CHUNK))
+            if not chunk:
+                break
+            f.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(len(chunk))
+        return done
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def default_home() -> Path:
+    """``$SLMPKG_HOME`` or ``~/.slmpkg``."""
+    return Path(os.environ.get("SLMPKG_HOME") or Path.home() / ".slmpkg")

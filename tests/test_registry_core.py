@@ -1,0 +1,318 @@
+"""push / pull / tag / ls / gc on the local store: trust checks (signature, mix-and-match, freeze,
+rollback, digests, paths), concurrent pushers, the content-addressed cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+
+import pytest
+
+from slmpkg import signing
+from slmpkg.registry import (
+    ConflictError,
+    ExpiredError,
+    IntegrityError,
+    LocalStore,
+    MixAndMatchError,
+    NotFoundError,
+    RegistryError,
+    RollbackError,
+    TrustError,
+    UnsafePathError,
+    gc,
+    ls,
+    pull,
+    push,
+    tag,
+)
+from slmpkg.registry import core
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    priv, pub = signing.generate_keypair(d / "release")
+    other_priv, other_pub = signing.generate_keypair(d / "other")
+    return {
+        "signer": signing.KeySigner(priv),
+        "verifier": signing.KeyVerifier(pub),
+        "other_signer": signing.KeySigner(other_priv),
+        "other_verifier": signing.KeyVerifier(other_pub),
+    }
+
+
+def make_artifact(root, seed=0, size=64 << 10):
+    root.mkdir(parents=True)
+    rnd = __import__("random").Random(seed)
+    (root / "model.gguf").write_bytes(rnd.randbytes(size))
+    (root / "tokenizer.json").write_text(json.dumps({"seed": seed}))
+    (root / "sub").mkdir()
+    (root / "sub" / "config.json").write_text("{}")
+    return root
+
+
+@pytest.fixture
+def env(tmp_path, keys):
+    class Env:
+        store = LocalStore(tmp_path / "reg")
+        cache = tmp_path / "cache"
+        state = tmp_path / "trust.json"
+        art = make_artifact(tmp_path / "art")
+        tmp = tmp_path
+
+        def pull(self, ref="tiny:1.0", target="cpu-x86_64", out="out", **kw):
+            kw.setdefault("verifier", keys["verifier"])
+            kw.setdefault("state", self.state)
+            return pull(self.store, ref, target, self.tmp / out, cache_dir=self.cache, **kw)
+
+    return Env()
+
+
+def same_tree(a, b):
+    fa = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    fb = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+
+
+def test_round_trip(env, keys):
+    r = push(env.store, "tiny:1.0", env.art, "cpu-x86_64", keys["signer"], quant="Q4_K", bits_per_weight=4.5,
+             source_digest="sha256:" + "ab" * 32, options={"arch": "llama"})
+    assert r.index_version == 1 and r.uploaded_bytes > 64 << 10 and r.existing_bytes == 0
+    assert sorted(r.files) == ["model.gguf", "sub/config.json", "tokenizer.json"]
+    got = env.pull()
+    assert got.changed and got.downloaded_bytes == r.uploaded_bytes and got.cached_bytes == 0
+    assert same_tree(env.art, env.tmp / "out")
+    m = json.loads(env.store.get(core.blob_key(r.manifest_digest)))
+    assert m["format"] == "gguf" and m["quant"] == "Q4_K" and m["bitsPerWeight"] == 4.5 and m["target"] == "cpu-x86_64"
+    assert m["provenance"]["sourceDigest"] == "sha256:" + "ab" * 32
+    f = {e["path"]: e for e in m["files"]}
+    assert f["model.gguf"]["mediaType"] == "application/vnd.gguf" and f["model.gguf"]["size"] == 64 << 10
+    # Pulled files are hard links to the read-only cache.
+    st = os.stat(env.tmp / "out" / "model.gguf")
+    assert st.st_nlink == 2 and not st.st_mode & 0o222
+    # Again into the same directory: nothing changes; into another: nothing is downloaded.
+    again = env.pull()
+    assert not again.changed and again.downloaded_bytes == 0
+    other = env.pull(out="out2", link=False)
+    assert other.changed and other.downloaded_bytes == 0 and other.cached_bytes == r.uploaded_bytes
+    assert same_tree(env.art, env.tmp / "out2")
+    # Re-pushing the same content is a no-op.
+    r2 = push(env.store, "tiny:1.0", env.art, "cpu-x86_64", keys["signer"], quant="Q4_K", bits_per_weight=4.5,
+              source_digest="sha256:" + "ab" * 32, options={"arch": "llama"})
+    assert r2.index_version == 1 and r2.uploaded_bytes == 0
+
+
+def test_single_file_and_ranked_targets(env, keys):
+    push(env.store, "tiny:1.0", env.art / "model.gguf", "cpu-x86_64", keys["signer"])
+    got = env.pull(target=["cuda-sm80", "cpu-x86_64-avx2", "cpu-x86_64"])
+    assert got.target == "cpu-x86_64" and got.files == ("model.gguf",)
+    assert (env.tmp / "out" / "model.gguf").read_bytes() == (env.art / "model.gguf").read_bytes()
+    with pytest.raises(NotFoundError, match=r"no artifact for cuda-sm80 \(published: cpu-x86_64\)"):
+        env.pull(target="cuda-sm80", out="o3")
+    with pytest.raises(NotFoundError, match="no such version or tag"):
+        env.pull(ref="tiny:9.9", out="o4")
+
+
+def test_concurrent_pushers_merge(env, keys):
+    targets = [f"t{i}" for i in range(8)]
+    arts = [make_artifact(env.tmp / f"a{i}", seed=i, size=4096) for i in range(8)]
+    errors = []
+    barrier = threading.Barrier(8)
+
+    def one(i):
+        try:
+            barrier.wait()
+            push(LocalStore(env.store.root), "tiny:1.0", arts[i], targets[i], keys["signer"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    idx = ls(env.store, "tiny:1.0", verifier=keys["verifier"])
+    assert sorted(idx["targets"]) == targets and idx["version"] == 8
+    for i in (0, 7):
+        env.pull(target=targets[i], out=f"o{i}")
+        assert same_tree(arts[i], env.tmp / f"o{i}")
+
+
+def test_replace_target_needs_force(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    other = make_artifact(env.tmp / "b", seed=1)
+    with pytest.raises(ConflictError, match="already has target cpu with other content"):
+        push(env.store, "tiny:1.0", other, "cpu", keys["signer"])
+    assert push(env.store, "tiny:1.0", other, "cpu", keys["signer"], force=True).index_version == 2
+    # An index signed by another key is not silently re-signed by a pusher.
+    with pytest.raises(TrustError, match="signed by a different key"):
+        push(env.store, "tiny:1.0", other, "gpu", keys["other_signer"])
+
+
+def test_wrong_key_and_tampered_index(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    with pytest.raises(TrustError, match="different key"):
+        env.pull(target="cpu", verifier=keys["other_verifier"])
+    key = "indexes/tiny/1.0.json"
+    bundle = json.loads(env.store.get(key))
+    import base64
+
+    st = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    st["predicate"]["expires"] = "2999-01-01T00:00:00Z"
+    bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(st).encode()).decode()
+    env.store.put(key, json.dumps(bundle).encode())
+    with pytest.raises(TrustError, match="bad signature"):
+        env.pull(target="cpu")
+    assert not (env.tmp / "out").exists()
+
+
+def test_mix_and_match(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    env.store.put("indexes/tiny/2.0.json", env.store.get("indexes/tiny/1.0.json"))
+    with pytest.raises(MixAndMatchError, match="signed index is for tiny:1.0, expected tiny:2.0"):
+        env.pull(ref="tiny:2.0", target="cpu")
+    # A manifest of another target listed under this one (signed by a careless or hostile pusher).
+    r = push(env.store, "tiny:1.0", env.art, "gpu", keys["signer"])
+    pred = core._read_index(env.store, "indexes/tiny/1.0.json", None)
+    pred["targets"]["cpu"] = pred["targets"]["gpu"]
+    pred["version"] += 1
+    env.store.put("indexes/tiny/1.0.json", core._sign_doc(keys["signer"], core.INDEX_PREDICATE, "tiny:1.0", pred))
+    with pytest.raises(MixAndMatchError, match="manifest is for target 'gpu', expected 'cpu'"):
+        env.pull(target="cpu")
+    assert r.index_version == 2
+
+
+def test_expired(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"], expires_in=dt.timedelta(days=1))
+    env.pull(target="cpu", now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=23))
+    with pytest.raises(ExpiredError, match="expired at"):
+        env.pull(target="cpu", out="o2", now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2))
+
+
+def test_rollback(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    old = env.store.get("indexes/tiny/1.0.json")
+    push(env.store, "tiny:1.0", env.art, "gpu", keys["signer"])
+    assert env.pull(target="cpu").index_version == 2
+    env.store.put("indexes/tiny/1.0.json", old)  # an attacker (or stale mirror) serves the old index
+    with pytest.raises(RollbackError, match="version 1, older than version 2"):
+        env.pull(target="cpu", out="o2")
+    # Another client with no memory accepts it (that is what the state file is for).
+    env.pull(target="cpu", out="o3", state=env.tmp / "fresh.json")
+
+
+def test_altered_blob_refused(env, keys):
+    r = push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    m = json.loads(env.store.get(core.blob_key(r.manifest_digest)))
+    big = next(f for f in m["files"] if f["path"] == "model.gguf")
+    p = env.store._path(core.blob_key(big["digest"]))
+    data = bytearray(p.read_bytes())
+    data[100] ^= 1
+    p.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="blob does not match its digest"):
+        env.pull(target="cpu")
+    assert not (env.tmp / "out").exists()
+    assert not any(env.tmp.glob(".out.pull-*"))
+    assert not (env.cache / "blobs" / "sha256" / big["digest"][7:]).exists()
+    # A manifest altered in place is caught by its signed digest.
+    mp = env.store._path(core.blob_key(r.manifest_digest))
+    mp.write_bytes(mp.read_bytes().replace(b'"quant": null', b'"quant": "Q8_0"'))
+    with pytest.raises(IntegrityError, match="manifest does not match its signed digest"):
+        env.pull(target="cpu")
+
+
+@pytest.mark.parametrize("bad", ["../evil", "/etc/evil", "a/../../evil", "a\\evil", "", "a//b", "./a"])
+def test_unsafe_paths_refused(env, keys, bad):
+    blob = b"evil"
+    d = "sha256:" + core._sha256(blob)
+    env.store.put_if_absent(core.blob_key(d), blob)
+    manifest = {"mediaType": core.MANIFEST_MEDIA_TYPE, "name": "tiny", "release": "1.0", "target": "cpu",
+                "files": [{"path": bad, "digest": d, "size": 4, "mediaType": "x"}]}
+    mbytes = json.dumps(manifest).encode()
+    md = "sha256:" + core._sha256(mbytes)
+    env.store.put_if_absent(core.blob_key(md), mbytes)
+    pred = {"name": "tiny", "release": "1.0", "version": 1, "expires": "2999-01-01T00:00:00Z",
+            "targets": {"cpu": {"digest": md, "size": len(mbytes), "mediaType": core.MANIFEST_MEDIA_TYPE}}}
+    env.store.put("indexes/tiny/1.0.json", core._sign_doc(keys["signer"], core.INDEX_PREDICATE, "tiny:1.0", pred))
+    with pytest.raises(UnsafePathError, match="unsafe file path"):
+        env.pull(target="cpu", out="sub/out")
+    assert not (env.tmp / "evil").exists() and not (env.tmp / "sub").exists()
+
+
+def test_symlink_artifact_refused(env, keys):
+    os.symlink("/etc/passwd", env.art / "link")
+    with pytest.raises(RegistryError, match="is a symlink"):
+        push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    assert env.store.list("indexes/") == []
+
+
+def test_out_dir_rules(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    out = env.tmp / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(RegistryError, match="not empty"):
+        env.pull(target="cpu")
+    assert (out / "old.txt").exists()
+    env.pull(target="cpu", overwrite=True)
+    assert same_tree(env.art, out)
+    (out / "extra").write_text("y")  # no longer exactly the artifact: replaced only with overwrite
+    with pytest.raises(RegistryError, match="not empty"):
+        env.pull(target="cpu")
+    assert env.pull(target="cpu", overwrite=True).changed
+    assert same_tree(env.art, out)
+
+
+def test_tags(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"], tags=["stable"])
+    push(env.store, "tiny:2.0", make_artifact(env.tmp / "b", seed=2), "cpu", keys["signer"])
+    assert env.pull(ref="tiny:stable", target="cpu").release == "1.0"
+    old_tag = env.store.get("tags/tiny/stable.json")
+    assert tag(env.store, "tiny:stable", "2.0", keys["signer"]) == 2
+    assert tag(env.store, "tiny:stable", "2.0", keys["signer"]) == 2  # already there
+    got = env.pull(ref="tiny:stable", target="cpu", out="o2")
+    assert got.release == "2.0" and same_tree(env.tmp / "b", env.tmp / "o2")
+    env.store.put("tags/tiny/stable.json", old_tag)
+    with pytest.raises(RollbackError, match="tag tiny:stable"):
+        env.pull(ref="tiny:stable", target="cpu", out="o3")
+    with pytest.raises(NotFoundError, match="no such version"):
+        tag(env.store, "tiny:latest", "3.0", keys["signer"])
+    with pytest.raises(RegistryError, match="is a version, not a tag"):
+        tag(env.store, "tiny:1.0", "2.0", keys["signer"])
+    assert ls(env.store) == ["tiny"]
+    listing = ls(env.store, "tiny", verifier=keys["verifier"])
+    assert listing["tags"] == {"stable": "1.0"} and sorted(listing["versions"]) == ["1.0", "2.0"]
+    detail = ls(env.store, "tiny:2.0")
+    assert detail["manifests"]["cpu"]["release"] == "2.0"
+
+
+def test_bad_refs(env, keys):
+    for ref in ("tiny", "Tiny:1.0", "tiny:", "tiny:../x", "../x:1"):
+        with pytest.raises(RegistryError):
+            push(env.store, ref, env.art, "cpu", keys["signer"])
+    with pytest.raises(RegistryError, match="invalid target"):
+        push(env.store, "tiny:1.0", env.art, "../cpu", keys["signer"])
+
+
+def test_gc(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    other = make_artifact(env.tmp / "b", seed=1)
+    push(env.store, "tiny:1.0", other, "cpu", keys["signer"], force=True)  # orphans the first manifest + 2 blobs
+    before = set(env.store.list("blobs/"))
+    young = gc(env.store)
+    assert young.deleted == () and len(young.kept_young) == 3 and set(env.store.list("blobs/")) == before
+    dry = gc(env.store, grace=dt.timedelta(0), dry_run=True)
+    assert len(dry.deleted) == 3 and set(env.store.list("blobs/")) == before
+    done = gc(env.store, grace=dt.timedelta(0))
+    assert sorted(done.deleted) == sorted(dry.deleted) and done.freed_bytes > 64 << 10
+    assert len(env.store.list("blobs/")) == len(before) - 3
+    env.pull(target="cpu")
+    assert same_tree(other, env.tmp / "out")
+    # Pushing the old artifact again re-uploads the collected blobs.
+    push(env.store, "tiny:1.1", env.art, "cpu", keys["signer"])
+    env.pull(ref="tiny:1.1", target="cpu", out="o2")
+    assert same_tree(env.art, env.tmp / "o2")
