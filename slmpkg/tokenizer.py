@@ -18,8 +18,14 @@ Backward, :func:`hf_tokenizer_files` turns those keys into ``tokenizer.json``, `
 ids llama.cpp produces. For ``llama`` vocabularies that means a BPE whose merges are every pair of tokens that
 concatenates to a token, ranked by the merged token's score: the same choice llama.cpp's loop makes.
 
+What llama.cpp cannot express (a :class:`FormatError` when nothing sensible can be written, a warning when the
+ids differ only on some text): Unigram models (llama.cpp's ``llama`` tokenizer merges by score, it does not
+search the best segmentation), a Metaspace pre-tokenizer's "no ▁ before text that starts with a space" and
+"▁ only at the very start" (llama.cpp prepends one to every piece of text), per-token ``lstrip``/``rstrip``
+on added tokens, byte-level normalizers other than NFC (NFC itself is dropped: non-NFC input differs), and a
+``tokenizer.model``'s normalization rules (``precompiled_charsmap``, ``remove_extra_whitespaces``).
+
 Example:
-    >>> import json
     >>> from slmpkg.tokenizer import gguf_tokenizer_metadata, hf_tokenizer_files
     >>> md = gguf_tokenizer_metadata({"tokenizer.json": open("tokenizer.json", "rb").read()})  # doctest: +SKIP
     >>> md["tokenizer.ggml.model"].value, md["tokenizer.ggml.pre"].value                      # doctest: +SKIP
@@ -33,6 +39,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
@@ -44,14 +51,14 @@ from .checkpoint import MetaValue
 from .errors import FormatError
 
 __all__ = [
-    "TokenType",
-    "PreTokenizer",
     "PRE_TOKENIZERS",
+    "PreTokenizer",
+    "SentencePieceModel",
+    "TokenType",
     "gguf_tokenizer_metadata",
     "hf_tokenizer_files",
     "llama_cpp_pre_type",
     "parse_sentencepiece_model",
-    "SentencePieceModel",
 ]
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
@@ -86,13 +93,10 @@ _GPT2_HF = _GPT2 + r"|\s+"
 _LLAMA3 = _CONTRACTIONS_CS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2 = _CONTRACTIONS_CS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN35 = (
-    _CONTRACTIONS_CS
-    + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    _CONTRACTIONS_CS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _UFAKZEKA = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_SEED_CODER = (
-    _CONTRACTIONS_CS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_SEED_CODER = _CONTRACTIONS_CS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
 _JAIS2 = (
     _CONTRACTIONS_CS
     + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)"
@@ -134,24 +138,28 @@ _TINY_AYA_HF = (
 _DEEPSEEK3 = (
     r"\p{N}{1,3}",
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
-    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    (
+        r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
 )
 
 
 _DEEPSEEK_LLM = (
     r"[\r\n]",
     # letters of cased scripts, as listed by llama.cpp
-    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
-    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
-    "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
-    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
-    "\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
-    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
-    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
-    "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
-    "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
-    "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
+    (
+        "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+        "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+        "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+        "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
+        "\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+        "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+        "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+        "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+        "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+        "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+"
+    ),
     "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
     r"\s+$",
     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
@@ -191,13 +199,18 @@ PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
     PreTokenizer(
         (_LLAMA3,),
         (("llama-bpe", True, True), ("smaug-bpe", False, True)),
-        aliases=tuple((n, True, True) for n in ("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"))
+        aliases=tuple(
+            (n, True, True)
+            for n in ("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano")
+        )
         + (("dbrx", False, True),),
     ),
     PreTokenizer(
         (_QWEN2,),
         (("qwen2", False, False), ("stablelm2", False, True)),
-        aliases=tuple((n, False, False) for n in ("deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open", "grok-2"))
+        aliases=tuple(
+            (n, False, False) for n in ("deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open", "grok-2")
+        )
         + (("megrez", False, True),),
     ),
     PreTokenizer((_QWEN35,), (("qwen35", False, False),)),
@@ -207,7 +220,21 @@ PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
         hf_regexes=(_GPT2_HF,),
         aliases=tuple(
             (n, False, True)
-            for n in ("phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert", "exaone4", "mpt", "olmo", "jais")
+            for n in (
+                "phi-2",
+                "jina-es",
+                "jina-de",
+                "gigachat",
+                "jina-v2-es",
+                "jina-v2-de",
+                "a.x-4.0",
+                "mellum",
+                "modern-bert",
+                "exaone4",
+                "mpt",
+                "olmo",
+                "jais",
+            )
         )
         + (("trillion", False, False), ("granite-docling", False, False)),
     ),
@@ -215,7 +242,8 @@ PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
         (r"\p{N}", _GPT2),
         (("starcoder", False, True), ("smollm", False, False)),
         hf_regexes=(r"\p{N}", _GPT2_HF),
-        aliases=tuple((n, False, True) for n in ("refact", "codeshell", "exaone", "minerva-7b", "mellum2")) + (("command-r", False, False),),
+        aliases=tuple((n, False, True) for n in ("refact", "codeshell", "exaone", "minerva-7b", "mellum2"))
+        + (("command-r", False, False),),
     ),
     PreTokenizer(
         (_GPT4O,),
@@ -264,7 +292,9 @@ def _pre_by_name(name: str) -> tuple[PreTokenizer, bool, bool]:
             if variant == name:
                 return pre, ignore_merges, clean
     known = ", ".join(n for p in PRE_TOKENIZERS for n, _, _ in p.variants + p.aliases)
-    raise FormatError(f"GGUF metadata: tokenizer.ggml.pre {name!r} is not a byte-level pre-tokenizer we can rebuild (known: {known})")
+    raise FormatError(
+        f"GGUF metadata: tokenizer.ggml.pre {name!r} is not a byte-level pre-tokenizer we can rebuild (known: {known})"
+    )
 
 
 def _split_regexes(pre_tokenizer: Optional[Mapping[str, Any]], source: str) -> tuple[list[str], bool]:
@@ -328,16 +358,26 @@ def llama_cpp_pre_type(
     >>> llama_cpp_pre_type({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True})
     'gpt-2'
     """
-    regexes, _ = _split_regexes(pre_tokenizer, source)
+    regexes, byte_level = _split_regexes(pre_tokenizer, source)
+    if not byte_level:
+        raise FormatError(
+            f"{source}: pre_tokenizer has no ByteLevel step, which llama.cpp's byte-level BPE always applies"
+        )
     found = tuple(_canonical_regex(r) for r in regexes)
     for pre in PRE_TOKENIZERS:
-        spellings = [tuple(_canonical_regex(r) for r in pre.regexes), tuple(_canonical_regex(r) for r in pre.tokenizer_json_regexes())]
+        spellings = [
+            tuple(_canonical_regex(r) for r in pre.regexes),
+            tuple(_canonical_regex(r) for r in pre.tokenizer_json_regexes()),
+        ]
         if len(found) != len(pre.regexes):
             continue
         if all(f in (a, b) for f, a, b in zip(found, *spellings)):
-            best = max(pre.variants, key=lambda v: 2 * (v[1] == ignore_merges) + (v[2] == clean_spaces))  # first on ties
+            best = max(
+                pre.variants, key=lambda v: 2 * (v[1] == ignore_merges) + (v[2] == clean_spaces)
+            )  # first on ties
             return best[0]
-    raise FormatError(f"{source}: pre_tokenizer split regexes {list(regexes)!r} match no llama.cpp pre-tokenizer type")
+    shown = ", ".join(f"'{r}'" for r in found)  # canonical: control characters escaped, so one line
+    raise FormatError(f"{source}: pre_tokenizer split regexes [{shown}] match no llama.cpp pre-tokenizer type")
 
 
 # ---- SentencePiece tokenizer.model ---------------------------------------------------------------
@@ -734,9 +774,11 @@ def _spm_vocab(
             if entry.get("special") or _looks_special(text):
                 kind = _CONTROL
             else:
-                # llama.cpp matches user-defined tokens in the raw text, before spaces become ▁
                 kind = _USER_DEFINED
-                text = text.replace(SPACE, " ")
+                if entry.get("normalized", True):
+                    # transformers looks for it after spaces became ▁ (Gemma's whitespace runs); llama.cpp looks
+                    # in the raw text, so it needs the spaces back
+                    text = text.replace(SPACE, " ")
         elif i in types_by_id:
             kind = int(types_by_id[i])
         elif _BYTE_TOKEN.fullmatch(text):
@@ -750,13 +792,31 @@ def _spm_vocab(
         prefix = _spm_space_prefix(tj)
         if prefix is None:
             prefix = sp.add_dummy_prefix if sp is not None else True
+        _warn_spm_differences(tj)
     else:
         assert sp is not None
-        prefix = sp.add_dummy_prefix
-    if isinstance(tc.get("add_prefix_space"), bool) and tj is None:
-        prefix = tc["add_prefix_space"]
+        prefix = tc["add_prefix_space"] if isinstance(tc.get("add_prefix_space"), bool) else sp.add_dummy_prefix
     extra = {"tokenizer.ggml.add_space_prefix": MetaValue(V.BOOL, bool(prefix))}
     return _Vocab("llama", tokens, types, hf_text, scores=scores, pre="default", extra=extra)
+
+
+def _warn_spm_differences(tj: Mapping[str, Any]) -> None:
+    """Warn about tokenizer.json behaviour llama.cpp's ``llama`` tokenizer cannot reproduce."""
+    if (tj.get("model") or {}).get("type") == "Unigram":
+        warnings.warn(
+            "tokenizer.json: a Unigram model becomes llama.cpp's 'llama' tokenizer, which merges pieces by score "
+            "instead of searching the best segmentation: ids differ from transformers on much ordinary text",
+            stacklevel=4,
+        )
+    for step in _walk(tj.get("pre_tokenizer"), "pretokenizers"):
+        scheme = step.get("prepend_scheme", "always")
+        if step.get("type") == "Metaspace" and scheme != "never":
+            where = "to text starting with a space" + (" or following a special token" if scheme == "first" else "")
+            warnings.warn(
+                f"tokenizer.json: the Metaspace pre-tokenizer (prepend_scheme {scheme!r}) adds no ▁ {where}; "
+                "llama.cpp adds one to every piece of text: ids differ there",
+                stacklevel=4,
+            )
 
 
 def _scores_from_merges(by_id: Mapping[int, str], merges: Iterable[Any], source: str) -> dict[int, float]:
@@ -779,7 +839,13 @@ def _scores_from_merges(by_id: Mapping[int, str], merges: Iterable[Any], source:
     return scores
 
 
-def _bert_vocab(tj: Mapping[str, Any], tc: Mapping[str, Any], specials: set[str], vocab_size: Optional[int], config: Mapping[str, Any]) -> _Vocab:
+def _bert_vocab(
+    tj: Mapping[str, Any],
+    tc: Mapping[str, Any],
+    specials: set[str],
+    vocab_size: Optional[int],
+    config: Mapping[str, Any],
+) -> _Vocab:
     src = "tokenizer.json"
     model = tj["model"]
     prefix = model.get("continuing_subword_prefix") or "##"
@@ -811,7 +877,9 @@ def _bert_vocab(tj: Mapping[str, Any], tc: Mapping[str, Any], specials: set[str]
             lowercase = bool(step.get("lowercase", True))
             strip = step.get("strip_accents")
             extra["tokenizer.ggml.normalizer.lowercase"] = MetaValue(V.BOOL, lowercase)
-            extra["tokenizer.ggml.normalizer.strip_accents"] = MetaValue(V.BOOL, lowercase if strip is None else bool(strip))
+            extra["tokenizer.ggml.normalizer.strip_accents"] = MetaValue(
+                V.BOOL, lowercase if strip is None else bool(strip)
+            )
         elif step.get("type") == "Lowercase":
             extra["tokenizer.ggml.normalizer.lowercase"] = MetaValue(V.BOOL, True)
         elif step.get("type") == "StripAccents":
@@ -844,7 +912,9 @@ def _tokenizer_kind(tj: Mapping[str, Any]) -> str:
             return "gpt2"
         if _spm_space_prefix(tj) is not None:
             return "llama"  # SentencePiece-style BPE without byte fallback
-        raise FormatError("tokenizer.json: BPE model is neither byte-level nor SentencePiece-style (no ByteLevel, no ▁)")
+        raise FormatError(
+            "tokenizer.json: BPE model is neither byte-level nor SentencePiece-style (no ByteLevel, no ▁)"
+        )
     raise FormatError(f"tokenizer.json: model type {kind!r} has no llama.cpp tokenizer (BPE, Unigram, WordPiece)")
 
 
@@ -914,6 +984,50 @@ def _template_metadata(template: Any) -> dict[str, MetaValue]:
     return md
 
 
+def _added_specials(
+    vocab: _Vocab,
+    tj: Optional[Mapping[str, Any]],
+    tc: Mapping[str, Any],
+    special: dict[str, int],
+    ids: Mapping[str, int],
+) -> tuple[bool, bool, Optional[bool]]:
+    """(add_bos, add_eos, add_sep) from the post_processor, else tokenizer_config.json; fills ``special``.
+
+    The post_processor is what a fast tokenizer runs (transformers 5 ignores ``add_bos_token`` beside it).
+    llama.cpp can only add its bos and eos (WordPiece: bos and sep), so a template adding other tokens fails.
+    """
+    add_bos: Optional[bool] = None
+    add_eos: Optional[bool] = None
+    add_sep: Optional[bool] = None
+    ends = _template_ends(tj) if tj is not None else None
+    if ends is not None:
+        first, last, template_ids = ends
+        first_id = (template_ids.get(first) if first in template_ids else ids.get(first)) if first else None
+        last_id = (template_ids.get(last) if last in template_ids else ids.get(last)) if last else None
+        add_bos = first_id is not None
+        if first_id is not None and special.setdefault("bos", first_id) != first_id:
+            raise FormatError(
+                f"tokenizer.json: post_processor starts with {first!r} but bos is "
+                f"{vocab.hf_text[special['bos']]!r}; llama.cpp can only prepend bos"
+            )
+        if vocab.model == "bert":
+            add_sep, add_eos = last_id is not None, False
+            if last_id is not None:
+                special.setdefault("sep", last_id)
+        else:
+            add_eos = last_id is not None
+            if last_id is not None and special.setdefault("eos", last_id) != last_id:
+                raise FormatError(
+                    f"tokenizer.json: post_processor ends with {last!r} but eos is "
+                    f"{vocab.hf_text[special['eos']]!r}; llama.cpp can only append eos"
+                )
+    if add_bos is None and isinstance(tc.get("add_bos_token"), bool):
+        add_bos = tc["add_bos_token"]
+    if add_eos is None and isinstance(tc.get("add_eos_token"), bool):
+        add_eos = tc["add_eos_token"]
+    return bool(add_bos), bool(add_eos), add_sep
+
+
 def gguf_tokenizer_metadata(
     sidecar: Mapping[str, bytes], config: Optional[Mapping[str, Any]] = None
 ) -> dict[str, MetaValue]:
@@ -938,7 +1052,7 @@ def gguf_tokenizer_metadata(
     sp = parse_sentencepiece_model(sidecar["tokenizer.model"]) if "tokenizer.model" in sidecar else None
     vocab_size = _config_vocab_size(config)
 
-    names: dict[str, str] = {}
+    names: dict[str, str] = {}  # special token texts by kind, from tokenizer_config.json then special_tokens_map.json
     for kind in _SPECIAL_KINDS:
         text = _token_content(tc.get(f"{kind}_token"))
         if text is None:
@@ -950,24 +1064,39 @@ def gguf_tokenizer_metadata(
         if not isinstance(tj, Mapping) or not isinstance(tj.get("model"), Mapping):
             raise FormatError("tokenizer.json: no model section")
         kind = _tokenizer_kind(tj)
-        if kind == "gpt2":
-            vocab = _gpt2_vocab(tj, tc, vocab_size)
-        elif kind == "llama":
-            vocab = _spm_vocab(tj, sp if sp is not None and sp.model_type in (1, 2) else None, tc, None, vocab_size)
-        else:
-            vocab = _bert_vocab(tj, tc, set(names.values()), vocab_size, config)
+        try:
+            if kind == "gpt2":
+                vocab = _gpt2_vocab(tj, tc, vocab_size)
+            elif kind == "llama":
+                spm = sp if sp is not None and sp.model_type in (1, 2) else None
+                vocab = _spm_vocab(tj, spm, tc, None, vocab_size)
+            else:
+                vocab = _bert_vocab(tj, tc, set(names.values()), vocab_size, config)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            # a field of the wrong shape somewhere in a hand-edited file
+            raise FormatError(f"tokenizer.json: malformed ({type(e).__name__}: {e})") from None
     elif sp is not None:
         if sp.model_type not in (1, 2):
-            raise FormatError(f"tokenizer.model: SentencePiece model type {sp.model_type} (word/char) is not supported by llama.cpp")
+            raise FormatError(
+                f"tokenizer.model: SentencePiece model type {sp.model_type} (word/char) is not supported by llama.cpp"
+            )
         vocab = _spm_vocab(None, sp, tc, files.json("added_tokens.json"), vocab_size)
     else:
         raise FormatError("tokenizer.json: missing (and no tokenizer.model either)")
 
+    if tj is not None:
+        stripping = [a["content"] for a in tj.get("added_tokens") or [] if a.get("lstrip") or a.get("rstrip")]
+        if stripping:
+            shown = ", ".join(repr(t) for t in stripping[:3])
+            warnings.warn(
+                f"tokenizer.json: {len(stripping)} added token(s) ({shown}) swallow neighbouring whitespace "
+                "(lstrip/rstrip); GGUF has no key for it and llama.cpp does it only for models whose general.name "
+                "says Phi-3: ids differ around them otherwise",
+                stacklevel=2,
+            )
+
     ids = {text: i for i, text in reversed(list(enumerate(vocab.hf_text))) if text is not None}
-    special: dict[str, int] = {}
-    for kind, text in names.items():
-        if text in ids:
-            special[kind] = ids[text]
+    special = {kind: ids[text] for kind, text in names.items() if text in ids}
     if sp is not None and tj is None:
         for kind, i in (("unk", sp.unk_id), ("bos", sp.bos_id), ("eos", sp.eos_id), ("pad", sp.pad_id)):
             if 0 <= i < len(vocab.tokens):
@@ -978,41 +1107,7 @@ def gguf_tokenizer_metadata(
             special.setdefault("bos", special["cls"])
         if "sep" in special:
             special.setdefault("eos", special["sep"])
-
-    add_bos: Optional[bool] = None
-    add_eos: Optional[bool] = None
-    add_sep: Optional[bool] = None
-    ends = _template_ends(tj) if tj is not None else None
-    if ends is not None:
-        first, last, template_ids = ends
-        first_id = template_ids.get(first) if first else None
-        last_id = template_ids.get(last) if last else None
-        if first_id is None and first is not None:
-            first_id = ids.get(first)
-        if last_id is None and last is not None:
-            last_id = ids.get(last)
-        add_bos = first_id is not None
-        if first_id is not None:
-            if special.setdefault("bos", first_id) != first_id:
-                raise FormatError(
-                    f"tokenizer.json: post_processor starts with {first!r} but bos is {vocab.hf_text[special['bos']]!r}; llama.cpp can only prepend bos"
-                )
-        if vocab.model == "bert":
-            add_sep = last_id is not None
-            add_eos = False
-            if last_id is not None:
-                special.setdefault("sep", last_id)
-        else:
-            add_eos = last_id is not None
-            if last_id is not None and special.setdefault("eos", last_id) != last_id:
-                raise FormatError(
-                    f"tokenizer.json: post_processor ends with {last!r} but eos is {vocab.hf_text[special['eos']]!r}; llama.cpp can only append eos"
-                )
-    if add_bos is None and isinstance(tc.get("add_bos_token"), bool):
-        add_bos = tc["add_bos_token"]
-    if add_eos is None and isinstance(tc.get("add_eos_token"), bool):
-        add_eos = tc["add_eos_token"]
-
+    add_bos, add_eos, add_sep = _added_specials(vocab, tj, tc, special, ids)
     # config.json and generation_config.json fill in what the tokenizer files leave out
     generation = files.json("generation_config.json") or {}
     for source in (config, config.get("text_config") or {}, generation):
@@ -1021,7 +1116,7 @@ def gguf_tokenizer_metadata(
         for kind in _SPECIAL_KINDS:
             value = source.get(f"{kind}_token_id")
             if isinstance(value, list) and value:
-                value = value[0]
+                value = value[0]  # generation_config may list several end tokens; llama.cpp finds the rest by text
             if isinstance(value, int) and 0 <= value < len(vocab.tokens):
                 special.setdefault(kind, value)
 
@@ -1038,8 +1133,8 @@ def gguf_tokenizer_metadata(
         if kind in special:
             md[_SPECIAL_KEYS[kind]] = MetaValue(V.UINT32, special[kind])
     # written even when false: llama.cpp's defaults differ per tokenizer type and pre-tokenizer
-    md["tokenizer.ggml.add_bos_token"] = MetaValue(V.BOOL, bool(add_bos))
-    md["tokenizer.ggml.add_eos_token"] = MetaValue(V.BOOL, bool(add_eos))
+    md["tokenizer.ggml.add_bos_token"] = MetaValue(V.BOOL, add_bos)
+    md["tokenizer.ggml.add_eos_token"] = MetaValue(V.BOOL, add_eos)
     if add_sep is not None:
         md["tokenizer.ggml.add_sep_token"] = MetaValue(V.BOOL, add_sep)
     md.update(vocab.extra)
@@ -1069,7 +1164,9 @@ def _added_token(i: int, text: str, special: bool) -> dict[str, Any]:
     }
 
 
-def _template(first: Optional[tuple[str, int]], last: Optional[tuple[str, int]], pair_sep: bool = False) -> Optional[dict[str, Any]]:
+def _template(
+    first: Optional[tuple[str, int]], last: Optional[tuple[str, int]], pair_sep: bool = False
+) -> Optional[dict[str, Any]]:
     """A TemplateProcessing that adds ``first`` before and ``last`` after the sequence (None: adds nothing)."""
     if first is None and last is None:
         return None
@@ -1080,7 +1177,9 @@ def _template(first: Optional[tuple[str, int]], last: Optional[tuple[str, int]],
     def seq(name: str, type_id: int = 0) -> dict[str, Any]:
         return {"Sequence": {"id": name, "type_id": type_id}}
 
-    single: list[dict[str, Any]] = ([piece(first[0])] if first else []) + [seq("A")] + ([piece(last[0])] if last else [])
+    single: list[dict[str, Any]] = (
+        ([piece(first[0])] if first else []) + [seq("A")] + ([piece(last[0])] if last else [])
+    )
     if pair_sep:  # BERT: [CLS] A [SEP] B [SEP], the second segment typed 1
         pair = single + [seq("B", 1)] + ([piece(last[0], 1)] if last else [])
     else:
@@ -1093,16 +1192,30 @@ def _spm_merges(tokens: Sequence[str], scores: np.ndarray) -> list[list[str]]:
     """Every (left, right) whose concatenation is a token, ranked by that token's score, best first.
 
     This is the ranking llama.cpp's SentencePiece loop applies: at each step it merges the adjacent pair whose
-    concatenation is in the vocabulary with the highest score (leftmost on ties)."""
+    concatenation is in the vocabulary with the highest score (leftmost on ties). llama.cpp starts from single
+    characters whether or not they are tokens; a Hugging Face BPE turns a character that is not a token into
+    bytes at once, so merges through such a character are lost (warned about: real SentencePiece vocabularies
+    hold every character they use)."""
     ids: dict[str, int] = {}
     for i, text in enumerate(tokens):
         ids[text] = i  # llama.cpp's text -> id map keeps the last duplicate
     found: list[tuple[float, int, int, str, str]] = []
+    lost: set[str] = set()
     for text, i in ids.items():
         for k in range(1, len(text)):
             left, right = text[:k], text[k:]
-            if left in ids and right in ids:
+            in_left, in_right = left in ids, right in ids
+            if in_left and in_right:
                 found.append((-float(scores[i]), i, k, left, right))
+            elif (in_left or len(left) == 1) and (in_right or len(right) == 1):
+                lost.update(part for part in (left, right) if part not in ids)
+    if lost:
+        shown = ", ".join(repr(c) for c in sorted(lost)[:5])
+        warnings.warn(
+            f"GGUF metadata: {len(lost)} character(s) ({shown}) are merged by llama.cpp but are not tokens; the "
+            "Hugging Face tokenizer byte-encodes them instead, so ids differ on text containing them",
+            stacklevel=3,
+        )
     found.sort()
     return [[left, right] for _, _, _, left, right in found]
 
@@ -1141,6 +1254,13 @@ def hf_tokenizer_files(metadata: Mapping[str, MetaValue]) -> dict[str, bytes]:
     >>> sorted(files)                                                           # doctest: +SKIP
     ['special_tokens_map.json', 'tokenizer.json', 'tokenizer_config.json']
     """
+    try:
+        return _hf_tokenizer_files(metadata)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise FormatError(f"GGUF metadata: malformed tokenizer keys ({type(e).__name__}: {e})") from None
+
+
+def _hf_tokenizer_files(metadata: Mapping[str, MetaValue]) -> dict[str, bytes]:
     kind = _md_value(metadata, "tokenizer.ggml.model")
     if kind is None:
         raise FormatError("GGUF metadata: tokenizer.ggml.model is missing")
@@ -1149,7 +1269,9 @@ def hf_tokenizer_files(metadata: Mapping[str, MetaValue]) -> dict[str, bytes]:
         raise FormatError("GGUF metadata: tokenizer.ggml.tokens is missing")
     tokens = list(tokens)
     n = len(tokens)
-    types: list[int] = np.asarray(_md_value(metadata, "tokenizer.ggml.token_type", np.full(n, _NORMAL)), np.int32).tolist()
+    types: list[int] = np.asarray(
+        _md_value(metadata, "tokenizer.ggml.token_type", np.full(n, _NORMAL)), np.int32
+    ).tolist()
     if len(types) < n:
         raise FormatError(f"GGUF metadata: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
@@ -1162,7 +1284,9 @@ def hf_tokenizer_files(metadata: Mapping[str, MetaValue]) -> dict[str, bytes]:
 
     # llama.cpp's defaults when a key is absent: bos added for SentencePiece, WordPiece and some BPE types
     pre_name = _md_value(metadata, "tokenizer.ggml.pre") or "default"
-    add_bos = bool(_md_value(metadata, "tokenizer.ggml.add_bos_token", kind in ("llama", "bert") or pre_name in _BOS_BY_DEFAULT))
+    add_bos = bool(
+        _md_value(metadata, "tokenizer.ggml.add_bos_token", kind in ("llama", "bert") or pre_name in _BOS_BY_DEFAULT)
+    )
     add_eos = bool(_md_value(metadata, "tokenizer.ggml.add_eos_token", False))
 
     if kind == "gpt2":
@@ -1177,13 +1301,17 @@ def hf_tokenizer_files(metadata: Mapping[str, MetaValue]) -> dict[str, bytes]:
         tokenizer_json = _spm_json(metadata, tokens, types, specials, add_bos, add_eos)
         clean = False
     elif kind == "bert":
-        specials = {k: special_id(k, d) for k, d in (("bos", 101), ("unk", 100), ("sep", 102), ("pad", 0), ("mask", 103))}
+        specials = {
+            k: special_id(k, d) for k, d in (("bos", 101), ("unk", 100), ("sep", 102), ("pad", 0), ("mask", 103))
+        }
         specials["cls"] = special_id("cls") if special_id("cls") is not None else specials["bos"]
         specials["eos"] = special_id("eos")
         tokenizer_json = _bert_json(metadata, tokens, types, specials)
         clean = True
     else:
-        raise FormatError(f"GGUF metadata: tokenizer.ggml.model {kind!r} cannot be rebuilt as a Hugging Face tokenizer (gpt2, llama, bert)")
+        raise FormatError(
+            f"GGUF metadata: tokenizer.ggml.model {kind!r} cannot be rebuilt as a Hugging Face tokenizer (gpt2, llama, bert)"
+        )
 
     def text_of(i: Optional[int]) -> Optional[str]:
         if i is None:
@@ -1225,15 +1353,28 @@ def _hf_chat_template(metadata: Mapping[str, MetaValue]) -> Optional[Any]:
     return named
 
 
-def _added_tokens(tokens: Sequence[str], types: Sequence[int]) -> list[dict[str, Any]]:
+def _rstripped(metadata: Mapping[str, MetaValue], tokens: Sequence[str], types: Sequence[int]) -> set[int]:
+    """Tokens llama.cpp strips the whitespace after. GGUF has no key for it: llama.cpp decides by model name,
+    for Phi-3 only (its added tokens have ``rstrip``), all special tokens but <unk>, <s> and <|endoftext|>."""
+    name = str(_md_value(metadata, "general.name", "")).lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return set()
+    keep = {"<unk>", "<s>", "<|endoftext|>"}
+    return {i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED, _UNKNOWN) and tokens[i] not in keep}
+
+
+def _added_tokens(
+    metadata: Mapping[str, MetaValue], tokens: Sequence[str], types: Sequence[int]
+) -> list[dict[str, Any]]:
     # llama.cpp splits control and unknown tokens out of the text when parsing specials, user-defined ones
     # always: the same as special and non-special added tokens in a fast tokenizer.
+    rstrip = _rstripped(metadata, tokens, types)
     added = []
     for i, t in enumerate(types):
-        if t in (_CONTROL, _UNKNOWN):
-            added.append(_added_token(i, tokens[i], True))
-        elif t == _USER_DEFINED:
-            added.append(_added_token(i, tokens[i], False))
+        if t in (_CONTROL, _UNKNOWN, _USER_DEFINED):
+            entry = _added_token(i, tokens[i], t != _USER_DEFINED)
+            entry["rstrip"] = i in rstrip
+            added.append(entry)
     return added
 
 
@@ -1280,7 +1421,14 @@ def _gpt2_json(
         (tokens[eos], eos) if add_eos and eos is not None else None,
     )
     decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    return _tokenizer_json(model, _added_tokens(tokens, types), None, {"type": "Sequence", "pretokenizers": splits}, post, decoder), clean
+    return _tokenizer_json(
+        model,
+        _added_tokens(metadata, tokens, types),
+        None,
+        {"type": "Sequence", "pretokenizers": splits},
+        post,
+        decoder,
+    ), clean
 
 
 def _spm_json(
@@ -1317,7 +1465,10 @@ def _spm_json(
     # then turns spaces into ▁: a Prepend normalizer does the same, as it runs on each segment between
     # added tokens.
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
-    normalizer = {"type": "Sequence", "normalizers": ([{"type": "Prepend", "prepend": SPACE}] if prefix else []) + [replace]}
+    normalizer = {
+        "type": "Sequence",
+        "normalizers": ([{"type": "Prepend", "prepend": SPACE}] if prefix else []) + [replace],
+    }
     decoders: list[dict[str, Any]] = [
         {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
         {"type": "ByteFallback"},
@@ -1330,7 +1481,14 @@ def _spm_json(
         (tokens[bos], bos) if add_bos and bos is not None else None,
         (tokens[eos], eos) if add_eos and eos is not None else None,
     )
-    return _tokenizer_json(model, _added_tokens(tokens, types), normalizer, None, post, {"type": "Sequence", "decoders": decoders})
+    return _tokenizer_json(
+        model,
+        _added_tokens(metadata, tokens, types),
+        normalizer,
+        None,
+        post,
+        {"type": "Sequence", "decoders": decoders},
+    )
 
 
 def _unphantom(token: str) -> str:

@@ -14,11 +14,13 @@ import importlib.util
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+from gguf import GGUFValueType as V
 
 from slmpkg.checkpoint import LazyTensor, MetaValue
 from slmpkg.errors import FormatError
@@ -44,13 +46,21 @@ tokenizers = _need("tokenizers")
 transformers = _need("transformers")
 llama_cpp = _need("llama_cpp")
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (  # noqa: E402  (after the skip above)
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -68,8 +78,44 @@ def corpus(n: int = 400, seed: int = 7) -> list[str]:
         "function value number data file system test result error string example people time year "
         "I you he she we they it's don't can't we'll they've I'm you'd Hello World The A This"
     ).split()
-    extra = ["café", "naïve", "résumé", "über", "straße", "日本語", "中文", "Привет", "мир", "Ελληνικά", "🦙", "🚀", "😀", "€", "½"]
-    punct = [".", ",", "!", "?", ";", ":", "...", " -", " (", ")", '"', "'", " --", " [x]", " {y}", " #", " @", " &", " %"]
+    extra = [
+        "café",
+        "naïve",
+        "résumé",
+        "über",
+        "straße",
+        "日本語",
+        "中文",
+        "Привет",
+        "мир",
+        "Ελληνικά",
+        "🦙",
+        "🚀",
+        "😀",
+        "€",
+        "½",
+    ]
+    punct = [
+        ".",
+        ",",
+        "!",
+        "?",
+        ";",
+        ":",
+        "...",
+        " -",
+        " (",
+        ")",
+        '"',
+        "'",
+        " --",
+        " [x]",
+        " {y}",
+        " #",
+        " @",
+        " &",
+        " %",
+    ]
     lines = []
     for i in range(n):
         parts = []
@@ -132,18 +178,26 @@ def byte_level_bpe(path: Path, regex: str, *, llama3_style: bool) -> Path:
     if not llama3_style:
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=700,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
     tok.add_tokens(["<tool>"])  # a non-special added token: user-defined in llama.cpp
     if llama3_style:
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", bos)],
         )
         _save(tok, path, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     else:
@@ -213,6 +267,8 @@ def spm_bpe(path: Path, *, gemma: bool = False, complete: bool = True) -> Path:
     # matched in the raw text, as llama.cpp matches user-defined tokens (a normalized one would be looked for
     # after ▁ is prepended, which llama.cpp cannot do)
     tok.add_tokens([AddedToken("<tool>", normalized=False)])
+    if gemma:  # Gemma's whitespace runs: added tokens spelled with ▁, matched after normalization
+        tok.add_tokens([AddedToken("▁▁▁▁", normalized=True)])
     extra = {"pad_token": "<pad>"} if gemma else {}
     return _save(tok, path, bos_token=bos, eos_token=eos, unk_token="<unk>", **extra)
 
@@ -224,7 +280,10 @@ def unigram(path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=False)
     trainer = trainers.UnigramTrainer(
-        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)], unk_token="<unk>", show_progress=False
+        vocab_size=700,
+        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+        unk_token="<unk>",
+        show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
     return _save(tok, path, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -287,12 +346,13 @@ def sidecar_of(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
-def write_gguf(metadata: dict[str, MetaValue], path: Path) -> Path:
+def write_gguf(metadata: dict[str, MetaValue], path: Path, name: str = "Tiny Llama") -> Path:
     """A tiny Llama GGUF (one layer) carrying ``metadata``'s vocabulary, embedding rows to match."""
     ckpt = _tiny_llama_module().tiny_llama(n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1)
     n_vocab = len(metadata["tokenizer.ggml.tokens"].value)
     md = {k: v for k, v in ckpt.metadata.items() if not k.startswith("tokenizer.")}
     md["llama.vocab_size"] = MetaValue(md["llama.vocab_size"].type, n_vocab)
+    md["general.name"] = MetaValue(V.STRING, name)
     md.update(metadata)
     rng = np.random.default_rng(0)
     tensors = []
@@ -381,7 +441,9 @@ BUILDERS: dict[str, tuple[Callable[[Path], Path], list[str]]] = {
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     work = tmp_path_factory.mktemp("tok")
-    return {name: Case(name, build(work / f"{name}-hf"), work, specials) for name, (build, specials) in BUILDERS.items()}
+    return {
+        name: Case(name, build(work / f"{name}-hf"), work, specials) for name, (build, specials) in BUILDERS.items()
+    }
 
 
 # ---- forward: HF -> GGUF, checked by llama.cpp ------------------------------------------------------
@@ -435,11 +497,24 @@ def test_round_trip_hf_gguf_hf(cases: dict[str, Case], name: str) -> None:
     assert not bad, f"{name}: {len(bad)} differ, first: {bad[0]}"
     # and the rebuilt files convert back to the same llama.cpp vocabulary
     again = gguf_tokenizer_metadata(sidecar_of(case.rebuilt))
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.bos_token_id",
+    ):
         if key in case.metadata:
             assert again[key].value == case.metadata[key].value, key
     assert list(again["tokenizer.ggml.tokens"].value) == list(case.metadata["tokenizer.ggml.tokens"].value)
-    assert again["tokenizer.ggml.token_type"].value.tolist() == case.metadata["tokenizer.ggml.token_type"].value.tolist()
+    if "tokenizer.ggml.merges" in case.metadata:
+        assert list(again["tokenizer.ggml.merges"].value) == list(case.metadata["tokenizer.ggml.merges"].value)
+    if "tokenizer.ggml.scores" in case.metadata:  # rebuilt from merge ranks: other numbers, the same order
+        before, after = case.metadata["tokenizer.ggml.scores"].value, again["tokenizer.ggml.scores"].value
+        normal = case.metadata["tokenizer.ggml.token_type"].value == TokenType.NORMAL
+        assert (np.argsort(-before[normal], kind="stable") == np.argsort(-after[normal], kind="stable")).all()
+    assert (
+        again["tokenizer.ggml.token_type"].value.tolist() == case.metadata["tokenizer.ggml.token_type"].value.tolist()
+    )
 
 
 def test_rebuilt_config(cases: dict[str, Case]) -> None:
@@ -485,7 +560,10 @@ def test_gpt2_byte_level_pre_tokenizer(tmp_path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=500,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
     src = _save(tok, tmp_path / "gpt2", bos_token="<|endoftext|>", eos_token="<|endoftext|>")
@@ -503,23 +581,33 @@ def test_gpt2_byte_level_pre_tokenizer(tmp_path: Path) -> None:
 def test_pre_type_from_regexes() -> None:
     def split(*regexes: str) -> dict[str, Any]:
         steps = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in regexes]
-        return {"type": "Sequence", "pretokenizers": steps + [{"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+        return {
+            "type": "Sequence",
+            "pretokenizers": steps + [{"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}],
+        }
 
     assert llama_cpp_pre_type(split(LLAMA3_REGEX), ignore_merges=True) == "llama-bpe"
     assert llama_cpp_pre_type(split(LLAMA3_REGEX), ignore_merges=False) == "smaug-bpe"
     assert llama_cpp_pre_type(split(QWEN2_REGEX), clean_spaces=False) == "qwen2"
-    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}
+    digits = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}],
+    }
     assert llama_cpp_pre_type(digits) == "starcoder"
     # every table entry is recognised from the way tokenizer.json spells it, and from llama.cpp's spelling
     for pre in PRE_TOKENIZERS:
         name, ignore_merges, clean = pre.variants[0]
-        assert llama_cpp_pre_type(split(*pre.tokenizer_json_regexes()), ignore_merges=ignore_merges, clean_spaces=clean) == name
+        assert (
+            llama_cpp_pre_type(split(*pre.tokenizer_json_regexes()), ignore_merges=ignore_merges, clean_spaces=clean)
+            == name
+        )
         assert llama_cpp_pre_type(split(*pre.regexes), ignore_merges=ignore_merges, clean_spaces=clean) == name
 
 
 def test_unknown_pre_tokenizer_regex_is_named(tmp_path: Path) -> None:
     src = byte_level_bpe(tmp_path / "odd", r"\p{L}+|\p{N}{1,4}|[^\p{L}\p{N}]+", llama3_style=True)
-    with pytest.raises(FormatError, match=r"tokenizer\.json: .*\\\\p\{N\}\{1,4\}.* match no llama\.cpp pre-tokenizer") as err:
+    found = re.escape(r"['\p{L}+|\p{N}{1,4}|[^\p{L}\p{N}]+'] match no llama.cpp pre-tokenizer")
+    with pytest.raises(FormatError, match="^tokenizer\\.json: pre_tokenizer split regexes " + found) as err:
         gguf_tokenizer_metadata(sidecar_of(src))
     assert "\n" not in str(err.value)
 
@@ -536,8 +624,12 @@ def test_errors_name_the_file() -> None:
     with pytest.raises(FormatError, match="tokenizer.ggml.model"):
         hf_tokenizer_files({})
     with pytest.raises(FormatError, match="'t5'"):
-        hf_tokenizer_files({"tokenizer.ggml.model": MetaValue(gguf_format.GGUFValueType.STRING, "t5"),
-                            "tokenizer.ggml.tokens": MetaValue(gguf_format.GGUFValueType.ARRAY, ["a"], gguf_format.GGUFValueType.STRING)})
+        hf_tokenizer_files(
+            {
+                "tokenizer.ggml.model": MetaValue(V.STRING, "t5"),
+                "tokenizer.ggml.tokens": MetaValue(V.ARRAY, ["a"], V.STRING),
+            }
+        )
 
 
 def test_vocab_padded_to_config(cases: dict[str, Case]) -> None:
@@ -549,3 +641,164 @@ def test_vocab_padded_to_config(cases: dict[str, Case]) -> None:
     assert md["tokenizer.ggml.token_type"].value[-1] == TokenType.UNUSED
     with pytest.raises(FormatError, match="vocab_size"):
         gguf_tokenizer_metadata(sidecar, {"vocab_size": n - 1})
+
+
+# ---- more shapes of input -------------------------------------------------------------------------
+
+
+def test_unigram_maps_to_llama_and_rebuilds_exactly(tmp_path: Path) -> None:
+    """A Unigram tokenizer.json becomes a ``llama`` vocabulary with its log-probabilities as scores.
+
+    llama.cpp's ``llama`` tokenizer merges greedily by score rather than searching the best segmentation,
+    so its ids differ from transformers' Unigram (see the module notes); what it does is reproduced exactly by
+    the rebuilt files."""
+    src = unigram(tmp_path / "uni")
+    with pytest.warns(UserWarning) as warned:
+        md = gguf_tokenizer_metadata(sidecar_of(src))
+    messages = " | ".join(str(w.message) for w in warned)
+    assert "Unigram model becomes llama.cpp's 'llama' tokenizer" in messages
+    assert "adds no ▁ to text starting with a space;" in messages
+    assert md["tokenizer.ggml.model"].value == "llama"
+    assert md["tokenizer.ggml.add_space_prefix"].value is True
+    pieces = json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
+    assert np.allclose(md["tokenizer.ggml.scores"].value[len(pieces) - 1], pieces[-1][1])
+    llm = llama(write_gguf(md, tmp_path / "uni.gguf"))
+    texts = SAMPLES + corpus(40, seed=3)
+    assert not mismatches(llama_ids(llm), hf_ids(write_files(hf_tokenizer_files(md), tmp_path / "r")), texts)
+
+
+def test_reverse_of_a_gguf_vocabulary(tmp_path: Path) -> None:
+    """GGUF -> HF for a vocabulary we did not convert: make_tiny_llama's byte-fallback vocab and scores,
+    with the ▁ it merges from added as a token (it has none: a Hugging Face BPE could not merge from it)."""
+    module = _tiny_llama_module()
+    ckpt = module.tiny_llama(n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1)
+    with pytest.warns(UserWarning, match="'▁'.* merged by llama.cpp but are not tokens"):
+        hf_tokenizer_files(ckpt.metadata)
+    tokens = list(ckpt.metadata["tokenizer.ggml.tokens"].value) + ["▁"]
+    scores = np.append(ckpt.metadata["tokenizer.ggml.scores"].value, np.float32(-1000))
+    types = np.append(ckpt.metadata["tokenizer.ggml.token_type"].value, np.int32(TokenType.NORMAL))
+    ckpt.metadata["tokenizer.ggml.tokens"] = MetaValue(V.ARRAY, tokens, V.STRING)
+    ckpt.metadata["tokenizer.ggml.scores"] = MetaValue(V.ARRAY, scores, V.FLOAT32)
+    ckpt.metadata["tokenizer.ggml.token_type"] = MetaValue(V.ARRAY, types, V.INT32)
+    md = {
+        k: v
+        for k, v in ckpt.metadata.items()
+        if k.startswith("tokenizer.") or k == "general.architecture" or k == "llama.context_length"
+    }
+    path = write_gguf(md, tmp_path / "tiny.gguf")
+    md = gguf_format.read(path).metadata
+    rebuilt = write_files(hf_tokenizer_files(md), tmp_path / "tiny-hf")
+    texts = SAMPLES + ["eat a tea at ten", "the rain in spain"] + corpus(40, seed=4)
+    assert not mismatches(llama_ids(llama(path)), hf_ids(rebuilt), texts)
+    config = json.loads((rebuilt / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert config["model_max_length"] == 256
+
+
+def test_phi3_added_tokens_swallow_following_whitespace(tmp_path: Path) -> None:
+    """Phi-3's chat tokens have rstrip; GGUF cannot say so, llama.cpp strips by model name (Phi-3) instead."""
+    src = spm_bpe(tmp_path / "phi3")
+    doc = json.loads((src / "tokenizer.json").read_text())
+    next_id = max(a["id"] for a in doc["added_tokens"]) + 1
+    for k, text in enumerate(["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]):
+        doc["added_tokens"].append({"id": next_id + k, "content": text, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+    for entry in doc["added_tokens"]:
+        entry["rstrip"] = entry["content"] not in ("<unk>", "<s>", "<|endoftext|>")
+    (src / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match=r"added token\(s\) .* swallow neighbouring whitespace"):
+        md = gguf_tokenizer_metadata(sidecar_of(src))
+    path = write_gguf(md, tmp_path / "phi3.gguf", name="Phi-3 Mini Tiny")
+    texts = ["<|user|>\n  Hello<|end|>\n<|assistant|>  Hi <|endoftext|> x", "</s>  a <s>  b <tool>  c"] + SAMPLES
+    assert not mismatches(llama_ids(llama(path)), hf_ids(src), texts)
+    rebuilt = write_files(hf_tokenizer_files(gguf_format.read(path).metadata), tmp_path / "r")
+    assert not mismatches(llama_ids(llama(path)), hf_ids(rebuilt), texts)
+
+
+def _vocab_files() -> list[Path]:
+    root = os.environ.get("LLAMA_CPP_VOCABS")  # llama.cpp's models/ directory (ggml-vocab-*.gguf)
+    return sorted(Path(root).glob("ggml-vocab-*.gguf")) if root else []
+
+
+@pytest.mark.skipif(not _vocab_files(), reason="set LLAMA_CPP_VOCABS to llama.cpp's models/ directory")
+@pytest.mark.parametrize("path", _vocab_files(), ids=lambda p: p.name[len("ggml-vocab-") : -len(".gguf")])
+def test_llama_cpp_vocabularies(path: Path, tmp_path: Path) -> None:
+    """Real vocabularies (Llama 2 SPM, Llama 3, Qwen2, Phi-3, BERT, GPT-2, StarCoder, ...) shipped with
+    llama.cpp: GGUF -> HF matches llama.cpp on its own test strings, and HF -> GGUF again tokenizes alike."""
+    from slmpkg.checkpoint import Checkpoint
+
+    md = gguf_format.read(path).metadata
+    if md["tokenizer.ggml.model"].value not in ("gpt2", "llama", "bert"):
+        pytest.skip(f"tokenizer model {md['tokenizer.ggml.model'].value!r} is not converted")
+    inp = path.with_name(path.name + ".inp")
+    texts = (inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n") if inp.exists() else []) + SAMPLES
+    rebuilt = write_files(hf_tokenizer_files(md), tmp_path / "hf")
+    original = llama(path)
+    bad = mismatches(llama_ids(original), hf_ids(rebuilt), texts)
+    assert not bad, f"{len(bad)} differ, first: {bad[0]}"
+    again = {k: v for k, v in md.items() if not k.startswith("tokenizer.")}
+    again.update(gguf_tokenizer_metadata(sidecar_of(rebuilt)))
+    gguf_format.write(tmp_path / "again.gguf", Checkpoint(again, []))
+    bad = mismatches(llama_ids(original), llama_ids(llama(tmp_path / "again.gguf")), texts)
+    assert not bad, f"{len(bad)} differ after HF -> GGUF, first: {bad[0]}"
+
+
+def _tiny_gpt2_json(**extra: Any) -> dict[str, Any]:
+    vocab = {c: i for i, c in enumerate("abcdefgh")} | {"ab": 8}
+    doc = {
+        "added_tokens": [
+            {"id": 9, "content": "<|endoftext|>", "special": True, "normalized": False},
+            {"id": 10, "content": "<|im_end|>", "special": True, "normalized": False},
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "vocab": vocab, "merges": [["a", "b"]]},
+    }
+    doc.update(extra)
+    return doc
+
+
+def test_chat_templates_and_special_ids_from_side_files() -> None:
+    sidecar = {
+        "tokenizer.json": json.dumps(_tiny_gpt2_json()).encode(),
+        "tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>"}).encode(),
+        "generation_config.json": json.dumps({"bos_token_id": 9, "eos_token_id": [9, 10]}).encode(),
+        "chat_template.jinja": b"{{ messages }}",
+        "additional_chat_templates/tool_use.jinja": b"{{ tools }}",
+    }
+    md = gguf_tokenizer_metadata(sidecar, {"pad_token_id": 9})
+    assert md["tokenizer.ggml.merges"].value == ["a b"] and md["tokenizer.ggml.pre"].value == "gpt-2"
+    assert md["tokenizer.ggml.eos_token_id"].value == 10  # tokenizer_config wins over generation_config
+    assert md["tokenizer.ggml.bos_token_id"].value == 9 and md["tokenizer.ggml.padding_token_id"].value == 9
+    assert md["tokenizer.chat_template"].value == "{{ messages }}"
+    assert md["tokenizer.chat_template.tool_use"].value == "{{ tools }}"
+    assert md["tokenizer.chat_templates"].value == ["tool_use"]
+    config = json.loads(hf_tokenizer_files(md)["tokenizer_config.json"])
+    assert config["chat_template"] == [
+        {"name": "default", "template": "{{ messages }}"},
+        {"name": "tool_use", "template": "{{ tools }}"},
+    ]
+    # the template in tokenizer_config.json takes precedence over chat_template.jinja
+    sidecar["tokenizer_config.json"] = json.dumps({"chat_template": "{{ x }}"}).encode()
+    assert gguf_tokenizer_metadata(sidecar)["tokenizer.chat_template"].value == "{{ x }}"
+
+
+def test_post_processor_that_llama_cpp_cannot_express() -> None:
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [],
+        "special_tokens": {"<|im_end|>": {"id": "<|im_end|>", "ids": [10], "tokens": ["<|im_end|>"]}},
+    }
+    sidecar = {
+        "tokenizer.json": json.dumps(_tiny_gpt2_json(post_processor=template)).encode(),
+        "tokenizer_config.json": json.dumps({"bos_token": "<|endoftext|>"}).encode(),
+    }
+    with pytest.raises(FormatError, match=r"tokenizer\.json: post_processor starts with '<\|im_end\|>' but bos is"):
+        gguf_tokenizer_metadata(sidecar)
+    # without a configured bos, the template's first token is the bos llama.cpp adds
+    sidecar["tokenizer_config.json"] = b"{}"
+    md = gguf_tokenizer_metadata(sidecar)
+    assert md["tokenizer.ggml.bos_token_id"].value == 10 and md["tokenizer.ggml.add_bos_token"].value is True

@@ -33,7 +33,12 @@ def _bf16(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (np.ascontiguousarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    """bf16 bit patterns → float32: the bits become the high half of each float (written as the odd
+    uint16 of a zeroed little-endian uint32, about twice as fast as widening and shifting)."""
+    halves = np.ascontiguousarray(bits).view(np.uint16)
+    out = np.zeros(halves.shape, np.uint32)
+    out.view(np.uint16).reshape(*halves.shape[:-1], -1)[..., 1::2] = halves
+    return out.view(np.float32)
 
 
 def _rows(data: np.ndarray, dtype: type) -> np.ndarray:
