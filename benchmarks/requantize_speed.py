@@ -10,7 +10,9 @@ byte-identical.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +24,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 from slmpkg.formats import gguf as gguf_format  # noqa: E402
 from slmpkg.pipeline import quantize_file  # noqa: E402
 from slmpkg.presets import QuantOptions  # noqa: E402
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs every tensor to stderr; keep the table readable."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
 
 
 def _tiny_llama():
@@ -57,7 +73,8 @@ def main() -> None:
                 quantize_file(src, ours, options, threads=threads, progress=False)
                 t_ours = time.perf_counter() - start
                 start = time.perf_counter()
-                assert llama_quantize(src, ref, options.preset.ftype, nthread=threads) == 0
+                with _quiet_stderr():
+                    assert llama_quantize(src, ref, options.preset.ftype, nthread=threads) == 0
                 t_ref = time.perf_counter() - start
                 same = ours.read_bytes() == ref.read_bytes()
                 print(f"{preset:<8}{threads:>8}{t_ours:10.2f}{t_ref:13.2f}{t_ours / t_ref:7.2f}×{str(same):>11}")
