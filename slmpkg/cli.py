@@ -222,13 +222,11 @@ def keygen_command(name: str, overwrite: bool, as_json: bool) -> None:
 @handle_errors
 def sign_command(path: Path, key: Path, signature: Optional[Path], ignore: tuple[Path, ...], as_json: bool) -> None:
     """Sign a model file or directory: an OpenSSF model-signing v1.0 bundle (`model_signing verify key` accepts it)."""
-    from .signing import hash_artifact, sign
+    from .signing import sign
 
     sig = sign(path, key, signature, ignore_paths=ignore)
-    if as_json:
-        manifest = hash_artifact(path, ignore_paths=[*ignore, sig])
-        _emit_json({"path": str(path), "signature": str(sig), "root_digest": manifest.root_digest,
-                    "files": len(manifest.resources)})
+    if as_json:  # `slmpkg verify --json` reports the digests without hashing twice here
+        _emit_json({"path": str(path), "signature": str(sig)})
     else:
         click.echo(f"{path}: signed → {sig}")
 
