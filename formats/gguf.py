@@ -131,12 +131,13 @@ def _read_one(path: Path) -> Checkpoint:
                 f"{path}: truncated: tensor {t.name} ends at byte {end} but the file has {file_size}"
             )
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        tensors.append(LazyTensor(t.name, shape, qtype, _range_loader(path, t.data_offset, t.n_bytes)))
+        base = t.data_offset
+        tensors.append(LazyTensor(
+            t.name, shape, qtype,
+            raw=lambda base=base, n=t.n_bytes: read_range(path, base, n),
+            read=lambda offset, n, base=base: read_range(path, base + offset, n),
+        ))
     return Checkpoint(metadata, tensors)
-
-
-def _range_loader(path: Path, offset: int, nbytes: int) -> Callable[[], np.ndarray]:
-    return lambda: read_range(path, offset, nbytes)
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -252,8 +253,11 @@ def write(
 
 
 def _write_tensor(f: BinaryIO, t: LazyTensor, alignment: int) -> None:
-    data = np.ascontiguousarray(t.raw()).reshape(-1).view(np.uint8)
-    if data.size != t.nbytes:
-        raise FormatError(f"tensor {t.name}: produced {data.size} bytes, expected {t.nbytes}")
-    f.write(memoryview(data))
-    f.write(bytes(_pad(data.size, alignment)))
+    written = 0
+    for piece in t.iter_bytes():
+        data = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+        f.write(memoryview(data))
+        written += data.size
+    if written != t.nbytes:
+        raise FormatError(f"tensor {t.name}: produced {written} bytes, expected {t.nbytes}")
+    f.write(bytes(_pad(written, alignment)))

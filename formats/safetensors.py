@@ -105,8 +105,13 @@ class _MappedFile:
         self.path = path
         self.data_start = data_start
 
-    def loader(self, begin: int, end: int) -> Callable[[], np.ndarray]:
-        return lambda: read_range(self.path, self.data_start + begin, end - begin)
+    def tensor(self, name: str, shape: tuple[int, ...], qtype: QuantType, begin: int, end: int) -> LazyTensor:
+        base = self.data_start + begin
+        return LazyTensor(
+            name, shape, qtype,
+            raw=lambda: read_range(self.path, base, end - begin),
+            read=lambda offset, n: read_range(self.path, base + offset, n),
+        )
 
 
 def _parse_header(path: Path) -> tuple[dict[str, str], list[_Entry], int]:
@@ -185,7 +190,7 @@ def _lazy(path: Path, mapped: _MappedFile, entry: _Entry) -> LazyTensor:
         raise FormatError(
             f"{path}: tensor {entry.name!r} has dtype {entry.dtype}; slmpkg reads only {', '.join(_DTYPE_TO_QTYPE)}"
         )
-    return LazyTensor(entry.name, entry.shape, qtype, mapped.loader(entry.begin, entry.end))
+    return mapped.tensor(entry.name, entry.shape, qtype, entry.begin, entry.end)
 
 
 def _read_file(path: Path, only: Optional[set[str]] = None) -> list[LazyTensor]:
@@ -441,12 +446,14 @@ def _write_shard(path: Path, shard: _Shard, on_tensor: Optional[Callable[[LazyTe
     with open(path, "wb") as f:
         f.write(shard.header)
         for t in shard.tensors:
-            # one tensor in memory at a time
-            data = np.ascontiguousarray(t.raw()).reshape(-1).view(np.uint8)
-            if data.size != _tensor_bytes(t):
-                raise FormatError(f"tensor {t.name}: produced {data.size} bytes, expected {_tensor_bytes(t)}")
-            f.write(memoryview(data))
-            del data
+            # at most one tensor in memory, one piece of it when it is made in pieces
+            written = 0
+            for piece in t.iter_bytes():
+                data = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+                f.write(memoryview(data))
+                written += data.size
+            if written != _tensor_bytes(t):
+                raise FormatError(f"tensor {t.name}: produced {written} bytes, expected {_tensor_bytes(t)}")
             if on_tensor is not None:
                 on_tensor(t)
         if f.tell() != shard.file_size:  # the header promised these offsets

@@ -102,19 +102,8 @@ def _same_type_loader(src: LazyTensor, fn: Callable[[np.ndarray], np.ndarray]) -
     return load
 
 
-def _cast_loader(src: LazyTensor, target: QuantType) -> Callable[[], np.ndarray]:
-    from . import quant
-
-    def load() -> np.ndarray:
-        return quant.quantize(src.float32().reshape(-1, src.shape[-1] if src.shape else 1), target).reshape(-1)
-
-    return load
-
-
 def _as_type(t: LazyTensor, target: QuantType) -> LazyTensor:
-    if t.qtype is target:
-        return t
-    return LazyTensor(t.name, t.shape, target, _cast_loader(t, target))
+    return t.converted(target)
 
 
 def _as_float(t: LazyTensor) -> LazyTensor:
@@ -1112,7 +1101,7 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
                 tensors.append(_stacked(target, group))  # type: ignore[arg-type]
                 del groups[target]
             continue
-        mapped = LazyTensor(target, t.shape, t.qtype, t.raw)
+        mapped = t.renamed(target)
         if rule.transform is not None:
             mapped = rule.transform.forward(mapped, dims)
         tensors.append(_as_type(mapped, QuantType.F32) if len(t.shape) == 1 else mapped)
@@ -1222,7 +1211,7 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
         src = _as_float(t)
         if rule.transform is not None:
             src = rule.transform.backward(src, dims)
-        tensors.append(_as_type(LazyTensor(target, t.shape, src.qtype, src.raw), dtype))
+        tensors.append(_as_type(src.renamed(target), dtype))
     sidecar = {"config.json": json.dumps(config, indent=2).encode()}
     if not family.encoder:
         generation = {"bos_token_id": bos, "eos_token_id": eos}

@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from gguf import GGUFValueType
@@ -42,13 +43,18 @@ class LazyTensor:
     """A tensor whose bytes are produced only when asked for.
 
     ``shape`` is numpy order (rows first, the contiguous row length last, i.e. ggml's ``ne`` reversed).
-    ``raw()`` returns the stored bytes (uint8, ``nbytes`` long) in ``qtype``'s layout.
+    ``raw()`` returns the stored bytes (uint8, ``nbytes`` long) in ``qtype``'s layout. Two optional
+    loaders let big tensors move in pieces: ``read(offset, nbytes)`` returns part of the stored bytes
+    (file readers provide it), ``pieces()`` yields the stored bytes in order (conversions provide it);
+    writers consume :meth:`iter_bytes`, so a conversion never holds a whole tensor.
     """
 
     name: str
     shape: tuple[int, ...]
     qtype: QuantType
     raw: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    read: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False, compare=False)
+    pieces: Optional[Callable[[], Iterator[np.ndarray]]] = field(default=None, repr=False, compare=False)
 
     @property
     def n_elements(self) -> int:
@@ -64,6 +70,23 @@ class LazyTensor:
     def float32(self) -> np.ndarray:
         """The values as float32 in ``shape`` (dequantized when stored quantized)."""
         return quant.dequantize(self.raw(), self.qtype, self.shape)
+
+    def byte_range(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` of the stored bytes from ``offset``, read alone when the source can."""
+        if self.read is not None:
+            return self.read(offset, nbytes)
+        return np.asarray(self.raw()).reshape(-1)[offset : offset + nbytes]
+
+    def iter_bytes(self) -> Iterator[np.ndarray]:
+        """The stored bytes, in order, in as many pieces as the tensor was made in."""
+        if self.pieces is not None:
+            yield from self.pieces()
+        else:
+            yield self.raw()
+
+    def renamed(self, name: str) -> "LazyTensor":
+        """The same tensor (and loaders) under another name."""
+        return dataclasses.replace(self, name=name)
 
     def converted(
         self,
@@ -86,19 +109,27 @@ class LazyTensor:
         src_row = quant.row_bytes(self.qtype, n_per_row)
         dst_row = quant.row_bytes(qtype, n_per_row)
 
-        def produce() -> np.ndarray:
-            raw = np.asarray(src.raw()).reshape(-1)
-            out = np.empty(n_rows * dst_row, np.uint8)
+        def slabs() -> Iterator[np.ndarray]:
             slab = max(1, SLAB_BYTES // (4 * max(n_per_row, 1)))
-            for start in range(0, n_rows, slab):
+            start = 0
+            while start < n_rows:
                 # a slab never straddles two experts, so it has one importance vector
                 stop = min(start + slab, n_rows, (start // rows_per_expert + 1) * rows_per_expert)
-                values = quant.dequantize(raw[start * src_row : stop * src_row], src.qtype, (stop - start, n_per_row))
+                stored = src.byte_range(start * src_row, (stop - start) * src_row)
+                values = quant.dequantize(stored, src.qtype, (stop - start, n_per_row))
                 weights = None if imatrix is None else imatrix[start // rows_per_expert]
-                out[start * dst_row : stop * dst_row] = quant.quantize(values, qtype, imatrix=weights, threads=threads).reshape(-1)
+                yield quant.quantize(values, qtype, imatrix=weights, threads=threads).reshape(-1)
+                start = stop
+
+        def produce() -> np.ndarray:
+            out = np.empty(n_rows * dst_row, np.uint8)
+            done = 0
+            for piece in slabs():
+                out[done : done + piece.size] = piece
+                done += piece.size
             return out
 
-        return LazyTensor(self.name, self.shape, qtype, produce)
+        return LazyTensor(self.name, self.shape, qtype, produce, pieces=slabs)
 
     @staticmethod
     def from_array(name: str, array: np.ndarray) -> "LazyTensor":

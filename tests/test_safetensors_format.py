@@ -547,3 +547,25 @@ def test_sidecar_reads_one_level_of_subfolders(tmp_path: Path) -> None:
     out = tmp_path.parent / "copy"
     st.write(out, Checkpoint({}, st.read(tmp_path).tensors, sidecar))
     assert (out / "1_Pooling" / "config.json").read_bytes() == sidecar["1_Pooling/config.json"]
+
+
+def test_conversion_streams_in_slabs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cast of a file-backed tensor reads and writes it in row slabs, never the whole tensor at once."""
+    import slmpkg.checkpoint as checkpoint
+    from safetensors.numpy import save_file
+
+    data = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    save_file({"w": data}, tmp_path / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "SLAB_BYTES", 16 * 256 * 4)  # 16 rows a slab
+    reads: list[int] = []
+    real = st.read_range
+    monkeypatch.setattr(st, "read_range", lambda p, o, n: reads.append(n) or real(p, o, n))
+    (t,) = st.read(tmp_path).tensors
+    half = t.converted(QuantType.F16)
+    pieces = list(half.iter_bytes())
+    assert [p.size for p in pieces] == [16 * 256 * 2] * 4
+    assert reads == [16 * 256 * 4] * 4  # four ranged reads of one slab each, no whole-tensor read
+    assert np.array_equal(np.concatenate(pieces).view(np.float16).reshape(64, 256), data.astype(np.float16))
+    out = tmp_path / "out"
+    st.write(out, Checkpoint({}, [half]))
+    assert np.array_equal(st.read(out).tensors[0].raw().view(np.float16).reshape(64, 256), data.astype(np.float16))
