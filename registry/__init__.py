@@ -53,7 +53,8 @@ __all__ = [
 
 def open_store(url: str | os.PathLike[str] | None = None, **options) -> Store:
     """A store for ``url``: a path or ``file://`` URL (default ``$SLMPKG_HOME/registry``) or
-    ``s3://bucket/prefix`` (options go to :class:`~slmpkg.registry.s3.S3Store`, e.g. ``endpoint_url``).
+    ``s3://bucket/prefix`` (options go to :class:`~slmpkg.registry.s3.S3Store`, e.g. ``endpoint_url``) or
+    ``hf://org/repo`` (a Hugging Face Hub model repo; ``HF_ENDPOINT``/``HF_TOKEN`` apply).
 
     Example:
         >>> open_store("/tmp/reg")                                 # doctest: +SKIP
@@ -66,8 +67,12 @@ def open_store(url: str | os.PathLike[str] | None = None, **options) -> Store:
         from .s3 import S3Store
 
         return S3Store(s, **options)
+    if s.startswith("hf://"):
+        from .hub import HubStore
+
+        return HubStore(s, **options)
     if s.startswith("file://"):
         s = s[len("file://"):]
     elif "://" in s:
-        raise RegistryError(f"{s}: unsupported registry URL (use a path, file://, or s3://)")
+        raise RegistryError(f"{s}: unsupported registry URL (use a path, file://, s3:// or hf://)")
     return LocalStore(Path(s).expanduser())

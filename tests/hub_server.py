@@ -1,0 +1,472 @@
+"""A small in-memory Hugging Face Hub for tests: stdlib ``http.server`` + threads, loopback only, random
+free ports. It speaks the endpoints ``huggingface_hub`` (pinned 2.4.0) calls for the registry's operations,
+with the request/response shapes taken from its source (``hf_api.py``, ``_commit_api.py``, ``lfs.py``,
+``file_download.py``, ``utils/_http.py``):
+
+- ``POST /api/repos/create`` (409 if it exists; a new repo gets an initial commit with ``.gitattributes``);
+- ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}`` (``sha``, ``siblings``);
+- ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (``recursive``), ``POST /api/models/{repo}/paths-info/{rev}``
+  (``expand`` adds ``lastCommit``);
+- ``POST /api/models/{repo}/preupload/{rev}``: ``lfs`` for files larger than ``lfs_threshold`` or whose
+  sample holds a NUL byte, else ``regular``; ``oid`` of the existing file (git sha1, or sha256 for LFS);
+- LFS batch ``POST /{repo}.git/info/lfs/objects/batch`` (basic transfer): upload ``href`` on a second
+  port (another origin, like S3) signed with an HMAC, no auth header; the PUT is refused unless the bytes
+  hash to the oid and have the declared size; ``verify`` action back on the Hub port;
+- ``POST /api/models/{repo}/commit/{branch}`` (NDJSON): ``header.parentCommit`` not the head -> 412;
+  ``file`` (base64), ``lfsFile`` (must have been uploaded, size checked), ``deletedFile`` (404
+  ``EntryNotFound`` if missing), ``deletedFolder``; all applied atomically under one lock;
+- ``GET|HEAD /{repo}/resolve/{rev}/{path}``: ``X-Repo-Commit``, ``ETag`` (git blob sha1), ranges (206);
+  LFS files answer 302 to the other origin with ``X-Linked-Etag`` (sha256) and ``X-Linked-Size``;
+- 404s carry ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound`` (the codes
+  ``hf_raise_for_status`` dispatches on); a missing or wrong bearer token gets 401 with
+  ``X-Error-Message: Invalid credentials in Authorization header``.
+
+What this does NOT prove (run against the real Hub for that): the Xet path (``hf_xet``, xet-write-token,
+CAS) — tests run with ``HF_HUB_DISABLE_XET=1``; LFS multipart transfer (``chunk_size`` parts + completion);
+the real Hub's LFS/regular decision (.gitattributes patterns, 10 MB rule), its rate limits, pagination
+(``Link`` headers), commit size limits, gated/private repo semantics, token scopes (read vs write, fine-
+grained), eventual consistency between the commit API and the CDN, and exactly which status the real Hub
+returns for a stale ``parentCommit`` (we answer 412; the client maps 409 the same way).
+
+Example:
+    >>> with HubServer(token="hf_x") as hub:                # doctest: +SKIP
+    ...     HfApi(endpoint=hub.endpoint, token="hf_x").create_repo("org/r")
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = ["HubServer"]
+
+GITATTRIBUTES = b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.gguf filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+@dataclass(frozen=True)
+class Entry:
+    size: int
+    oid: str  # git blob sha1 (of the pointer for LFS files)
+    content: bytes | None = None  # regular files
+    lfs: str | None = None  # sha256 of LFS files
+    commit: str = ""  # last commit that touched the path
+
+
+@dataclass
+class Commit:
+    sha: str
+    parent: str | None
+    tree: dict[str, Entry]
+    title: str
+    date: str
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    commits: dict[str, Commit] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)
+
+
+class HubServer:
+    """Start with ``with HubServer(token=...) as hub:``; ``hub.endpoint`` is the ``HF_ENDPOINT``.
+    ``hub.requests`` records ``(method, path)`` of every request, for tests that check the protocol."""
+
+    def __init__(self, token: str = "hf_test_token", lfs_threshold: int = 1 << 20):
+        self.token = token
+        self.lfs_threshold = lfs_threshold
+        self.repos: dict[str, Repo] = {}
+        self.lfs: dict[str, bytes] = {}
+        self.lock = threading.RLock()
+        self.requests: list[tuple[str, str]] = []
+        self._secret = os.urandom(16)
+        self._n = 0
+        hub, cdn = self, self
+
+        class HubHandler(_Handler):
+            server_role = "hub"
+            owner = hub
+
+        class CdnHandler(_Handler):
+            server_role = "cdn"
+            owner = cdn
+
+        self._hub = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+        self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), CdnHandler)
+        for s in (self._hub, self._cdn):
+            s.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._hub.server_address[1]}"
+        self.cdn = f"http://127.0.0.1:{self._cdn.server_address[1]}"
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> HubServer:
+        for s in (self._hub, self._cdn):
+            t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s in (self._hub, self._cdn):
+            s.shutdown()
+            s.server_close()
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    def _sign(self, what: str) -> str:
+        return hmac.new(self._secret, what.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _new_commit(self, repo: Repo, parent: str | None, tree: dict[str, Entry], title: str) -> Commit:
+        self._n += 1
+        sha = hashlib.sha1(f"{repo.repo_id}|{parent}|{self._n}|{title}|{time.time_ns()}".encode()).hexdigest()
+        now = datetime.now(timezone.utc)
+        date = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+        tree = {p: (Entry(e.size, e.oid, e.content, e.lfs, sha) if not e.commit else e) for p, e in tree.items()}
+        c = Commit(sha, parent, tree, title, date)
+        repo.commits[sha] = c
+        return c
+
+    def create_repo(self, repo_id: str) -> bool:
+        with self.lock:
+            if repo_id in self.repos:
+                return False
+            repo = Repo(repo_id)
+            c = self._new_commit(repo, None, {".gitattributes": Entry(len(GITATTRIBUTES), git_sha1(GITATTRIBUTES), GITATTRIBUTES)}, "initial commit")
+            repo.branches["main"] = c.sha
+            self.repos[repo_id] = repo
+            return True
+
+    def resolve(self, repo: Repo, rev: str) -> Commit | None:
+        sha = repo.branches.get(rev) or (rev if re.fullmatch(r"[0-9a-f]{40}", rev) else None)
+        return repo.commits.get(sha) if sha else None
+
+    def head(self, repo_id: str, branch: str = "main") -> str:
+        return self.repos[repo_id].branches[branch]
+
+    def tamper(self, repo_id: str, path: str, data: bytes) -> None:
+        """Replace the bytes behind ``path`` at the head without a commit (a compromised storage)."""
+        with self.lock:
+            e = self.repos[repo_id].commits[self.head(repo_id)].tree[path]
+            if e.lfs:
+                self.lfs[e.lfs] = data
+            else:
+                object.__setattr__(e, "content", data)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_role = "hub"
+    owner: HubServer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            return self.rfile.read(n)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return b""
+
+    def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None, head: bool = False) -> None:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str | None, message: str) -> None:
+        h = {"X-Error-Message": message}
+        if code:
+            h["X-Error-Code"] = code
+        self._send(status, {"error": message}, h)
+
+    def _authorized(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        ok = hmac.compare_digest(auth.encode(), f"Bearer {self.owner.token}".encode())
+        if not ok:
+            self._body()
+            self._error(401, None, "Invalid credentials in Authorization header")
+        return ok
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        path, query = unquote(url.path), parse_qs(url.query)
+        with self.owner.lock:
+            self.owner.requests.append((self.command, url.path))
+        try:
+            if self.server_role == "cdn":
+                return self._cdn(path, query)
+            if not self._authorized():
+                return
+            return self._hub(path, query)
+        except BrokenPipeError:
+            pass
+
+    do_GET = do_HEAD = do_POST = do_PUT = _dispatch
+
+    # ---- other origin: LFS storage ----------------------------------------------------------------
+
+    def _cdn(self, path: str, query: dict) -> None:
+        hub = self.owner
+        m = re.fullmatch(r"/lfs/([0-9a-f]{64})", path)
+        if not m:
+            return self._error(404, None, "no such object")
+        oid = m.group(1)
+        sig = query.get("sig", [""])[0]
+        if self.command == "PUT":
+            size = int(query.get("size", ["-1"])[0])
+            if not hmac.compare_digest(sig, hub._sign(f"put:{oid}:{size}")):
+                self._body()
+                return self._error(403, None, "bad signature")
+            data = self._body()
+            if len(data) != size or hashlib.sha256(data).hexdigest() != oid:
+                return self._error(400, None, "uploaded bytes do not match the oid/size (BadDigest)")
+            with hub.lock:
+                hub.lfs[oid] = data
+            return self._send(200)
+        if self.command not in ("GET", "HEAD") or not hmac.compare_digest(sig, hub._sign(f"get:{oid}")):
+            self._body()
+            return self._error(403, None, "bad signature")
+        with hub.lock:
+            data = hub.lfs.get(oid)
+        if data is None:
+            return self._error(404, None, "no such object")
+        return self._ranged(data, {"ETag": f'"{oid}"'})
+
+    def _ranged(self, data: bytes, headers: dict) -> None:
+        rng = self.headers.get("Range")
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **headers}
+        if rng:
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
+            if not m:
+                return self._error(416, None, "bad range")
+            start = int(m.group(1))
+            end = min(len(data) - 1, int(m.group(2)) if m.group(2) else len(data) - 1)
+            if start >= len(data):
+                return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}", **headers})
+            return self._send(206, data[start:end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}", **headers})
+        return self._send(200, data, headers)
+
+    # ---- the Hub ----------------------------------------------------------------------------------
+
+    def _repo(self, repo_id: str) -> Repo | None:
+        repo = self.owner.repos.get(repo_id)
+        if repo is None:
+            self._body()
+            self._error(404, "RepoNotFound", "Repository not found")
+        return repo
+
+    def _commit_at(self, repo: Repo, rev: str) -> Commit | None:
+        c = self.owner.resolve(repo, rev)
+        if c is None:
+            self._body()
+            self._error(404, "RevisionNotFound", "Invalid rev id: " + rev)
+        return c
+
+    @staticmethod
+    def _file_json(path: str, e: Entry, commit: Commit | None = None, repo: Repo | None = None) -> dict:
+        d = {"type": "file", "oid": e.oid, "size": e.size, "path": path}
+        if e.lfs:
+            d["lfs"] = {"oid": e.lfs, "size": e.size, "pointerSize": len(lfs_pointer(e.lfs, e.size))}
+        if repo is not None:
+            c = repo.commits[e.commit]
+            d["lastCommit"] = {"id": c.sha, "title": c.title, "date": c.date}
+        return d
+
+    def _hub(self, path: str, query: dict) -> None:
+        hub, cmd = self.owner, self.command
+        if cmd == "POST" and path == "/api/repos/create":
+            p = json.loads(self._body() or b"{}")
+            if p.get("type", "model") != "model":
+                return self._error(400, None, "only model repos here")
+            repo_id = f"{p['organization']}/{p['name']}" if p.get("organization") else p["name"]
+            if not hub.create_repo(repo_id):
+                # The real Hub's 409 carries the url too; create_repo(exist_ok=True) reads it.
+                msg = "You already created this model repo"
+                return self._send(409, {"error": msg, "url": f"{hub.endpoint}/{repo_id}"}, {"X-Error-Message": msg})
+            return self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
+
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit)/([^/]+)(/.*)?)?", path)
+        if m:
+            repo_id, op, rev, rest = m.groups()
+            with hub.lock:
+                repo = self._repo(repo_id)
+                if repo is None:
+                    return
+                if op is None or op == "revision":
+                    if cmd != "GET":
+                        return self._error(405, None, "method not allowed")
+                    c = self._commit_at(repo, rev or "main")
+                    if c is None:
+                        return
+                    return self._send(200, {"id": repo_id, "modelId": repo_id, "sha": c.sha, "private": True,
+                                            "lastModified": c.date, "siblings": [{"rfilename": p} for p in sorted(c.tree)]})
+                if op == "tree" and cmd == "GET":
+                    c = self._commit_at(repo, rev)
+                    if c is None:
+                        return
+                    base = (rest or "").strip("/")
+                    recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+                    out, dirs = [], set()
+                    for p, e in sorted(c.tree.items()):
+                        if base and not p.startswith(base + "/"):
+                            continue
+                        rel = p[len(base) + 1:] if base else p
+                        parts = rel.split("/")
+                        for i in range(1, len(parts) if recursive else min(2, len(parts))):
+                            dirs.add("/".join(([base] if base else []) + parts[:i]))
+                        if recursive or len(parts) == 1:
+                            out.append(self._file_json(p, e))
+                    if base and not out and not dirs:
+                        return self._error(404, "EntryNotFound", f"{base} does not exist")
+                    out += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in sorted(dirs)]
+                    return self._send(200, out)
+                if op == "paths-info" and cmd == "POST":
+                    c = self._commit_at(repo, rev)
+                    if c is None:
+                        return
+                    form = parse_qs(self._body().decode())
+                    expand = form.get("expand", ["False"])[0].lower() == "true"
+                    out = [self._file_json(p, c.tree[p], c, repo if expand else None) for p in form.get("paths", []) if p in c.tree]
+                    return self._send(200, out)
+                if op == "preupload" and cmd == "POST":
+                    c = self._commit_at(repo, rev)
+                    if c is None:
+                        return
+                    files = []
+                    for f in json.loads(self._body())["files"]:
+                        sample = base64.b64decode(f["sample"])
+                        mode = "lfs" if f["size"] > hub.lfs_threshold or b"\x00" in sample else "regular"
+                        e = c.tree.get(f["path"])
+                        d = {"path": f["path"], "uploadMode": mode, "shouldIgnore": False}
+                        if e is not None:
+                            d["oid"] = e.lfs or e.oid
+                        files.append(d)
+                    return self._send(200, {"files": files, "commitOid": c.sha})
+                if op == "commit" and cmd == "POST":
+                    return self._commit(repo, rev)
+            return self._error(404, None, "no such endpoint")
+
+        m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/(batch|verify)", path)
+        if m and cmd == "POST":
+            repo_id, op = m.groups()
+            with hub.lock:
+                if self._repo(repo_id) is None:
+                    return
+            p = json.loads(self._body())
+            if op == "verify":
+                with hub.lock:
+                    data = hub.lfs.get(p["oid"])
+                if data is None or len(data) != p["size"]:
+                    return self._error(404, None, "object not uploaded")
+                return self._send(200, {"ok": True})
+            if p.get("operation") != "upload":
+                return self._error(400, None, "only uploads here")
+            objs = []
+            for o in p["objects"]:
+                oid, size = o["oid"], int(o["size"])
+                with hub.lock:
+                    have = oid in hub.lfs
+                d = {"oid": oid, "size": size, "authenticated": True}
+                if not have:
+                    d["actions"] = {
+                        "upload": {"href": f"{hub.cdn}/lfs/{oid}?size={size}&sig={hub._sign(f'put:{oid}:{size}')}", "header": {}},
+                        "verify": {"href": f"{hub.endpoint}/{repo_id}.git/info/lfs/objects/verify", "header": {}},
+                    }
+                objs.append(d)
+            return self._send(200, {"transfer": "basic", "objects": objs}, {"Content-Type": "application/vnd.git-lfs+json"})
+
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m and cmd in ("GET", "HEAD"):
+            repo_id, rev, fpath = m.groups()
+            with hub.lock:
+                repo = self._repo(repo_id)
+                if repo is None:
+                    return
+                c = self._commit_at(repo, rev)
+                if c is None:
+                    return
+                e = c.tree.get(fpath)
+            if e is None:
+                return self._error(404, "EntryNotFound", f"{fpath} does not exist at {rev}")
+            h = {"X-Repo-Commit": c.sha, "ETag": f'"{e.oid}"'}
+            if e.lfs:
+                loc = f"{hub.cdn}/lfs/{e.lfs}?sig={hub._sign(f'get:{e.lfs}')}"
+                return self._send(302, b"", {**h, "Location": loc, "X-Linked-Etag": f'"{e.lfs}"', "X-Linked-Size": e.size})
+            return self._ranged(e.content or b"", h)
+        self._body()
+        return self._error(404, None, "no such endpoint")
+
+    def _commit(self, repo: Repo, branch: str) -> None:
+        hub = self.owner
+        if branch not in repo.branches:
+            self._body()
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+        lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return self._error(400, None, "first line must be the header")
+        header = lines[0]["value"]
+        head = repo.branches[branch]
+        parent = header.get("parentCommit")
+        if parent is not None and not head.startswith(parent):
+            return self._error(412, None, "A commit has happened since. Please refresh and try again.")
+        tree = dict(repo.commits[head].tree)
+        for item in lines[1:]:
+            k, v = item["key"], item["value"]
+            p = v["path"]
+            if k == "file":
+                data = base64.b64decode(v["content"]) if v.get("encoding") == "base64" else v["content"].encode()
+                tree[p] = Entry(len(data), git_sha1(data), data)
+            elif k == "lfsFile":
+                data = hub.lfs.get(v["oid"])
+                if data is None or ("size" in v and v["size"] != len(data)):
+                    return self._error(422, None, f"LFS object {v['oid']} for {p} was not uploaded")
+                tree[p] = Entry(len(data), git_sha1(lfs_pointer(v["oid"], len(data))), lfs=v["oid"])
+            elif k == "deletedFile":
+                if p not in tree:
+                    return self._error(404, "EntryNotFound", "A file with this name doesn't exist")
+                del tree[p]
+            elif k == "deletedFolder":
+                pre = p.rstrip("/") + "/"
+                for q in [q for q in tree if q.startswith(pre)]:
+                    del tree[q]
+            else:
+                return self._error(400, None, f"unknown commit operation {k}")
+        c = hub._new_commit(repo, head, tree, header.get("summary", ""))
+        repo.branches[branch] = c.sha
+        return self._send(200, {"success": True, "commitOid": c.sha, "commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{c.sha}"})
+
