@@ -164,7 +164,7 @@ def quantize_command(
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path),
               help="Output: a .gguf file, a directory for GGUF (named Name-Size-PRESET.gguf), or a HF directory.")
-@click.option("--to", "to", type=click.Choice(["gguf", "safetensors"]), help="Output format (default: from the output name).")
+@click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "onnx"]), help="Output format (default: from the output name).")
 @click.option("--quant", "preset", metavar="PRESET", help="GGUF preset (F32 F16 BF16 Q8_0 ... Q4_K_M ...); default keeps the source's float type.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16).")
@@ -178,7 +178,7 @@ def convert_command(
     src: Path, dst: Path, to: Optional[str], preset: Optional[str], imatrix: Optional[Path], dtype: Optional[str],
     max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
-    """Convert a Hugging Face directory to GGUF (any preset, one pass) or a GGUF back to a HF directory."""
+    """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, or a GGUF to a HF directory or ONNX."""
     from .formats.safetensors import parse_size
     from .pipeline import convert
 

@@ -167,8 +167,10 @@ def convert(
         target = "safetensors" if source_is_gguf and dst.suffix.lower() != ".gguf" else "gguf"
     else:
         target = to.lower()
-    if target not in ("gguf", "safetensors"):
-        raise UsageError(f"unknown output format {to!r} (gguf, safetensors)")
+    if target not in ("gguf", "safetensors", "onnx"):
+        raise UsageError(f"unknown output format {to!r} (gguf, safetensors, onnx)")
+    if target == "onnx":
+        return _convert_to_onnx(src, dst, source_is_gguf, quant, dtype, progress, start)
 
     if target == "gguf":
         if source_is_gguf:
@@ -200,6 +202,39 @@ def convert(
         files = st_format.write(dst, hf, max_shard_size=max_shard_size, on_tensor=lambda t: bar.advance(t.nbytes, t.name))
     size = sum(f.stat().st_size for f in files)
     return ConvertResult(src, dst, "safetensors", files, size, time.monotonic() - start)
+
+
+# tokenizer files onnxruntime-genai loads from the model directory
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _convert_to_onnx(
+    src: Path, dst: Path, source_is_gguf: bool, quant: Optional[Union[str, QuantOptions]], dtype: Optional[str],
+    progress: Optional[bool], start: float,
+) -> ConvertResult:
+    """HF directory or GGUF → an onnxruntime(-genai) decoder directory with float weights."""
+    from . import architectures
+    from .formats import gguf as gguf_format
+    from .formats import onnx as onnx_format
+    from .formats import safetensors as st_format
+    from .tokenizer import hf_tokenizer_files
+
+    precision = str(quant or dtype or "f32").lower()
+    if precision not in ("f32", "f16"):
+        raise UsageError(f"ONNX output supports --quant f32 or f16 so far, not {precision!r} (int4/int8 are not built yet)")
+    if source_is_gguf:
+        canonical = _naming(src, lambda: gguf_format.read(src))
+        tokenizer = hf_tokenizer_files(canonical.metadata)
+    else:
+        hf = st_format.read(src)
+        canonical = _naming(src, lambda: architectures.from_hf(hf, name=src.name))
+        tokenizer = {k: v for k, v in hf.sidecar.items() if k in _TOKENIZER_FILES}
+    canonical.sidecar = tokenizer
+    total = sum(t.nbytes for t in canonical.tensors)
+    with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
+        files = _naming(src, lambda: onnx_format.write(dst, canonical, precision,
+                                                      on_tensor=lambda t: bar.advance(t.nbytes, t.name)))
+    return ConvertResult(src, dst, "onnx", files, sum(f.stat().st_size for f in files), time.monotonic() - start)
 
 
 def _naming(src: Path, step: "Callable[[], Checkpoint]") -> "Checkpoint":
