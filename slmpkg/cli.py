@@ -338,25 +338,47 @@ def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
 @click.option("--target", default="auto", show_default=True, help="A target name, or auto: the best one this host runs.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to install into.")
 @click.option("--pub", required=True, type=click.Path(path_type=Path), help="Public key the index must be signed with.")
+@click.option("--max-memory", metavar="SIZE", help="Memory budget for --target auto (e.g. 8G; default: what this host has).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_registry_option
 @_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
-def pull_command(ref: str, target: str, out: Path, pub: Path, overwrite: bool,
+def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Optional[str], overwrite: bool,
                  registry: Optional[str], endpoint_url: Optional[str], as_json: bool) -> None:
     """Fetch the artifact made for this host (or --target), verify every signature and digest, install it."""
     from .registry import pull
     from .signing import KeyVerifier
-    from .targets import compatible_targets, detect_host, get_target
+    from .targets import get_target
 
-    ranked = [t.name for t in compatible_targets(detect_host())] if target == "auto" else [get_target(target).name]
-    result = pull(_store(registry, endpoint_url), ref, ranked, out, KeyVerifier(pub), overwrite=overwrite)
+    store = _store(registry, endpoint_url)
+    verifier = KeyVerifier(pub)
+    if target == "auto":
+        target = _auto_target(store, ref, verifier, max_memory)
+    else:
+        get_target(target)
+    result = pull(store, ref, target, out, verifier, overwrite=overwrite)
     if as_json:
         _emit_json(dataclasses.asdict(result))
     else:
         click.echo(f"{result.name}:{result.release} [{result.target}] → {result.out_dir} "
                    f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.cached_bytes / 1e6:.1f} MB from cache)")
+
+
+def _auto_target(store, ref: str, verifier, max_memory: Optional[str]) -> str:
+    """The best published target this host runs whose artifact fits the memory budget.
+
+    Sizes come from the signed index's manifests (verified here; pull verifies everything again).
+    """
+    from .registry import ls, parse_ref
+    from .targets import choose_artifact, detect_host, parse_size
+
+    name, release = parse_ref(ref)
+    tags = ls(store, name, verifier=verifier).get("tags", {})
+    release = tags.get(release, release)
+    manifests = ls(store, f"{name}:{release}", verifier=verifier)["manifests"]
+    sizes = {t: sum(f["size"] for f in m["files"]) for t, m in manifests.items()}
+    return choose_artifact(detect_host(), sizes, parse_size(max_memory) if max_memory else None)
 
 
 @main.command("ls")

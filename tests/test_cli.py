@@ -162,3 +162,29 @@ def test_quickstart_runs_end_to_end(tmp_path):
     host_arch = "arm" if os.uname().machine in ("aarch64", "arm64") else "avx2"
     assert (pulled / "tiny.gguf").read_bytes() == (tmp_path / "qs" / host_arch / "tiny.gguf").read_bytes()
     assert "verified" in done.stdout
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86-64 target ladder")
+def test_pull_auto_picks_the_best_target_that_fits_the_memory_budget(tmp_path, monkeypatch):
+    from slmpkg.targets import detect_host
+
+    if "cpu-x86_64-avx2" not in json.loads(run("targets", "--detect", "--json").output)["compatible"]:
+        pytest.skip("this x86-64 host has no AVX2")
+    assert detect_host().arch == "x86_64"
+    monkeypatch.setenv("SLMPKG_HOME", str(tmp_path / "home"))
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir(), small.mkdir()
+    (big / "model.bin").write_bytes(b"\1" * 3_000_000)
+    (small / "model.bin").write_bytes(b"\2" * 1_000_000)
+    key = tmp_path / "k"
+    assert run("keygen", "-o", key).exit_code == 0
+    for target, artifact in (("cpu-x86_64-avx2", big), ("cpu-x86_64", small)):
+        assert run("push", "m:1", artifact, "--target", target, "--key", f"{key}.pem").exit_code == 0
+    roomy = run("pull", "m:1", "-o", tmp_path / "a", "--pub", f"{key}.pub.pem", "--json")
+    assert json.loads(roomy.output)["target"] == "cpu-x86_64-avx2"
+    tight = run("pull", "m:1", "-o", tmp_path / "b", "--pub", f"{key}.pub.pem", "--max-memory", "2M", "--json")
+    assert json.loads(tight.output)["target"] == "cpu-x86_64"
+    assert (tmp_path / "b" / "model.bin").read_bytes() == (small / "model.bin").read_bytes()
+    none = run("pull", "m:1", "-o", tmp_path / "c", "--pub", f"{key}.pub.pem", "--max-memory", "100")
+    assert none.exit_code == 1 and none.output.startswith("slmpkg: error: ") and "cpu-x86_64" in none.output
+    assert not (tmp_path / "c").exists()
