@@ -29,12 +29,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -43,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .._io import atomic_directory, write_synced
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
 
@@ -319,32 +317,6 @@ def _io(spec: _Spec, elem: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.Va
     return inputs, outputs
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _target_ok(directory: Path) -> None:
-    if directory.is_symlink():
-        raise UsageError(f"{directory}: is a symbolic link; give the real directory")
-    if directory.is_dir():
-        if any(directory.iterdir()):
-            raise UsageError(f"{directory}: exists and is not empty; choose a new or empty directory")
-    elif directory.exists():
-        raise UsageError(f"{directory}: exists and is not a directory")
-
-
 def write(
     directory: PathLike,
     checkpoint: Checkpoint,
@@ -369,13 +341,7 @@ def write(
     spec = _Spec(checkpoint)
     tensors = {t.name: t for t in checkpoint.tensors}
     directory = Path(directory)
-    _target_ok(directory)
-
-    target = Path(os.path.abspath(directory))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.partial"
-    os.mkdir(tmp)
-    try:
+    with atomic_directory(directory) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
             g = _Graph(data, DATA_FILE)
             _build(g, spec, tensors, np_dtype, on_tensor)
@@ -387,20 +353,13 @@ def write(
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
             ir_version=IR_VERSION, producer_name="slmpkg",
         )
-        _write_bytes(tmp / MODEL_FILE, model.SerializeToString())
+        write_synced(tmp / MODEL_FILE, model.SerializeToString())
         config = json.dumps(_genai_config(spec), indent=4) + "\n"
-        _write_bytes(tmp / CONFIG_FILE, config.encode("utf-8"))
+        write_synced(tmp / CONFIG_FILE, config.encode("utf-8"))
         for name, content in checkpoint.sidecar.items():  # tokenizer files onnxruntime-genai reads
             if "/" in name or name.startswith(".") or name in (MODEL_FILE, DATA_FILE, CONFIG_FILE):
                 raise FormatError(f"sidecar file {name!r}: not a plain file name for the model directory")
-            _write_bytes(tmp / name, content)
-        _fsync_dir(tmp)
-        _target_ok(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
+            write_synced(tmp / name, content)
     return [directory / MODEL_FILE, directory / DATA_FILE, directory / CONFIG_FILE] + [
         directory / name for name in checkpoint.sidecar
     ]

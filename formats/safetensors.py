@@ -25,20 +25,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .._io import read_range
+from .._io import atomic_directory, check_output_directory, read_range, write_synced
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
 from ..quant import QuantType
@@ -462,33 +459,6 @@ def _write_shard(path: Path, shard: _Shard, on_tensor: Optional[Callable[[LazyTe
         os.fsync(f.fileno())
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform/filesystem can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _target_ok(directory: Path) -> None:
-    if directory.is_symlink():  # renaming onto it would replace the link, not fill what it points to
-        raise UsageError(f"{directory}: is a symbolic link; give the real directory")
-    if directory.is_dir():
-        if any(directory.iterdir()):
-            raise UsageError(f"{directory}: exists and is not empty; choose a new or empty directory")
-    elif directory.exists() or directory.is_symlink():
-        raise UsageError(f"{directory}: exists and is not a directory")
-
-
 def write(
     directory: PathLike,
     checkpoint: Checkpoint,
@@ -524,7 +494,7 @@ def write(
     directory = Path(directory)
     limit = parse_size(max_shard_size)
     _check(checkpoint)
-    _target_ok(directory)
+    check_output_directory(Path(os.path.abspath(directory)))  # fail before any work
     sidecar = dict(checkpoint.sidecar)
 
     shards = _plan(list(checkpoint.tensors), limit)
@@ -535,13 +505,7 @@ def write(
         relative.append(INDEX_FILE)
     relative += sorted(sidecar)
 
-    target = Path(os.path.abspath(directory))  # "out/", "." and the like get a real name and parent
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (not mkdtemp, which makes it 0700) so the result gets the usual umask permissions;
-    # the random part keeps concurrent writers apart.
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.partial"
-    os.mkdir(tmp)
-    try:
+    with atomic_directory(directory) as tmp:
         for name, shard in zip(names, shards):
             _write_shard(tmp / name, shard, on_tensor)
         if n > 1:
@@ -553,17 +517,7 @@ def write(
                 },
                 "weight_map": {t.name: name for name, s in zip(names, shards) for t in s.tensors},
             }
-            _write_bytes(tmp / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+            write_synced(tmp / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
         for name in sorted(sidecar):
-            _write_bytes(tmp / name, sidecar[name])
-        _fsync_dir(tmp)
-
-        _target_ok(target)  # again: something may have appeared while we wrote
-        # rename(2) replaces an empty directory atomically (and fails on a non-empty one), so there
-        # is no moment with a half-written target and nothing is ever overwritten
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
+            write_synced(tmp / name, sidecar[name])
     return [directory / r for r in relative]
