@@ -713,21 +713,35 @@ def _out_matches(out: Path, files: Sequence[Mapping[str, Any]], blobs: Mapping[s
     return True
 
 
-def _resolve(store: Store, name: str, ref: str, verifier: Verifier, state: TrustState, now: dt.datetime) -> str:
-    """The release ``NAME:REF`` names: ``REF`` itself when it is a version, else the tag's target."""
-    if store.exists(index_key(name, ref)):
-        return ref
-    key = tag_key(name, ref)
+def _trusted_doc(
+    store: Store, key: str, verifier: Verifier, predicate_type: str, expected: Mapping[str, str],
+    state: TrustState, now: dt.datetime, missing: str,
+) -> tuple[dict[str, Any], int]:
+    """A signed index or tag at ``key``, checked as a pull must: signature, that it names what was
+    asked for (mix-and-match), expiry (freeze) and that its version never goes back (rollback).
+    Returns the predicate and its version."""
     source = f"{store.url}/{key}"
     try:
         data = store.get(key)
     except NotFoundError:
-        raise NotFoundError(f"{name}:{ref}: no such version or tag in {store.url}") from None
-    pred = _open_doc(data, verifier, TAG_PREDICATE, source)
-    if pred.get("name") != name or pred.get("tag") != ref:
-        raise MixAndMatchError(f"{source}: signed tag is {pred.get('name')}:{pred.get('tag')}, expected {name}:{ref}")
+        raise NotFoundError(missing) from None
+    what = "tag" if predicate_type == TAG_PREDICATE else "index"
+    pred = _open_doc(data, verifier, predicate_type, source)
+    if any(pred.get(k) != v for k, v in expected.items()):
+        found = ":".join(str(pred.get(k)) for k in expected)
+        raise MixAndMatchError(f"{source}: signed {what} is for {found}, expected {':'.join(expected.values())}")
     _check_fresh(pred, now, source)
-    state.check_and_record(store.url, f"tag {name}:{ref}", _check_int(pred.get("version"), "version", source), source)
+    version = _check_int(pred.get("version"), "version", source)
+    state.check_and_record(store.url, f"{what} {':'.join(expected.values())}", version, source)
+    return pred, version
+
+
+def _resolve(store: Store, name: str, ref: str, verifier: Verifier, state: TrustState, now: dt.datetime) -> str:
+    """The release ``NAME:REF`` names: ``REF`` itself when it is a version, else the tag's target."""
+    if store.exists(index_key(name, ref)):
+        return ref
+    pred, _ = _trusted_doc(store, tag_key(name, ref), verifier, TAG_PREDICATE, {"name": name, "tag": ref},
+                           state, now, f"{name}:{ref}: no such version or tag in {store.url}")
     return _check_release(str(pred.get("release")))
 
 
@@ -769,16 +783,8 @@ def pull(
     release = _resolve(store, name, ref_part, verifier, trust, now)
     ikey = index_key(name, release)
     source = f"{store.url}/{ikey}"
-    try:
-        data = store.get(ikey)
-    except NotFoundError:
-        raise NotFoundError(f"{name}:{release}: no such version in {store.url}") from None
-    idx = _open_doc(data, verifier, INDEX_PREDICATE, source)
-    if idx.get("name") != name or idx.get("release") != release:
-        raise MixAndMatchError(f"{source}: signed index is for {idx.get('name')}:{idx.get('release')}, expected {name}:{release}")
-    _check_fresh(idx, now, source)
-    version = _check_int(idx.get("version"), "version", source)
-    trust.check_and_record(store.url, f"index {name}:{release}", version, source)
+    idx, version = _trusted_doc(store, ikey, verifier, INDEX_PREDICATE, {"name": name, "release": release},
+                                trust, now, f"{name}:{release}: no such version in {store.url}")
 
     targets = idx.get("targets")
     if not isinstance(targets, dict):
