@@ -9,9 +9,12 @@ registry root, keys are paths in the repo. Endpoint from ``endpoint`` or ``HF_EN
   ``parent_commit=H``; the Hub refuses (412/409) if the branch moved, and we re-check at the new head
   (a move that left the key alone is retried, one that changed it is a
   :class:`~slmpkg.registry.errors.ConflictError`). ``put_if_absent`` is the same with "absent at ``H``";
-- reads pin ``revision=H`` so the bytes and the etag come from one commit; blobs above the Hub's LFS
-  threshold go through the LFS batch API (the Xet path is used when ``hf_xet`` is installed and not
-  disabled with ``HF_HUB_DISABLE_XET=1``);
+- reads pin ``revision=H`` so the bytes and the etag come from one commit;
+- big blobs: huggingface_hub uploads them through Xet when ``hf_xet`` is installed and not disabled with
+  ``HF_HUB_DISABLE_XET=1``, else through the LFS batch API. Reads of a file the Hub stores in Xet (its
+  resolve answer carries ``X-Xet-Hash``) go through ``hf_xet`` too — whole files and byte ranges, with a
+  read token from the Hub — and through the HTTP redirect otherwise; either way the etag of a big file is
+  its sha256 (``X-Linked-Etag``), which ``put_file`` checks against what it hashed;
 - ``mtime``/``touch`` (the gc clock): the last commit date of the key or of a hidden marker
   ``.slmpkg-touch/<key>`` that ``touch`` rewrites (the client skips commits that change nothing, so
   re-adding the same bytes would not move the date). Dot-prefixed paths are never keys.
@@ -113,6 +116,12 @@ class HubStore(Store):
 
             if isinstance(e, (HfHubHTTPError, OSError)) or type(e).__module__.startswith(("httpx", "httpcore")):
                 raise self._error(e, key, op) from None
+            if type(e).__module__.startswith("hf_xet") or type(e).__name__.startswith("Xet"):
+                # hf_xet's errors (CAS refused the token, object missing, I/O) carry no HTTP response
+                where = f"{self.url}/{key}" if key else self.url
+                msg = _first_line(e).replace(self._token, "***") if self._token else _first_line(e)
+                cls = AuthError if "Authentication" in type(e).__name__ else StoreError
+                raise cls(f"{where}: {op} through Xet failed: {msg}") from None
             raise
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -135,14 +144,20 @@ class HubStore(Store):
             return None
         return info.sha
 
-    def _meta(self, key: str, rev: str):
-        """``(etag, size, commit)`` of ``key`` at ``rev``; NotFoundError when absent."""
+    def _file_meta(self, key: str, rev: str):
+        """huggingface_hub's ``HfFileMetadata`` of ``key`` at ``rev`` (etag, size, commit, Xet data);
+        NotFoundError when absent."""
         from huggingface_hub import hf_hub_url
 
         url = hf_hub_url(self.repo_id, key, revision=rev, endpoint=self.endpoint)
         m = self._call("metadata", key, self.api.get_hf_file_metadata, url=url)
         if m.etag is None or m.size is None:
             raise StoreError(f"{self.url}/{key}: the Hub sent no ETag/size")
+        return m
+
+    def _meta(self, key: str, rev: str):
+        """``(etag, size, commit)`` of ``key`` at ``rev``; NotFoundError when absent."""
+        m = self._file_meta(key, rev)
         return m.etag, int(m.size), m.commit_hash
 
     def _etag_at(self, key: str, rev: str | None) -> str | None:
@@ -295,30 +310,58 @@ class HubStore(Store):
         head = self._head()
         if head is None:
             raise NotFoundError(f"{self.url}/{key}: not found")
-        size = self._meta(key, head)[1]
-        end = min(end, size)
+        meta = self._file_meta(key, head)
+        end = min(end, int(meta.size))
         if end <= start:
             return b""
         buf = io.BytesIO()
-        self._get_into(key, head, buf, start, end)
+        self._get_into(key, head, meta, buf, start, end)
         return buf.getvalue()
 
-    def _get_into(self, key, rev, f, start=None, end=None, progress=None) -> int:
+    def _xet_chunks(self, xet, size: int, start: int | None, end: int | None):
+        """The bytes ``[start, end)`` of a Xet-stored file, straight from the CAS through ``hf_xet``."""
+        from hf_xet import XetFileInfo
+        from huggingface_hub.utils import build_hf_headers
+        from huggingface_hub.utils._xet import (
+            get_xet_session,
+            refresh_xet_connection_info,
+            xet_headers_without_auth,
+        )
+
+        headers = build_hf_headers(token=self._token)
+        # A short-lived CAS token from the Hub's xet-read-token route (cached by huggingface_hub); the CAS
+        # never sees the Hub token, and hf_xet refreshes the CAS token through the same route.
+        info = refresh_xet_connection_info(file_data=xet, headers=headers)
+        group = get_xet_session().new_download_stream_group(
+            endpoint=info.endpoint, token=info.access_token, token_expiry_unix_secs=info.expiration_unix_epoch,
+            token_refresh_url=xet.refresh_route, token_refresh_headers=headers,
+            custom_headers=xet_headers_without_auth(headers))
+        yield from group.download_stream(XetFileInfo(xet.file_hash, size), start=start, end=end)
+
+    def _get_into(self, key, rev, meta, f, start=None, end=None, progress=None) -> int:
         from huggingface_hub.utils import hf_raise_for_status
+        from huggingface_hub.utils._runtime import is_xet_available
 
         done = 0
 
-        def run():
+        def take(chunk: bytes) -> None:
             nonlocal done
+            f.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(len(chunk))
+
+        def run():
+            if meta.xet_file_data is not None and is_xet_available():
+                for chunk in self._xet_chunks(meta.xet_file_data, int(meta.size), start, end):
+                    take(chunk)
+                return
             with self._stream(key, rev, start, end) as r:
                 hf_raise_for_status(r)
                 if start is not None and r.status_code != 206:
                     raise StoreError(f"{self.url}/{key}: the server ignored the Range request")
                 for chunk in r.iter_bytes(CHUNK):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(len(chunk))
+                    take(chunk)
 
         self._call("download", key, run)
         return done
@@ -328,8 +371,9 @@ class HubStore(Store):
         head = self._head()
         if head is None:
             raise NotFoundError(f"{self.url}/{key}: not found")
-        total = self._meta(key, head)[1] if size is None else size
-        done = self._get_into(key, head, f, progress=progress)
+        meta = self._file_meta(key, head)
+        total = int(meta.size) if size is None else size
+        done = self._get_into(key, head, meta, f, progress=progress)
         if done != total:
             raise IntegrityError(f"{self.url}/{key}: got {done} bytes, expected {total}")
         return done

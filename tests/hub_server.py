@@ -21,8 +21,24 @@ with the request/response shapes taken from its source (``hf_api.py``, ``_commit
   ``hf_raise_for_status`` dispatches on); a missing or wrong bearer token gets 401 with
   ``X-Error-Message: Invalid credentials in Authorization header``.
 
-What this does NOT prove (run against the real Hub for that): the Xet path (``hf_xet``, xet-write-token,
-CAS) — tests run with ``HF_HUB_DISABLE_XET=1``; LFS multipart transfer (``chunk_size`` parts + completion);
+Xet (``HubServer(xet_dir=D)``): the CAS is ``hf_xet``'s own ``local://D`` store, which the client writes
+and reads directly (chunking, dedup, xorbs, shards: all real ``hf_xet``); the server plays the Hub's part:
+
+- ``GET /api/models/{repo}/xet-write-token/{rev}`` and ``.../xet-read-token/{rev}``: the CAS URL, a token
+  and its expiry, both as headers (``X-Xet-Cas-Url``, ``X-Xet-Access-Token``, ``X-Xet-Token-Expiration``:
+  what ``huggingface_hub.utils._xet`` parses) and as the JSON body hf_xet's own token refresher parses
+  (``casUrl``, ``accessToken``, ``exp``);
+- a commit's ``lfsFile`` (sha256 oid) that never came through the LFS batch API is looked up the way the
+  Hub does: in the shards the client uploaded to the CAS, whose file entries carry the sha256 (MDB shard
+  format, metadata extension); unknown or wrong size -> 422;
+- resolve answers 302 to the other origin (a "cas bridge" that reconstructs the bytes with hf_xet, for
+  clients without Xet) with ``X-Xet-Hash`` and ``Link: <.../xet-read-token/{commit}>; rel="xet-auth"``,
+  so ``hf_hub_download`` goes through ``hf_xet``; tree and paths-info entries carry ``xetHash``.
+
+What this does NOT prove (run against the real Hub for that): the Xet CAS service itself (hf_xet's
+``local://`` client stands in for ``cas-server.xethub.hf.co``: no HTTP between client and CAS, the token is
+never checked by it, no presigned xorb URLs, no server-side shard validation or global dedup answers);
+LFS multipart transfer (``chunk_size`` parts + completion);
 the real Hub's LFS/regular decision (.gitattributes patterns, 10 MB rule), its rate limits, pagination
 (``Link`` headers), commit size limits, gated/private repo semantics, token scopes (read vs write, fine-
 grained), eventual consistency between the commit API and the CDN, and exactly which status the real Hub
@@ -36,11 +52,14 @@ Example:
 from __future__ import annotations
 
 import base64
+import dataclasses
+import glob
 import hashlib
 import hmac
 import json
 import os
 import re
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,13 +80,96 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
+def _xet_hex(raw: bytes) -> str:
+    """A Xet hash as the protocol writes it: four little-endian u64 words, each printed as 16 hex digits."""
+    return "".join(raw[i:i + 8][::-1].hex() for i in range(0, 32, 8))
+
+
+def shard_files(shard: bytes) -> dict[str, tuple[str, int]]:
+    """``{sha256: (xet file hash, size)}`` of the file entries of one MDB shard that carry a sha256.
+
+    Layout (Xet protocol spec, "MDB Shard File Format"): a 48-byte header (tag, version, footer size), the
+    file-info section at the footer's ``file_info_offset``: per file a 48-byte header (file hash, flags,
+    entry count), that many 48-byte segment entries (xorb hash, flags, unpacked bytes, chunk range), as
+    many verification entries if flag bit 31, one metadata extension (sha256) if flag bit 30; a header
+    whose hash is all 0xFF ends the section.
+    """
+    _version, footer_size = struct.unpack_from("<QQ", shard, 32)
+    footer = len(shard) - footer_size
+    _fversion, off = struct.unpack_from("<QQ", shard, footer)
+    out: dict[str, tuple[str, int]] = {}
+    while off + 48 <= footer:
+        file_hash = shard[off:off + 32]
+        flags, n = struct.unpack_from("<II", shard, off + 32)
+        off += 48
+        if file_hash == b"\xff" * 32:
+            break
+        size = sum(struct.unpack_from("<I", shard, off + 48 * i + 36)[0] for i in range(n))
+        off += 48 * n
+        if flags & (1 << 31):
+            off += 48 * n
+        if flags & (1 << 30):
+            out[_xet_hex(shard[off:off + 32])] = (_xet_hex(file_hash), size)
+            off += 48
+    return out
+
+
+class XetCas:
+    """The server's view of hf_xet's ``local://`` CAS directory: sha256 -> file lookups from the shards the
+    clients uploaded, and reconstruction of a file's bytes (the "cas bridge" for clients without Xet)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.url = "local://" + self.root
+        self._known: dict[str, tuple[str, int]] = {}
+        self._seen: set[str] = set()
+        self._session = None
+
+    def lookup(self, sha256: str) -> tuple[str, int] | None:
+        """``(xet hash, size)`` of the file with this sha256, if a client uploaded it."""
+        if sha256 not in self._known:
+            # hf_xet's local client keeps uploaded shards as <root>/**/shards/<hash>.mdb
+            for path in glob.glob(os.path.join(self.root, "**", "shards", "*.mdb"), recursive=True):
+                if path not in self._seen:
+                    with open(path, "rb") as f:
+                        self._known.update(shard_files(f.read()))
+                    self._seen.add(path)
+        return self._known.get(sha256)
+
+    def _group(self):
+        import hf_xet
+
+        if self._session is None:
+            self._session = hf_xet.XetSession()
+        # local:// never checks the token; the expiry only has to lie in the future
+        return self._session.new_download_stream_group(endpoint=self.url, token="server",
+                                                       token_expiry_unix_secs=int(time.time()) + 3600)
+
+    def read(self, xet_hash: str, size: int) -> bytes:
+        import hf_xet
+
+        return b"".join(self._group().download_stream(hf_xet.XetFileInfo(xet_hash, size)))
+
+    def write(self, data: bytes) -> str:
+        """Store ``data`` in the CAS (used by :meth:`HubServer.tamper`); its Xet hash."""
+        import hf_xet
+
+        if self._session is None:
+            self._session = hf_xet.XetSession()
+        with self._session.new_upload_commit(endpoint=self.url, token="server",
+                                             token_expiry_unix_secs=int(time.time()) + 3600) as c:
+            h = c.start_upload_bytes(data, sha256=hashlib.sha256(data).hexdigest())
+        return h.result().xet_info.hash
+
+
 @dataclass(frozen=True)
 class Entry:
     size: int
     oid: str  # git blob sha1 (of the pointer for LFS files)
     content: bytes | None = None  # regular files
-    lfs: str | None = None  # sha256 of LFS files
+    lfs: str | None = None  # sha256 of LFS files (also of Xet files: the Hub keeps both)
     commit: str = ""  # last commit that touched the path
+    xet: str | None = None  # Xet file hash of files stored in the CAS
 
 
 @dataclass
@@ -88,11 +190,14 @@ class Repo:
 
 class HubServer:
     """Start with ``with HubServer(token=...) as hub:``; ``hub.endpoint`` is the ``HF_ENDPOINT``.
-    ``hub.requests`` records ``(method, path)`` of every request, for tests that check the protocol."""
+    ``hub.requests`` records ``(method, path)`` of every request, for tests that check the protocol.
+    ``xet_dir`` turns on the Xet endpoints with hf_xet's ``local://xet_dir`` as the CAS (else they 404,
+    like a Hub without Xet, and only LFS clients can upload)."""
 
-    def __init__(self, token: str = "hf_test_token", lfs_threshold: int = 1 << 20):
+    def __init__(self, token: str = "hf_test_token", lfs_threshold: int = 1 << 20, xet_dir: str | None = None):
         self.token = token
         self.lfs_threshold = lfs_threshold
+        self.xet = XetCas(os.fspath(xet_dir)) if xet_dir is not None else None
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.lock = threading.RLock()
@@ -139,7 +244,7 @@ class HubServer:
         sha = hashlib.sha1(f"{repo.repo_id}|{parent}|{self._n}|{title}|{time.time_ns()}".encode()).hexdigest()
         now = datetime.now(timezone.utc)
         date = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-        tree = {p: (Entry(e.size, e.oid, e.content, e.lfs, sha) if not e.commit else e) for p, e in tree.items()}
+        tree = {p: (dataclasses.replace(e, commit=sha) if not e.commit else e) for p, e in tree.items()}
         c = Commit(sha, parent, tree, title, date)
         repo.commits[sha] = c
         return c
@@ -162,10 +267,14 @@ class HubServer:
         return self.repos[repo_id].branches[branch]
 
     def tamper(self, repo_id: str, path: str, data: bytes) -> None:
-        """Replace the bytes behind ``path`` at the head without a commit (a compromised storage)."""
+        """Replace the bytes behind ``path`` at the head without a commit (a compromised storage): the
+        metadata (sha256 etag, size) stays, the bytes served are ``data``."""
         with self.lock:
             e = self.repos[repo_id].commits[self.head(repo_id)].tree[path]
-            if e.lfs:
+            if e.xet:
+                object.__setattr__(e, "xet", self.xet.write(data))
+                object.__setattr__(e, "size", len(data))
+            elif e.lfs:
                 self.lfs[e.lfs] = data
             else:
                 object.__setattr__(e, "content", data)
@@ -242,6 +351,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, path: str, query: dict) -> None:
         hub = self.owner
+        m = re.fullmatch(r"/xet/([0-9a-f]{64})", path)
+        if m and hub.xet is not None and self.command in ("GET", "HEAD"):
+            size = int(query.get("size", ["-1"])[0])
+            if not hmac.compare_digest(query.get("sig", [""])[0], hub._sign(f"xet:{m.group(1)}:{size}")):
+                return self._error(403, None, "bad signature")
+            return self._ranged(hub.xet.read(m.group(1), size), {"ETag": f'"{m.group(1)}"'})
         m = re.fullmatch(r"/lfs/([0-9a-f]{64})", path)
         if not m:
             return self._error(404, None, "no such object")
@@ -302,6 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
         d = {"type": "file", "oid": e.oid, "size": e.size, "path": path}
         if e.lfs:
             d["lfs"] = {"oid": e.lfs, "size": e.size, "pointerSize": len(lfs_pointer(e.lfs, e.size))}
+        if e.xet:
+            d["xetHash"] = e.xet
         if repo is not None:
             c = repo.commits[e.commit]
             d["lastCommit"] = {"id": c.sha, "title": c.title, "date": c.date}
@@ -319,6 +436,10 @@ class _Handler(BaseHTTPRequestHandler):
                 msg = "You already created this model repo"
                 return self._send(409, {"error": msg, "url": f"{hub.endpoint}/{repo_id}"}, {"X-Error-Message": msg})
             return self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
+
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/xet-(read|write)-token/([^/]+)", path)
+        if m and cmd == "GET":
+            return self._xet_token(*m.groups())
 
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit)/([^/]+)(/.*)?)?", path)
         if m:
@@ -424,12 +545,34 @@ class _Handler(BaseHTTPRequestHandler):
             if e is None:
                 return self._error(404, "EntryNotFound", f"{fpath} does not exist at {rev}")
             h = {"X-Repo-Commit": c.sha, "ETag": f'"{e.oid}"'}
+            if e.xet:
+                # What the Hub sends for a Xet file: the hash, and where to get a read token for the CAS.
+                loc = f"{hub.cdn}/xet/{e.xet}?size={e.size}&sig={hub._sign(f'xet:{e.xet}:{e.size}')}"
+                read_token = f"{hub.endpoint}/api/models/{repo_id}/xet-read-token/{c.sha}"
+                return self._send(302, b"", {**h, "Location": loc, "X-Linked-Etag": f'"{e.lfs}"', "X-Linked-Size": e.size,
+                                             "X-Xet-Hash": e.xet, "Link": f'<{read_token}>; rel="xet-auth"'})
             if e.lfs:
                 loc = f"{hub.cdn}/lfs/{e.lfs}?sig={hub._sign(f'get:{e.lfs}')}"
                 return self._send(302, b"", {**h, "Location": loc, "X-Linked-Etag": f'"{e.lfs}"', "X-Linked-Size": e.size})
             return self._ranged(e.content or b"", h)
         self._body()
         return self._error(404, None, "no such endpoint")
+
+    def _xet_token(self, repo_id: str, kind: str, rev: str) -> None:
+        hub = self.owner
+        with hub.lock:
+            repo = self._repo(repo_id)
+            if repo is None:
+                return
+            if hub.xet is None:
+                return self._error(404, None, "Xet is not enabled on this server")
+            # "None" is what the client sends when it will open a PR; branches and commits must exist.
+            if rev != "None" and self._commit_at(repo, unquote(rev)) is None:
+                return
+        exp = int(time.time()) + 3600
+        token = f"xet_{kind}_{hub._sign(f'xet-{kind}:{repo_id}:{exp}')}"
+        return self._send(200, {"casUrl": hub.xet.url, "accessToken": token, "exp": exp},
+                          {"X-Xet-Cas-Url": hub.xet.url, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": exp})
 
     def _commit(self, repo: Repo, branch: str) -> None:
         hub = self.owner
@@ -453,9 +596,11 @@ class _Handler(BaseHTTPRequestHandler):
                 tree[p] = Entry(len(data), git_sha1(data), data)
             elif k == "lfsFile":
                 data = hub.lfs.get(v["oid"])
-                if data is None or ("size" in v and v["size"] != len(data)):
+                xet = hub.xet.lookup(v["oid"]) if data is None and hub.xet is not None else None
+                size = len(data) if data is not None else xet[1] if xet is not None else None
+                if size is None or ("size" in v and v["size"] != size):
                     return self._error(422, None, f"LFS object {v['oid']} for {p} was not uploaded")
-                tree[p] = Entry(len(data), git_sha1(lfs_pointer(v["oid"], len(data))), lfs=v["oid"])
+                tree[p] = Entry(size, git_sha1(lfs_pointer(v["oid"], size)), lfs=v["oid"], xet=xet[0] if xet else None)
             elif k == "deletedFile":
                 if p not in tree:
                     return self._error(404, "EntryNotFound", "A file with this name doesn't exist")

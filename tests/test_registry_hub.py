@@ -1,6 +1,14 @@
-"""The registry over the Hugging Face Hub client (huggingface_hub's HfApi, LFS path, HF_HUB_DISABLE_XET=1)
-against tests/hub_server.py on loopback: store semantics, a multi-MB blob through LFS, push/pull, a
-wrong token. What the local server does not prove is listed in its docstring."""
+"""The registry over the Hugging Face Hub client (huggingface_hub's HfApi) against tests/hub_server.py on
+loopback: store semantics, a multi-MB blob, push/pull, a tampered blob, a wrong token.
+
+Every test runs twice, once per client path (the ``hub`` fixture's ``mode``):
+- ``lfs``: ``HF_HUB_DISABLE_XET`` on — big files go through the LFS batch API and a second origin;
+- ``xet``: the default path — the real ``hf_xet`` chunks, uploads and downloads big files against its own
+  ``local://`` CAS, the server hands out xet tokens and maps sha256 -> Xet hash from the uploaded shards.
+The tests check which path the requests actually took. huggingface_hub reads ``HF_HUB_DISABLE_XET``
+into ``huggingface_hub.constants`` at import and looks it up there on every call
+(``utils._runtime.is_xet_available``), so each mode sets that attribute for its tests and restores it.
+What the local server does not prove is listed in its docstring."""
 
 from __future__ import annotations
 
@@ -13,8 +21,7 @@ import uuid
 
 import pytest
 
-# Before huggingface_hub is imported anywhere: our server, no Xet, never offline.
-os.environ["HF_HUB_DISABLE_XET"] = "1"
+# Before huggingface_hub is imported anywhere: never offline, quiet.
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -25,6 +32,7 @@ pytest.importorskip("huggingface_hub")
 from slmpkg.registry import (
     AuthError,
     ConflictError,
+    IntegrityError,
     NotFoundError,
     core,
     pull,
@@ -37,15 +45,61 @@ from slmpkg import signing
 TOKEN = "hf_test_" + "s3cr3t" * 4
 
 
-@pytest.fixture(scope="module")
-def hub():
+MODES = ["lfs", "xet"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def hub(request, tmp_path_factory):
+    """The server (Xet enabled, like the Hub) and the client path of this run: ``hub.mode``."""
     import huggingface_hub.constants as c
 
-    c.HF_HUB_DISABLE_XET = True  # in case huggingface_hub was imported before this module
-    c.HF_HUB_OFFLINE = False
-    with hub_server.HubServer(token=TOKEN, lfs_threshold=1 << 20) as server:
-        os.environ["HF_ENDPOINT"] = server.endpoint
-        yield server
+    mode = request.param
+    if mode == "xet":
+        pytest.importorskip("hf_xet")
+    saved = c.HF_HUB_DISABLE_XET, c.HF_HUB_OFFLINE
+    c.HF_HUB_DISABLE_XET, c.HF_HUB_OFFLINE = mode == "lfs", False
+    try:
+        with hub_server.HubServer(token=TOKEN, lfs_threshold=1 << 20,
+                                  xet_dir=tmp_path_factory.mktemp(f"cas-{mode}")) as server:
+            server.mode = mode
+            yield server
+    finally:
+        c.HF_HUB_DISABLE_XET, c.HF_HUB_OFFLINE = saved
+
+
+def paths_since(hub, n: int) -> list[str]:
+    return [p for _, p in hub.requests[n:]]
+
+
+def mark(hub) -> int:
+    """Where the next operation's requests start; also forgets huggingface_hub's cached Xet read tokens,
+    so a read through Xet shows up as a ``xet-read-token`` request."""
+    from huggingface_hub.utils import _xet
+
+    _xet.XET_CONNECTION_INFO_CACHE.clear()
+    return len(hub.requests)
+
+
+def assert_upload_path(hub, paths: list[str], digest: str) -> None:
+    """The big file went the way ``hub.mode`` says, and only that way."""
+    lfs = [p for p in paths if p.endswith(".git/info/lfs/objects/batch") or p.startswith("/lfs/")]
+    xet = [p for p in paths if "/xet-write-token/" in p]
+    if hub.mode == "lfs":
+        assert lfs and not xet
+        assert hub.xet.lookup(digest) is None
+    else:
+        assert xet and not lfs
+        assert hub.xet.lookup(digest) is not None  # hf_xet wrote a shard naming this sha256 into the CAS
+
+
+def assert_download_path(hub, paths: list[str]) -> None:
+    via_xet = [p for p in paths if "/xet-read-token/" in p]
+    via_http = [p for p in paths if p.startswith(("/lfs/", "/xet/"))]
+    if hub.mode == "lfs":
+        assert via_http and not via_xet
+    else:
+        # from the CAS through hf_xet, not through the server's HTTP bridge
+        assert via_xet and not via_http, paths
 
 
 @pytest.fixture
@@ -126,26 +180,72 @@ def test_cas_commits_on_the_head_it_checked(store, hub):
     assert ("POST", f"/api/models/{store.repo_id}/commit/main") in hub.requests
 
 
-def test_big_blob_through_lfs(store, hub, tmp_path):
+def test_big_blob(store, hub, tmp_path):
     data = os.urandom((5 << 20) + 7)
     digest = hashlib.sha256(data).hexdigest()
+    key = "blobs/sha256/" + digest
     src = tmp_path / "big"
     src.write_bytes(data)
     n = len(hub.requests)
     seen = []
-    assert store.put_file("blobs/sha256/" + digest, src, sha256=digest, progress=seen.append)
+    assert store.put_file(key, src, sha256=digest, progress=seen.append)
     assert sum(seen) == len(data)
-    paths = [p for _, p in hub.requests[n:]]
-    assert any(p.endswith(".git/info/lfs/objects/batch") for p in paths)
-    assert any(p.startswith("/lfs/") for p in paths)  # the bytes went to the other origin
-    assert not store.put_file("blobs/sha256/" + digest, src, sha256=digest)
-    data2, etag = store.get_with_etag("blobs/sha256/" + digest)
+    assert_upload_path(hub, paths_since(hub, n), digest)
+    assert not store.put_file(key, src, sha256=digest)
+
+    n = mark(hub)
+    data2, etag = store.get_with_etag(key)  # huggingface_hub's hf_hub_download
     assert etag == digest and hashlib.sha256(data2).hexdigest() == digest  # X-Linked-Etag = sha256
-    assert store.size("blobs/sha256/" + digest) == len(data)
-    assert store.read_range("blobs/sha256/" + digest, 3 << 20, (3 << 20) + 10) == data[3 << 20:(3 << 20) + 10]
+    assert_download_path(hub, paths_since(hub, n))
+    assert store.size(key) == len(data)
+    n = mark(hub)
+    assert store.read_range(key, 3 << 20, (3 << 20) + 10) == data[3 << 20:(3 << 20) + 10]
+    assert store.read_range(key, len(data) - 5, len(data) + 100) == data[-5:]  # clipped at the end
     buf = io.BytesIO()
-    assert store.download("blobs/sha256/" + digest, buf) == len(data)
+    assert store.download(key, buf) == len(data)
     assert hashlib.sha256(buf.getvalue()).hexdigest() == digest
+    assert_download_path(hub, paths_since(hub, n))  # the store's own ranged reads too
+
+
+def test_xet_file_read_without_xet(store, hub, tmp_path):
+    """A file uploaded through Xet is readable by a client with Xet disabled (the HTTP redirect)."""
+    if hub.mode != "xet":
+        pytest.skip("uploads through Xet only in the xet run")
+    import huggingface_hub.constants as c
+
+    data = os.urandom((2 << 20) + 3)
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / "f").write_bytes(data)
+    assert store.put_file("blobs/sha256/" + digest, tmp_path / "f", sha256=digest)
+    c.HF_HUB_DISABLE_XET = True
+    try:
+        n = len(hub.requests)
+        buf = io.BytesIO()
+        assert store.download("blobs/sha256/" + digest, buf) == len(data) and buf.getvalue() == data
+        assert store.read_range("blobs/sha256/" + digest, 1, 9) == data[1:9]
+        paths = paths_since(hub, n)
+        assert any(p.startswith("/xet/") for p in paths) and not any("/xet-read-token/" in p for p in paths)
+    finally:
+        c.HF_HUB_DISABLE_XET = False
+
+
+def test_commit_of_unknown_sha256_refused(hub):
+    """The server accepts an ``lfsFile`` only for bytes it holds: uploaded through LFS, or named by a shard
+    hf_xet uploaded to the CAS (with the right size)."""
+    import httpx2  # huggingface_hub's HTTP client
+
+    repo = f"org/s-{uuid.uuid4().hex[:8]}"
+    assert hub.create_repo(repo)
+    missing = hashlib.sha256(b"never uploaded").hexdigest()
+    assert hub.xet.lookup(missing) is None
+    r = httpx2.post(f"{hub.endpoint}/api/models/{repo}/commit/main",
+                    headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"},
+                    content="\n".join([
+                        json.dumps({"key": "header", "value": {"summary": "x"}}),
+                        json.dumps({"key": "lfsFile", "value": {"path": "x.bin", "algo": "sha256", "oid": missing, "size": 5}}),
+                    ]))
+    assert r.status_code == 422
+    assert [p for p in hub.repos[repo].commits[hub.head(repo)].tree] == [".gitattributes"]
 
 
 def test_lfs_server_refuses_bad_bytes(hub):
@@ -159,19 +259,39 @@ def test_lfs_server_refuses_bad_bytes(hub):
     assert httpx.put(url, content=good).status_code == 200
 
 
-def test_round_trip(store, keys, tmp_path):
+def test_round_trip(store, hub, keys, tmp_path):
     signer, verifier = keys
-    art = make_artifact(tmp_path / "art", size=(2 << 20) + 123)  # model.gguf goes through LFS
+    art = make_artifact(tmp_path / "art", size=(2 << 20) + 123)  # model.gguf goes through LFS or Xet
+    n = len(hub.requests)
     r = push(store, "tiny:1.0", art, "cpu-x86_64", signer)
     assert r.uploaded_bytes > 2 << 20
+    assert_upload_path(hub, paths_since(hub, n), hashlib.sha256((art / "model.gguf").read_bytes()).hexdigest())
+    n = mark(hub)
     got = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert got.downloaded_bytes == r.uploaded_bytes
+    assert_download_path(hub, paths_since(hub, n))
     assert same_tree(art, tmp_path / "out")
     again = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out2", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert again.downloaded_bytes == 0 and same_tree(art, tmp_path / "out2")
     assert push(store, "tiny:1.0", art, "cpu-x86_64", signer).uploaded_bytes == 0
     m = json.loads(store.get(core.blob_key(r.manifest_digest)))
     assert {f["path"] for f in m["files"]} == {"model.gguf", "tokenizer.json"}
+
+
+def test_tampered_blob_refused(store, hub, keys, tmp_path):
+    """Storage that serves other bytes under a blob's name (same size, same sha256 etag): pull refuses
+    and writes nothing."""
+    signer, verifier = keys
+    art = make_artifact(tmp_path / "art", seed=3, size=(2 << 20) + 5)
+    push(store, "tiny:2.0", art, "cpu-x86_64", signer)
+    digest = hashlib.sha256((art / "model.gguf").read_bytes()).hexdigest()
+    bad = bytearray((art / "model.gguf").read_bytes())
+    bad[len(bad) // 2] ^= 1
+    hub.tamper(store.repo_id, core.blob_key("sha256:" + digest), bytes(bad))
+    with pytest.raises(IntegrityError):
+        pull(store, "tiny:2.0", "cpu-x86_64", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache" / "blobs" / "sha256" / digest).exists()
 
 
 def test_wrong_token(hub, store, keys, tmp_path, monkeypatch):
