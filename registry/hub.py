@@ -114,14 +114,15 @@ class HubStore(Store):
         except Exception as e:
             from huggingface_hub.errors import HfHubHTTPError
 
+            if type(e).__module__.startswith("hf_xet"):
+                # hf_xet's errors (CAS refused the token, a xorb missing, I/O) carry no HTTP response
+                where = f"{self.url}/{key}" if key else self.url
+                msg = f"{type(e).__name__}: {_first_line(e)}"
+                msg = msg.replace(self._token, "***") if self._token else msg
+                cls = AuthError if isinstance(e, PermissionError) else StoreError
+                raise cls(f"{where}: {op} through Xet failed: {msg}") from None
             if isinstance(e, (HfHubHTTPError, OSError)) or type(e).__module__.startswith(("httpx", "httpcore")):
                 raise self._error(e, key, op) from None
-            if type(e).__module__.startswith("hf_xet") or type(e).__name__.startswith("Xet"):
-                # hf_xet's errors (CAS refused the token, object missing, I/O) carry no HTTP response
-                where = f"{self.url}/{key}" if key else self.url
-                msg = _first_line(e).replace(self._token, "***") if self._token else _first_line(e)
-                cls = AuthError if "Authentication" in type(e).__name__ else StoreError
-                raise cls(f"{where}: {op} through Xet failed: {msg}") from None
             raise
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -364,6 +365,11 @@ class HubStore(Store):
                     take(chunk)
 
         self._call("download", key, run)
+        # A short answer is an error, never a short blob: hf_xet's stream ends quietly (no exception)
+        # when the CAS does not hold the file, and an HTTP body can be cut short.
+        expected = (int(meta.size) if end is None else end) - (start or 0)
+        if done != expected:
+            raise IntegrityError(f"{self.url}/{key}: got {done} bytes, expected {expected}")
         return done
 
     def download(self, key: str, f: BinaryIO, *, size: int | None = None, progress: Progress | None = None) -> int:

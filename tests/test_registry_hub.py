@@ -34,6 +34,7 @@ from slmpkg.registry import (
     ConflictError,
     IntegrityError,
     NotFoundError,
+    StoreError,
     core,
     pull,
     push,
@@ -227,6 +228,39 @@ def test_xet_file_read_without_xet(store, hub, tmp_path):
         assert any(p.startswith("/xet/") for p in paths) and not any("/xet-read-token/" in p for p in paths)
     finally:
         c.HF_HUB_DISABLE_XET = False
+
+
+def test_cas_that_lost_the_bytes(hub, tmp_path):
+    """Reads of a Xet file the CAS cannot produce fail with one clear error, never a short blob: a xorb
+    gone (hf_xet raises), and a file hash the CAS does not know (hf_xet's stream just ends, no exception:
+    the store counts the bytes)."""
+    if hub.mode != "xet":
+        pytest.skip("a Xet-stored file only in the xet run")
+    import glob
+
+    with hub_server.HubServer(token=TOKEN, xet_dir=tmp_path / "cas") as own:  # its own CAS to break
+        st = HubStore("hf://org/lost", endpoint=own.endpoint, token=TOKEN)
+        keys = []
+        for i in range(2):
+            data = os.urandom((2 << 20) + i)
+            keys.append("blobs/sha256/" + hashlib.sha256(data).hexdigest())
+            (tmp_path / "f").write_bytes(data)
+            assert st.put_file(keys[-1], tmp_path / "f")
+        entry = own.repos["org/lost"].commits[own.head("org/lost")].tree[keys[0]]
+        object.__setattr__(entry, "xet", "ab" * 32)  # the Hub points at a file the CAS never stored
+        with pytest.raises(IntegrityError, match=r"got 0 bytes, expected 2097152"):
+            st.download(keys[0], io.BytesIO())
+        with pytest.raises(IntegrityError, match=r"got 0 bytes, expected 10"):
+            st.read_range(keys[0], 10, 20)
+
+        xorbs = glob.glob(str(tmp_path / "cas" / "**" / "xorbs" / "default.*"), recursive=True)
+        assert xorbs
+        for x in xorbs:
+            os.unlink(x)
+        for read in (lambda: st.download(keys[1], io.BytesIO()), lambda: st.read_range(keys[1], 10, 20)):
+            with pytest.raises(StoreError, match="through Xet failed: XetObjectNotFoundError") as e:
+                read()
+            assert "\n" not in str(e.value) and TOKEN not in str(e.value)
 
 
 def test_commit_of_unknown_sha256_refused(hub):
