@@ -1,4 +1,4 @@
-"""ONNX: a streaming writer of decoder graphs in onnxruntime-genai's layout (llama, qwen2, qwen3).
+"""ONNX: a streaming writer of decoder graphs in onnxruntime-genai's layout.
 
 The graph is built from the canonical (GGUF-named) checkpoint with the ``onnx`` package, no torch
 export, as onnxruntime-genai's model builder lays it out:
@@ -10,16 +10,46 @@ export, as onnxruntime-genai's model builder lays it out:
 * ``com.microsoft.GroupQueryAttention`` with ``do_rotary=1`` and cos/sin caches
   [context_length, rotary_dim/2]; ``seqlens_k`` (attention_mask row sums − 1, int32) and
   ``total_sequence_length`` (attention_mask's width, int32) are computed in the graph, as the builder
-  does. llama's q/k rows are GGUF-permuted (each head's rotary pairs adjacent), which is GQA's
-  ``rotary_interleaved=1``; qwen2/qwen3 keep HF's half-split layout (``rotary_interleaved=0``);
-* linears are float ``MatMul`` with weights transposed to [in, out] (qwen2's q/k/v biases are ``Add``);
-  qwen3's per-head q/k norms are ``SimplifiedLayerNormalization`` over head_dim before GQA;
-  the MLP is ``down(silu(gate(x)) * up(x))`` with SiLU as ``Sigmoid`` × input.
+  does. Rows GGUF-permuted for llama.cpp's ``llama`` graph (llama, mistral, mixtral, granite: each
+  head's rotary pairs adjacent) are GQA's ``rotary_interleaved=1``; the other families keep HF's
+  half-split layout (``rotary_interleaved=0``);
+* linears are float ``MatMul`` with weights transposed to [in, out] (biases are ``Add``), all made
+  by one function (``_Builder.linear``); the gated MLP is ``down(act(gate(x)) * up(x))``.
+
+What each family adds, read from GGUF metadata and tensor names (the table ``FAMILIES`` holds only
+what the checkpoint does not say):
+
+* **llama** (Llama 2/3, Mistral, Granite's layout): Llama 3 ``rope_freqs`` divide the frequencies;
+  ``{arch}.attention.sliding_window`` becomes GQA ``local_window_size`` (Mistral; ``from_hf`` does
+  not record Mistral's window yet, so such a model attends to the whole context, as llama.cpp does).
+* **mixtral** (``llama`` with ``expert_count``): ``com.microsoft.MoE`` (top-k softmax routing,
+  renormalized; SwiGLU experts with gate/up rows interleaved, the only layout onnxruntime's CPU
+  kernel takes). The CPU kernel is float32; at f16 onnxruntime casts around it by itself.
+* **qwen2** (q/k/v biases), **qwen3** (per-head q/k RMS norms: ``SimplifiedLayerNormalization``
+  over head_dim before GQA).
+* **phi3**: the fused ``attn_qkv`` feeds GQA as packed QKV; the fused ``ffn_up`` (gate rows, then
+  up rows) is one MatMul and a ``Split``; partial rotary is a cos/sin cache narrower than the head;
+  the window applies to every layer; LongRoPE (``rope_factors_short|long``) gets two cache pairs,
+  the short one [original_context, rotary/2] and the long one [context, rotary/2], both scaled by
+  ``rope.scaling.attn_factor``, chosen by an ``If`` on the attention mask's width (total length >
+  original context → long), as transformers chooses by sequence length.
+* **gemma** (1/2/3): embeddings × sqrt(hidden); MLP activation ``Gelu(approximate="tanh")``; norm
+  weights used as stored (the GGUF already holds HF's ``1 + weight``). Gemma 2/3: RMS norms after
+  attention and after the MLP (``post_attention_norm``, ``post_ffw_norm``), sliding-window layers per
+  ``attention.sliding_window_pattern`` (flags, a period, or llama.cpp's default period 2 / 6),
+  queries scaled by ``query_pre_attn_scalar`` as llama.cpp fixes it (head size; hidden/heads for
+  the 46/62-layer models). Gemma 2: GQA ``softcap`` and final logit soft-capping
+  (``tanh(x / cap) * cap``). Gemma 3: per-head q/k norms, sliding layers rotate with their own base
+  (``rope.freq_base_swa``, llama.cpp's 10000 when absent, unscaled) from a second cache pair.
+* **granite**: embeddings × ``embedding_scale``, each residual branch × ``residual_scale``, GQA
+  ``scale`` = ``attention.scale``, logits ÷ ``logit_scale``.
+* **bert**: delegated to :mod:`slmpkg.formats.onnx_encoder` (``last_hidden_state``).
 
 Weights go to one external data file, ``model.onnx.data``, written tensor by tensor as the graph is
-built (one tensor in memory at a time); the graph references them by location/offset/length.
-Tensors under 1024 bytes are stored inline and shape/axes values are ``Constant`` nodes (external
-tiny tensors break ReduceSum's shape inference). ``genai_config.json`` is written beside.
+built (one tensor in memory at a time; an MoE layer holds one projection of all its experts);
+the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
+shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
+``genai_config.json`` is written beside.
 
 Example:
     >>> from slmpkg.formats import onnx as onnx_format
@@ -33,8 +63,9 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 import onnx
@@ -49,7 +80,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 CONFIG_FILE = "genai_config.json"
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
 PRECISIONS = {"f32": (np.float32, TensorProto.FLOAT), "f16": (np.float16, TensorProto.FLOAT16)}
 # tensors smaller than this are stored in the .onnx file itself
 INLINE_BYTES = 1024
@@ -107,21 +137,57 @@ class _Graph:
         return name
 
 
+@dataclass(frozen=True)
+class _Family:
+    """What a GGUF architecture's graph does that its metadata and tensor names do not say.
+
+    Everything else is read from the checkpoint: q/k norms, post-attention/post-MLP norms, biases,
+    fused projections and experts from tensor names; multipliers, soft-capping, sliding windows and
+    rope settings from metadata.
+    """
+
+    genai_type: str  # onnxruntime-genai's model type in genai_config.json
+    interleaved: bool = False  # q/k rows GGUF-permuted (llama.cpp's llama graph): GQA rotary_interleaved=1
+    activation: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh"
+    embed_sqrt_hidden: bool = False  # Gemma multiplies embeddings by sqrt(hidden size)
+    # with a window but no pattern in the GGUF: layer i slides unless (i + 1) % period == 0
+    # (llama.cpp's defaults); None: every layer slides
+    swa_period: Optional[int] = None
+    # Gemma 2/3: llama.cpp scales queries by hidden/heads instead of the head size at this layer count
+    wide_query_layers: int = 0
+    swa_rope_base: Optional[float] = None  # sliding layers' rope base when the GGUF lacks rope.freq_base_swa
+
+
+_GEMMA = dict(activation="gelu_tanh", embed_sqrt_hidden=True)
+FAMILIES: dict[str, _Family] = {
+    "llama": _Family("llama", interleaved=True),
+    "qwen2": _Family("qwen2"),
+    "qwen3": _Family("qwen3"),
+    "phi3": _Family("phi3"),
+    "gemma": _Family("gemma", **_GEMMA),
+    "gemma2": _Family("gemma2", swa_period=2, wide_query_layers=46, **_GEMMA),
+    "gemma3": _Family("gemma3_text", swa_period=6, wide_query_layers=62, swa_rope_base=10000.0, **_GEMMA),
+    "granite": _Family("granite", interleaved=True),
+}
+ARCHITECTURES = tuple(FAMILIES) + ("bert",)
+# onnxruntime-genai lists no Mixtral type; "decoder" is its generic decoder-only LLM
+_MOE_GENAI_TYPE = "decoder"
+
+
 class _Spec:
     """The model's dimensions and options, read from GGUF-style metadata."""
 
     def __init__(self, ckpt: Checkpoint):
         arch = ckpt.architecture
-        if arch not in ARCHITECTURES:
+        family = FAMILIES.get(arch)  # type: ignore[arg-type]
+        if family is None:
             raise FormatError(f"ONNX export supports the {', '.join(ARCHITECTURES)} architectures, not {arch!r}")
-        g = lambda key, default=None: ckpt.get(f"{arch}.{key}", default)
+        g = lambda key, default=None: ckpt.get(f"{arch}.{key}", default)  # noqa: E731
         missing = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
                                            "attention.head_count") if g(k) is None]
         if missing:
             raise FormatError(f"ONNX export: the checkpoint lacks metadata {', '.join(missing)}")
-        if g("expert_count"):
-            raise FormatError("ONNX export: mixture-of-experts models are not supported yet")
-        self.arch = arch
+        self.arch, self.family = arch, family
         self.n_layer = int(g("block_count"))
         self.hidden = int(g("embedding_length"))
         self.n_ff = int(g("feed_forward_length"))
@@ -132,137 +198,329 @@ class _Spec:
             raise FormatError("ONNX export: GroupQueryAttention needs equal key and value head sizes")
         self.eps = float(g("attention.layer_norm_rms_epsilon", 1e-6))
         self.context = int(g("context_length", 2048))
+        self.n_expert = int(g("expert_count", 0) or 0)
+        self.n_expert_used = int(g("expert_used_count", 0) or 0)
+        if self.n_expert and not 0 < self.n_expert_used <= self.n_expert:
+            raise FormatError(f"ONNX export: {arch}.expert_used_count must be 1..{self.n_expert}")
+
+        # rope: one cache pair for global layers, maybe a second for sliding ones
         self.rope_base = float(g("rope.freq_base", 10000.0))
         self.rope_dim = int(g("rope.dimension_count", self.head_dim))
         self.rope_scaling = g("rope.scaling.type")
         self.rope_factor = float(g("rope.scaling.factor", 1.0) or 1.0)
         if self.rope_scaling not in (None, "none", "linear"):
             raise FormatError(f"ONNX export: rope scaling {self.rope_scaling!r} is not supported yet")
-        # llama's q/k rows are GGUF-permuted (pairs adjacent); qwen2/qwen3 use the NEOX (half-split) layout
-        self.interleaved = 1 if arch == "llama" else 0
+        if self.rope_dim % 16 or self.rope_dim > self.head_dim:
+            # onnxruntime's GQA takes cos/sin caches whose width is a multiple of 8 (measured, 1.32)
+            raise FormatError(f"ONNX export: rotary width {self.rope_dim} (head size {self.head_dim}) is not a multiple "
+                              "of 16 within the head, which onnxruntime's GroupQueryAttention rotates")
+        self.rope_attn_factor = float(g("rope.scaling.attn_factor", 1.0) or 1.0)
+        self.original_context = int(g("rope.scaling.original_context_length", self.context) or self.context)
+        swa_base = g("rope.freq_base_swa", family.swa_rope_base)
+        self.rope_base_swa = None if swa_base is None else float(swa_base)
+
+        # attention: scale, soft-capping, per-layer windows
+        query_scalar = self.hidden // self.n_head if self.n_layer == family.wide_query_layers else self.head_dim
+        # granite's attention.scale replaces 1/sqrt(head size); llama.cpp reads 0 as "not set"
+        self.attn_scale = float(g("attention.scale", 0.0) or 1.0 / math.sqrt(query_scalar))
+        self.attn_softcap = float(g("attn_logit_softcapping", 0.0) or 0.0)
+        self.final_softcap = float(g("final_logit_softcapping", 0.0) or 0.0)
+        self.windows = self._windows(g, family)
+
+        # multipliers (granite), embedding scale (gemma)
+        default_embed = math.sqrt(self.hidden) if family.embed_sqrt_hidden else 1.0
+        self.embed_scale = float(g("embedding_scale", 0.0) or default_embed)
+        self.residual_scale = float(g("residual_scale", 1.0) or 1.0)
+        self.logit_scale = float(g("logit_scale", 1.0) or 1.0)
+
+        self.interleaved = 1 if family.interleaved else 0
+        self.genai_type = _MOE_GENAI_TYPE if self.n_expert else family.genai_type
         names = {t.name for t in ckpt.tensors}
-        self.vocab = next(t.shape[0] for t in ckpt.tensors if t.name == "token_embd.weight")
+        embd = next((t for t in ckpt.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise FormatError("ONNX export: the checkpoint lacks tensor token_embd.weight")
+        self.vocab = embd.shape[0]
         self.tied = "output.weight" not in names
         self.bos = ckpt.get("tokenizer.ggml.bos_token_id")
         self.eos = ckpt.get("tokenizer.ggml.eos_token_id")
         self.pad = ckpt.get("tokenizer.ggml.padding_token_id", self.eos)
 
+    def _windows(self, g: Callable[..., Any], family: _Family) -> list[int]:
+        """GQA local_window_size per layer (-1: global attention)."""
+        window = int(g("attention.sliding_window", 0) or 0)
+        if window <= 0:
+            return [-1] * self.n_layer
+        pattern = g("attention.sliding_window_pattern")
+        if isinstance(pattern, (list, tuple)):
+            if len(pattern) != self.n_layer:
+                raise FormatError(f"ONNX export: {self.arch}.attention.sliding_window_pattern has {len(pattern)} "
+                                  f"entries for {self.n_layer} layers")
+            sliding = [bool(x) for x in pattern]
+        else:
+            period = int(pattern) if pattern else family.swa_period
+            sliding = [period is None or (i + 1) % period != 0 for i in range(self.n_layer)]
+        # transformers' sliding_window counts the query's own position, as GQA's local_window_size does
+        return [window if s else -1 for s in sliding]
 
-def _rotary_caches(spec: _Spec, factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [context_length, rotary_dim/2] of position × inverse frequency (float64, then cast)."""
-    dim = spec.rope_dim
-    inv_freq = 1.0 / spec.rope_base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    if factors is not None:  # Llama 3.1+ rope_freqs: llama.cpp divides each frequency by its factor
-        inv_freq = inv_freq / factors.astype(np.float64)
-    positions = np.arange(spec.context, dtype=np.float64)
-    if spec.rope_scaling == "linear":
-        positions = positions / spec.rope_factor
-    angles = np.outer(positions, inv_freq)
-    return np.cos(angles), np.sin(angles)
+
+def _rotary_caches(length: int, dim: int, base: float, divisors: Optional[np.ndarray] = None,
+                   magnitude: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [length, dim/2] of position × inverse frequency, as transformers computes them: the
+    frequencies and each product in float32 (the cosine itself in float64, then rounded).
+
+    ``divisors`` divide the frequencies (linear scaling's factor, Llama 3's ``rope_freqs``,
+    LongRoPE's short/long factors); ``magnitude`` multiplies cos and sin (LongRoPE's attention factor).
+    """
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+    if divisors is not None:
+        inv_freq = (inv_freq / divisors.astype(np.float32)).astype(np.float32)
+    angles = np.outer(np.arange(length, dtype=np.float32), inv_freq).astype(np.float32).astype(np.float64)
+    return np.cos(angles) * magnitude, np.sin(angles) * magnitude
 
 
-def _build(g: _Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any, on_tensor: Callable[[LazyTensor], None] | None) -> None:
-    def load(name: str) -> np.ndarray:
-        t = tensors.get(name)
+class _Builder:
+    """Lays one decoder out in a :class:`_Graph`; each block of the model is one method."""
+
+    def __init__(self, g: _Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any,
+                 on_tensor: Optional[Callable[[LazyTensor], None]]):
+        self.g, self.spec, self.tensors, self.dtype, self.on_tensor = g, spec, tensors, np_dtype, on_tensor
+        self.elem = helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
+
+    # ---- weights and small pieces ----
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def load(self, name: str) -> np.ndarray:
+        t = self.tensors.get(name)
         if t is None:
             raise FormatError(f"ONNX export: the checkpoint lacks tensor {name}")
         values = t.float32()
-        if on_tensor is not None:
-            on_tensor(t)
+        if self.on_tensor is not None:
+            self.on_tensor(t)
         return values
 
-    def linear(x: str, gguf: str, onnx_name: str, scope: str) -> str:
-        w = g.weight(f"{onnx_name}.MatMul.weight", load(f"{gguf}.weight").T.astype(np_dtype))
-        (y,) = g.node("MatMul", [x, w], f"{scope}/MatMul")
-        if f"{gguf}.bias" in tensors:
-            b = g.weight(f"{onnx_name}.Add.bias", load(f"{gguf}.bias").astype(np_dtype))
-            (y,) = g.node("Add", [y, b], f"{scope}/Add")
+    def linear(self, x: str, gguf: str, onnx_name: str, scope: str, output: Optional[str] = None) -> str:
+        """``x @ W.T (+ b)`` for the GGUF weight ``{gguf}.weight``: the one place a weight matrix
+        becomes an operator (float ``MatMul`` here)."""
+        bias = f"{gguf}.bias" in self.tensors
+        w = self.g.weight(f"{onnx_name}.MatMul.weight", self.load(f"{gguf}.weight").T.astype(self.dtype))
+        outputs = [output] if output is not None and not bias else None
+        (y,) = self.g.node("MatMul", [x, w], f"{scope}/MatMul", outputs=outputs)
+        if bias:
+            b = self.g.weight(f"{onnx_name}.Add.bias", self.load(f"{gguf}.bias").astype(self.dtype))
+            (y,) = self.g.node("Add", [y, b], f"{scope}/Add", outputs=[output] if output is not None else None)
         return y
 
-    def norm_weight(gguf: str, onnx_name: str) -> str:
-        return g.weight(onnx_name, load(gguf).astype(np_dtype))
+    def scalar(self, name: str, value: float) -> str:
+        return self.g.const(name, value, dtype=self.dtype)
 
-    # the attention-mask subgraph GQA wants: seqlens_k = sum(mask, 1) - 1 and total = mask width, int32
-    scope = "/model/attn_mask_reformat/attn_mask_subgraph"
-    (mask_sum,) = g.node("ReduceSum", ["attention_mask", g.const(f"{scope}/ReduceSum/Constant", [1])],
-                         f"{scope}/ReduceSum", keepdims=0)
-    (seqlens,) = g.node("Sub", [mask_sum, g.const(f"{scope}/Sub/Constant", 1)], f"{scope}/Sub")
-    (seqlens_k,) = g.node("Cast", [seqlens], f"{scope}/Sub/Cast", to=TensorProto.INT32)
-    (mask_shape,) = g.node("Shape", ["attention_mask"], f"{scope}/Shape")
-    (width,) = g.node("Gather", [mask_shape, g.const(f"{scope}/Gather/Constant", 1)], f"{scope}/Gather", axis=0)
-    (total_len,) = g.node("Cast", [width], f"{scope}/Gather/Cast", to=TensorProto.INT32)
+    def norm(self, x: str, gguf: str, onnx_name: str, scope: str) -> str:
+        """RMS norm with the stored weight (Gemma's GGUF weights already hold HF's 1 + w)."""
+        w = self.g.weight(onnx_name, self.load(gguf).astype(self.dtype))
+        (y,) = self.g.node("SimplifiedLayerNormalization", [x, w], scope, axis=-1, epsilon=self.spec.eps, stash_type=1)
+        return y
 
-    embed = g.weight("model.embed_tokens.weight", load("token_embd.weight").astype(np_dtype))
-    (hidden,) = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
-
-    factors = load("rope_freqs.weight") if "rope_freqs.weight" in tensors else None
-    cos, sin = _rotary_caches(spec, factors)
-    cos_cache = g.weight("cos_cache", cos.astype(np_dtype))
-    sin_cache = g.weight("sin_cache", sin.astype(np_dtype))
-
-    residual: str | None = None
-    mlp_out: str | None = None
-
-    def skip_norm(weight: str, scope_name: str) -> tuple[str, str]:
-        """(normed, new residual) of mlp_out + residual through SkipSimplifiedLayerNormalization."""
-        out = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, weight], scope_name,
-                     domain=MS_DOMAIN, epsilon=spec.eps,
-                     outputs=[f"{scope_name}/output_0", "", "", f"{scope_name}/output_3"])
+    def skip_norm(self, x: str, residual: str, gguf: str, onnx_name: str, scope: str) -> tuple[str, str]:
+        """(RMS norm of x + residual, x + residual) in one SkipSimplifiedLayerNormalization."""
+        w = self.g.weight(onnx_name, self.load(gguf).astype(self.dtype))
+        out = self.g.node("SkipSimplifiedLayerNormalization", [x, residual, w], scope, domain=MS_DOMAIN,
+                          epsilon=self.spec.eps, outputs=[f"{scope}/output_0", "", "", f"{scope}/output_3"])
         return out[0], out[3]
 
-    for i in range(spec.n_layer):
-        blk, layer = f"blk.{i}", f"model.layers.{i}"
-        scope = f"/model/layers.{i}"
-        w = norm_weight(f"{blk}.attn_norm.weight", f"{layer}.input_layernorm.weight")
-        if i == 0:
-            (x,) = g.node("SimplifiedLayerNormalization", [hidden, w], f"{scope}/input_layernorm/LayerNorm",
-                          axis=-1, epsilon=spec.eps, stash_type=1)
-            residual = hidden
+    # ---- shared subgraphs ----
+
+    def mask_inputs(self) -> tuple[str, str, str]:
+        """GQA's seqlens_k = sum(mask, 1) - 1 and total length = mask width (int32), and the width (int64)."""
+        g, scope = self.g, "/model/attn_mask_reformat/attn_mask_subgraph"
+        (mask_sum,) = g.node("ReduceSum", ["attention_mask", g.const(f"{scope}/ReduceSum/Constant", [1])],
+                             f"{scope}/ReduceSum", keepdims=0)
+        (seqlens,) = g.node("Sub", [mask_sum, g.const(f"{scope}/Sub/Constant", 1)], f"{scope}/Sub")
+        (seqlens_k,) = g.node("Cast", [seqlens], f"{scope}/Sub/Cast", to=TensorProto.INT32)
+        (mask_shape,) = g.node("Shape", ["attention_mask"], f"{scope}/Shape")
+        (width,) = g.node("Gather", [mask_shape, g.const(f"{scope}/Gather/Constant", 1)], f"{scope}/Gather", axis=0)
+        (total_len,) = g.node("Cast", [width], f"{scope}/Gather/Cast", to=TensorProto.INT32)
+        return seqlens_k, total_len, width
+
+    def cache_pair(self, name: str, cos: np.ndarray, sin: np.ndarray) -> tuple[str, str]:
+        return (self.g.weight(f"cos_cache{name}", cos.astype(self.dtype)),
+                self.g.weight(f"sin_cache{name}", sin.astype(self.dtype)))
+
+    def rotary_caches(self, width: str) -> list[tuple[str, str]]:
+        """The (cos, sin) caches each layer's GQA rotates with."""
+        spec, dim = self.spec, self.spec.rope_dim
+        divisors = np.ones(dim // 2, np.float32)
+        if self.has("rope_freqs.weight"):  # Llama 3.1+: llama.cpp divides each frequency by its factor
+            divisors = divisors * self.load("rope_freqs.weight")
+        if spec.rope_scaling == "linear":
+            divisors = divisors * np.float32(spec.rope_factor)
+        if self.has("rope_factors_short.weight") and self.has("rope_factors_long.weight"):
+            glob = self.longrope_caches(width, divisors)
         else:
-            x, residual = skip_norm(w, f"{scope}/input_layernorm/SkipLayerNorm")
+            glob = self.cache_pair("", *_rotary_caches(spec.context, dim, spec.rope_base, divisors))
+        local = glob
+        if spec.rope_base_swa is not None and any(w > 0 for w in spec.windows):
+            # Gemma 3: sliding layers rotate with their own base and no scaling
+            local = self.cache_pair("_local", *_rotary_caches(spec.context, dim, spec.rope_base_swa))
+        return [local if w > 0 else glob for w in spec.windows]
 
-        q = linear(x, f"{blk}.attn_q", f"{layer}.attn.q_proj", f"{scope}/attn/q_proj")
-        k = linear(x, f"{blk}.attn_k", f"{layer}.attn.k_proj", f"{scope}/attn/k_proj")
-        v = linear(x, f"{blk}.attn_v", f"{layer}.attn.v_proj", f"{scope}/attn/v_proj")
-        if f"{blk}.attn_q_norm.weight" in tensors:  # qwen3: RMS norm of each head before rotary
-            per_head = g.const(f"{scope}/attn/per_head_shape", [0, 0, -1, spec.head_dim])
-            flat = g.const(f"{scope}/attn/flat_shape", [0, 0, -1])
-            for proj, name in (("q", "q_norm"), ("k", "k_norm")):
-                nw = norm_weight(f"{blk}.attn_{name}.weight", f"{layer}.attn.{name}.layernorm.weight")
-                s = f"{scope}/attn/{name}"
-                src = q if proj == "q" else k
-                (r,) = g.node("Reshape", [src, per_head], f"{s}/Reshape_to_heads")
-                (n,) = g.node("SimplifiedLayerNormalization", [r, nw], f"{s}/SimplifiedLayerNormalization",
-                              axis=-1, epsilon=spec.eps, stash_type=1)
-                (out,) = g.node("Reshape", [n, flat], f"{s}/Reshape_to_hidden")
-                if proj == "q":
-                    q = out
-                else:
-                    k = out
-        gqa = f"{scope}/attn/GroupQueryAttention"
-        attn, _, _ = g.node(
+    def longrope_caches(self, width: str, divisors: np.ndarray) -> tuple[str, str]:
+        """Phi-3 LongRoPE: short-factor caches while the total length is at most the original context,
+        long-factor caches beyond it, chosen per run by an ``If`` (transformers switches on the
+        sequence length the same way; keys already cached keep the rotation they were stored with)."""
+        spec, dim, g = self.spec, self.spec.rope_dim, self.g
+        pairs = {}
+        for kind, length in (("short", min(spec.original_context, spec.context)), ("long", spec.context)):
+            factors = divisors * self.load(f"rope_factors_{kind}.weight")
+            pairs[kind] = self.cache_pair(f"_{kind}", *_rotary_caches(length, dim, spec.rope_base, factors, spec.rope_attn_factor))
+        if spec.context <= spec.original_context:
+            return pairs["short"]
+        scope = "/model/rotemb_caches_subgraph"
+        (longer,) = g.node("Greater", [width, g.const(f"{scope}/Greater/Constant", spec.original_context)],
+                           f"{scope}/Greater")
+
+        def branch(kind: str) -> onnx.GraphProto:
+            # the branches return the outer graph's (external) caches: no copy inside the subgraph
+            outs = [f"{scope}/{kind}/{n}" for n in ("cos", "sin")]
+            nodes = [helper.make_node("Identity", [src], [out], name=f"{out}/Identity") for src, out in zip(pairs[kind], outs)]
+            infos = [helper.make_tensor_value_info(out, self.elem, [None, dim // 2]) for out in outs]
+            return helper.make_graph(nodes, f"{kind}_rotary_caches", [], infos)
+
+        cos, sin = g.node("If", [longer], f"{scope}/If", outputs=["cos_cache", "sin_cache"],
+                          then_branch=branch("long"), else_branch=branch("short"))
+        return cos, sin
+
+    # ---- blocks ----
+
+    def attention(self, i: int, x: str, cache: tuple[str, str], seqlens_k: str, total_len: str) -> str:
+        spec, blk, layer, scope = self.spec, f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/attn"
+        if self.has(f"{blk}.attn_qkv.weight"):  # Phi-3: q, k, v rows in one matrix; GQA takes it packed
+            q = self.linear(x, f"{blk}.attn_qkv", f"{layer}.attn.qkv_proj", f"{scope}/qkv_proj")
+            k = v = ""
+        else:
+            q = self.linear(x, f"{blk}.attn_q", f"{layer}.attn.q_proj", f"{scope}/q_proj")
+            k = self.linear(x, f"{blk}.attn_k", f"{layer}.attn.k_proj", f"{scope}/k_proj")
+            v = self.linear(x, f"{blk}.attn_v", f"{layer}.attn.v_proj", f"{scope}/v_proj")
+            if self.has(f"{blk}.attn_q_norm.weight"):  # Qwen3, Gemma 3: RMS norm of each head before rotary
+                q = self.head_norm(q, f"{blk}.attn_q_norm", f"{layer}.attn.q_norm", f"{scope}/q_norm")
+                k = self.head_norm(k, f"{blk}.attn_k_norm", f"{layer}.attn.k_norm", f"{scope}/k_norm")
+        extra: dict[str, Any] = {}
+        if spec.windows[i] > 0:
+            extra["local_window_size"] = spec.windows[i]
+        if spec.attn_softcap:
+            extra["softcap"] = spec.attn_softcap
+        gqa = f"{scope}/GroupQueryAttention"
+        attn, _, _ = self.g.node(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, cos_cache, sin_cache],
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *cache],
             gqa, domain=MS_DOMAIN, num_heads=spec.n_head, kv_num_heads=spec.n_head_kv,
-            do_rotary=1, rotary_interleaved=spec.interleaved, scale=1.0 / math.sqrt(spec.head_dim),
-            outputs=[f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"],
+            do_rotary=1, rotary_interleaved=spec.interleaved, scale=spec.attn_scale,
+            outputs=[f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"], **extra,
         )
-        mlp_out = linear(attn, f"{blk}.attn_output", f"{layer}.attn.o_proj", f"{scope}/attn/o_proj")
+        return self.linear(attn, f"{blk}.attn_output", f"{layer}.attn.o_proj", f"{scope}/o_proj")
 
-        w = norm_weight(f"{blk}.ffn_norm.weight", f"{layer}.post_attention_layernorm.weight")
-        x, residual = skip_norm(w, f"{scope}/post_attention_layernorm/SkipLayerNorm")
-        gate = linear(x, f"{blk}.ffn_gate", f"{layer}.mlp.gate_proj", f"{scope}/mlp/gate_proj")
-        up = linear(x, f"{blk}.ffn_up", f"{layer}.mlp.up_proj", f"{scope}/mlp/up_proj")
-        (sig,) = g.node("Sigmoid", [gate], f"{scope}/mlp/act_fn/Sigmoid")
-        (act,) = g.node("Mul", [gate, sig], f"{scope}/mlp/act_fn/Mul")
-        (prod,) = g.node("Mul", [act, up], f"{scope}/mlp/Mul")
-        mlp_out = linear(prod, f"{blk}.ffn_down", f"{layer}.mlp.down_proj", f"{scope}/mlp/down_proj")
+    def head_norm(self, x: str, gguf: str, onnx_name: str, scope: str) -> str:
+        g = self.g
+        (r,) = g.node("Reshape", [x, g.const(f"{scope}/per_head_shape", [0, 0, -1, self.spec.head_dim])], f"{scope}/Reshape_to_heads")
+        n = self.norm(r, f"{gguf}.weight", f"{onnx_name}.layernorm.weight", f"{scope}/SimplifiedLayerNormalization")
+        (y,) = g.node("Reshape", [n, g.const(f"{scope}/flat_shape", [0, 0, -1])], f"{scope}/Reshape_to_hidden")
+        return y
 
-    w = norm_weight("output_norm.weight", f"model.layers.{spec.n_layer}.final_norm_layernorm.weight")
-    x, _ = skip_norm(w, f"/model/layers.{spec.n_layer}/final_norm_layernorm/SkipLayerNorm")
-    head = "token_embd.weight" if spec.tied else "output.weight"
-    lm = g.weight("lm_head.MatMul.weight", load(head).T.astype(np_dtype))
-    g.node("MatMul", [x, lm], "/lm_head/MatMul", outputs=["logits"])
+    def activation(self, x: str, scope: str) -> str:
+        if self.spec.family.activation == "gelu_tanh":  # Gemma: GELU, tanh approximation (as llama.cpp)
+            (y,) = self.g.node("Gelu", [x], f"{scope}/Gelu", approximate="tanh")
+            return y
+        (sig,) = self.g.node("Sigmoid", [x], f"{scope}/Sigmoid")  # SiLU = x * sigmoid(x)
+        (y,) = self.g.node("Mul", [x, sig], f"{scope}/Mul")
+        return y
+
+    def mlp(self, i: int, x: str) -> str:
+        blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/mlp"
+        if self.has(f"{blk}.ffn_gate.weight"):
+            gate = self.linear(x, f"{blk}.ffn_gate", f"{layer}.mlp.gate_proj", f"{scope}/gate_proj")
+            up = self.linear(x, f"{blk}.ffn_up", f"{layer}.mlp.up_proj", f"{scope}/up_proj")
+        else:  # Phi-3: ffn_up holds the gate rows, then the up rows
+            fused = self.linear(x, f"{blk}.ffn_up", f"{layer}.mlp.gate_up_proj", f"{scope}/gate_up_proj")
+            gate, up = self.g.node("Split", [fused], f"{scope}/gate_up_proj/Split", n_out=2, axis=-1, num_outputs=2)
+        (prod,) = self.g.node("Mul", [self.activation(gate, f"{scope}/act_fn"), up], f"{scope}/Mul")
+        return self.linear(prod, f"{blk}.ffn_down", f"{layer}.mlp.down_proj", f"{scope}/down_proj")
+
+    def moe(self, i: int, x: str) -> str:
+        """Mixtral's sparse MLP: router logits → com.microsoft.MoE (softmax over the experts, top k,
+        weights renormalized over the k; each expert down(silu(gate x) * up x))."""
+        spec, g = self.spec, self.g
+        blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/moe"
+        router = self.linear(x, f"{blk}.ffn_gate_inp", f"{layer}.moe.gate", f"{scope}/gate")
+        (router_2d,) = g.node("Reshape", [router, g.const(f"{scope}/router_shape", [-1, spec.n_expert])], f"{scope}/Reshape")
+        gate = self.load(f"{blk}.ffn_gate_exps.weight")
+        fc1 = np.empty((gate.shape[0], 2 * gate.shape[1], gate.shape[2]), dtype=self.dtype)
+        fc1[:, 0::2] = gate  # onnxruntime's CPU kernel takes SwiGLU rows interleaved: gate, up, gate, up...
+        del gate
+        fc1[:, 1::2] = self.load(f"{blk}.ffn_up_exps.weight")
+        w1 = g.weight(f"{layer}.moe.experts.gate_up_proj.weight", fc1)
+        del fc1
+        w2 = g.weight(f"{layer}.moe.experts.down_proj.weight", self.load(f"{blk}.ffn_down_exps.weight").astype(self.dtype))
+        (y,) = g.node("MoE", [x, router_2d, w1, "", w2], f"{scope}/MoE", domain=MS_DOMAIN, k=spec.n_expert_used,
+                      activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                      normalize_routing_weights=1)
+        return y
+
+    def branch_out(self, y: str, post_norm: str, onnx_name: str, scope: str) -> str:
+        """A residual branch's output as added to the stream: Gemma 2/3's post norm, Granite's multiplier."""
+        if self.has(f"{post_norm}.weight"):
+            y = self.norm(y, f"{post_norm}.weight", onnx_name, scope)
+        if self.spec.residual_scale != 1.0:
+            (y,) = self.g.node("Mul", [y, self.scalar(f"{scope}/residual_scale", self.spec.residual_scale)], f"{scope}/Mul")
+        return y
+
+    def lm_head(self, x: str) -> None:
+        """Logits, then Granite's division and Gemma 2's final soft-capping; the last node writes ``logits``."""
+        spec, g = self.spec, self.g
+        steps: list[tuple[str, Optional[float]]] = []
+        if spec.logit_scale != 1.0:
+            steps.append(("Div", spec.logit_scale))
+        if spec.final_softcap:
+            steps += [("Div", spec.final_softcap), ("Tanh", None), ("Mul", spec.final_softcap)]
+        head = "token_embd" if spec.tied else "output"
+        y = self.linear(x, head, "lm_head", "/lm_head", output=None if steps else "logits")
+        for n, (op, value) in enumerate(steps):
+            name = f"/lm_head/{op}_{n}"
+            inputs = [y] if value is None else [y, self.scalar(f"{name}/Constant", value)]
+            (y,) = g.node(op, inputs, name, outputs=["logits"] if n == len(steps) - 1 else None)
+
+    def build(self) -> None:
+        spec, g = self.spec, self.g
+        seqlens_k, total_len, width = self.mask_inputs()
+        embed = g.weight("model.embed_tokens.weight", self.load("token_embd.weight").astype(self.dtype))
+        (hidden,) = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
+        if spec.embed_scale != 1.0:
+            (hidden,) = g.node("Mul", [hidden, self.scalar("/model/embed_tokens/scale", spec.embed_scale)],
+                               "/model/embed_tokens/Mul")
+        caches = self.rotary_caches(width)
+
+        residual, pending = hidden, ""
+        for i in range(spec.n_layer):
+            blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}"
+            if i == 0:
+                x = self.norm(hidden, f"{blk}.attn_norm.weight", f"{layer}.input_layernorm.weight",
+                              f"{scope}/input_layernorm/LayerNorm")
+            else:
+                x, residual = self.skip_norm(pending, residual, f"{blk}.attn_norm.weight",
+                                             f"{layer}.input_layernorm.weight", f"{scope}/input_layernorm/SkipLayerNorm")
+            attn = self.attention(i, x, caches[i], seqlens_k, total_len)
+            pending = self.branch_out(attn, f"{blk}.post_attention_norm", f"{layer}.post_attention_norm.weight",
+                                      f"{scope}/post_attention_norm")
+            x, residual = self.skip_norm(pending, residual, f"{blk}.ffn_norm.weight",
+                                         f"{layer}.post_attention_layernorm.weight",
+                                         f"{scope}/post_attention_layernorm/SkipLayerNorm")
+            out = self.moe(i, x) if spec.n_expert else self.mlp(i, x)
+            pending = self.branch_out(out, f"{blk}.post_ffw_norm", f"{layer}.post_feedforward_norm.weight",
+                                      f"{scope}/post_feedforward_norm")
+        x, _ = self.skip_norm(pending, residual, "output_norm.weight",
+                              f"model.layers.{spec.n_layer}.final_norm_layernorm.weight",
+                              f"/model/layers.{spec.n_layer}/final_norm_layernorm/SkipLayerNorm")
+        self.lm_head(x)
 
 
 def _genai_config(spec: _Spec) -> dict[str, Any]:
@@ -292,7 +550,7 @@ def _genai_config(spec: _Spec) -> dict[str, Any]:
         },
         "eos_token_id": eos,
         "pad_token_id": spec.pad if spec.pad is not None else eos,
-        "type": spec.arch,
+        "type": spec.genai_type,
         "vocab_size": spec.vocab,
     }
     search = {
@@ -323,8 +581,11 @@ def write(
     precision: str = "f32",
     on_tensor: Callable[[LazyTensor], None] | None = None,
 ) -> list[Path]:
-    """Write ``checkpoint`` (GGUF-named, architecture llama/qwen2/qwen3) as an onnxruntime-genai
-    model directory: ``model.onnx``, ``model.onnx.data``, ``genai_config.json`` (returned in that order).
+    """Write ``checkpoint`` (GGUF-named; architecture llama, qwen2, qwen3, phi3, gemma, gemma2,
+    gemma3, granite, or llama with experts = Mixtral) as an onnxruntime-genai model directory:
+    ``model.onnx``, ``model.onnx.data``, ``genai_config.json`` (returned in that order), then the
+    checkpoint's sidecar files. A ``bert`` checkpoint is written by
+    :func:`slmpkg.formats.onnx_encoder.write_encoder`.
 
     ``precision`` is ``"f32"`` or ``"f16"``: the type of the weights, activations, KV cache and logits.
     Stored tensors of any type are read as float32 (quantized ones dequantized) and cast. ``on_tensor``
@@ -335,6 +596,10 @@ def write(
     ``directory`` must not exist or be empty (else :class:`UsageError`); parents are created.
     Raises :class:`FormatError` for an unsupported architecture, rope scaling or missing tensor.
     """
+    if checkpoint.architecture == "bert":
+        from .onnx_encoder import write_encoder  # its own module: encoders share only _Graph with decoders
+
+        return write_encoder(directory, checkpoint, precision=precision, on_tensor=on_tensor)
     if precision not in PRECISIONS:
         raise UsageError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     np_dtype, elem = PRECISIONS[precision]
@@ -344,7 +609,7 @@ def write(
     with atomic_directory(directory) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
             g = _Graph(data, DATA_FILE)
-            _build(g, spec, tensors, np_dtype, on_tensor)
+            _Builder(g, spec, tensors, np_dtype, on_tensor).build()
             data.flush()
             os.fsync(data.fileno())
         inputs, outputs = _io(spec, elem)
