@@ -61,7 +61,8 @@ def _canonical(src: Path) -> Checkpoint:
     return ckpt
 
 
-def _batch(src: Path) -> dict[str, np.ndarray]:
+def _batch(src: Path, left: bool = False) -> dict[str, np.ndarray]:
+    """PAIRS tokenized as one batch, padded on the right (or the left: the pad tokens first)."""
     tok = transformers.AutoTokenizer.from_pretrained(src)
     firsts, seconds = [a for a, _ in PAIRS], [b or "" for _, b in PAIRS]
     enc = tok(firsts, seconds, padding=True, return_token_type_ids=True, return_tensors="np")
@@ -73,6 +74,10 @@ def _batch(src: Path) -> dict[str, np.ndarray]:
         enc[key][-1, :n] = single[key][0]
     batch = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
     assert (batch["attention_mask"] == 0).any() and (batch["token_type_ids"] == 1).any()
+    if left:
+        for row, n in enumerate(batch["attention_mask"].sum(axis=1)):
+            for v in batch.values():
+                v[row] = np.roll(v[row], v.shape[1] - n)
     return batch
 
 
@@ -97,9 +102,9 @@ def _run(model: Path, batch: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
-def _check(src: Path, model: Path, precision: str) -> float:
+def _check(src: Path, model: Path, precision: str, batch: dict[str, np.ndarray] | None = None) -> float:
     """onnxruntime's last_hidden_state vs transformers' at the unpadded positions; returns max|Δ|/range."""
-    batch = _batch(src)
+    batch = _batch(src) if batch is None else batch
     ours, ref = _run(model, batch), _reference(src, batch)
     assert ours.shape == ref.shape
     assert ours.dtype == (np.float16 if precision == "f16" else np.float32)
@@ -120,6 +125,16 @@ def test_tiny_bert_matches_transformers(tiny_bert, tmp_path, precision):
 def test_minilm_matches_transformers(minilm, tmp_path, precision):
     files = write_encoder(tmp_path / "onnx", _canonical(minilm), precision=precision)
     _check(minilm, files[0], precision)
+
+
+def test_left_padding_matches_transformers(tiny_bert, tmp_path):
+    """Attention gets the raw mask (not EmbedLayerNormalization's per-row length, which assumes right
+    padding), so a left-padded batch matches transformers too (both number positions from 0 at the
+    first column, pads included)."""
+    model = write_encoder(tmp_path / "onnx", _canonical(tiny_bert))[0]
+    batch = _batch(tiny_bert, left=True)
+    assert batch["attention_mask"][-1, 0] == 0 and batch["attention_mask"][-1, -1] == 1
+    _check(tiny_bert, model, "f32", batch)
 
 
 def test_padding_does_not_change_unpadded_positions(tiny_bert, tmp_path):
@@ -152,14 +167,59 @@ def test_from_gguf_computes_the_same(which, tiny_bert, tmp_path, request):
     _check(src, from_gguf, "f32")
 
 
+def test_quantized_gguf_computes_what_llama_cpp_computes(tiny_bert, tmp_path):
+    """Q4_K_M GGUF (Q4_K/Q6_K blocks, dequantized on export) → ONNX: onnxruntime's hidden states are
+    much closer to llama.cpp's on the same GGUF than either is to the float model (measured: ~1e-2 of
+    the range vs ~8e-2), i.e. the graph carries the GGUF's quantized weights, not something else."""
+    pytest.importorskip("llama_cpp")
+    from test_convert import _ids, _llama_outputs
+
+    gguf_path = tmp_path / "model.gguf"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="modules.json names a Pooling module")
+        convert(tiny_bert, gguf_path, quant="Q4_K_M", progress=False)
+    ckpt = gguf_format.read(gguf_path)
+    assert {"Q4_K", "Q6_K"} <= {t.qtype.name for t in ckpt.tensors}
+    model = write_encoder(tmp_path / "onnx", ckpt)[0]
+    text = PAIRS[0][0]
+    ids = _ids(tiny_bert, text)
+    batch = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+             "token_type_ids": np.zeros((1, len(ids)), np.int64)}
+    ours, ref = _run(model, batch)[0], _reference(tiny_bert, batch)[0]
+    theirs = _llama_outputs(gguf_path, ids, "bert", text)
+    span = ref.max() - ref.min()
+    assert np.abs(ours - theirs).max() <= 2e-2 * span
+    assert np.abs(ours - theirs).max() <= 0.5 * np.abs(theirs - ref).max()
+
+
+def test_minilm_sentence_embeddings_match_sentence_transformers(minilm, tmp_path):
+    """all-MiniLM-L6-v2's sentence embeddings (mean pooling over the mask, L2-normalized, as its
+    1_Pooling/config.json and Normalize module say) from the ONNX equal sentence-transformers'."""
+    st = pytest.importorskip("sentence_transformers")
+    model = write_encoder(tmp_path / "onnx", _canonical(minilm))[0]
+    texts = [a for a, _ in PAIRS]
+    tok = transformers.AutoTokenizer.from_pretrained(minilm)
+    enc = tok(texts, padding=True, return_token_type_ids=True, return_tensors="np")
+    batch = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    hidden = _run(model, batch)
+    mask = batch["attention_mask"][..., None].astype(np.float32)
+    ours = (hidden * mask).sum(axis=1) / mask.sum(axis=1)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    ref = st.SentenceTransformer(str(minilm), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(ours - ref).max() <= 1e-5  # measured: ~2e-7
+
+
 def test_layout_fused_ops_external_data_and_sidecar(tiny_bert, tmp_path):
     ckpt = _canonical(tiny_bert)
+    # a pooling config in a subdirectory, as sentence-transformers lays it out, is kept where it is
+    ckpt.sidecar["1_Pooling/config.json"] = (tiny_bert / "1_Pooling" / "config.json").read_bytes()
     seen: list[str] = []
     files = write_encoder(tmp_path / "onnx", ckpt, on_tensor=lambda t: seen.append(t.name))
     out = tmp_path / "onnx"
     assert [f.name for f in files[:2]] == ["model.onnx", "model.onnx.data"]
-    assert sorted(f.name for f in files[2:]) == sorted(ckpt.sidecar) and ckpt.sidecar
-    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in files)
+    assert sorted(f.relative_to(out).as_posix() for f in files[2:]) == sorted(ckpt.sidecar)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        f.relative_to(out).as_posix() for f in files)
     for name, content in ckpt.sidecar.items():
         assert (out / name).read_bytes() == content
     assert sorted(seen) == sorted(t.name for t in ckpt.tensors)  # every tensor read, once
