@@ -167,6 +167,24 @@ def test_from_gguf_computes_the_same(which, tiny_bert, tmp_path, request):
     _check(src, from_gguf, "f32")
 
 
+def test_convert_to_onnx_delegates_bert(tiny_bert, tmp_path):
+    """`convert --to onnx` on a BERT (HF directory or its GGUF) writes this encoder, tokenizer beside."""
+    gguf_path = tmp_path / "model.gguf"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="modules.json names a Pooling module")
+        convert(tiny_bert, gguf_path, quant="F32", progress=False)
+        results = [convert(src, tmp_path / name, to="onnx", progress=False)
+                   for src, name in ((tiny_bert, "from-hf"), (gguf_path, "from-gguf"))]
+    batch = _batch(tiny_bert)
+    outputs = []
+    for result in results:
+        names = {f.name for f in result.files}
+        assert {"model.onnx", "model.onnx.data", "tokenizer.json"} <= names and "genai_config.json" not in names
+        outputs.append(_run(result.output / "model.onnx", batch))
+    assert np.array_equal(outputs[0], outputs[1])
+    _check(tiny_bert, results[0].output / "model.onnx", "f32", batch)
+
+
 def test_quantized_gguf_computes_what_llama_cpp_computes(tiny_bert, tmp_path):
     """Q4_K_M GGUF (Q4_K/Q6_K blocks, dequantized on export) → ONNX: onnxruntime's hidden states are
     much closer to llama.cpp's on the same GGUF than either is to the float model (measured: ~1e-2 of
