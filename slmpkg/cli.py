@@ -167,7 +167,7 @@ def quantize_command(
 @click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "onnx"]), help="Output format (default: from the output name).")
 @click.option("--quant", "preset", metavar="PRESET", help="GGUF preset (F32 F16 BF16 Q8_0 ... Q4_K_M ...); default keeps the source's float type.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
-@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16).")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--split-max-size", metavar="SIZE", help="Split GGUF output into NAME-0000i-of-0000N.gguf files of at most SIZE (e.g. 2G).")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
@@ -178,7 +178,9 @@ def convert_command(
     src: Path, dst: Path, to: Optional[str], preset: Optional[str], imatrix: Optional[Path], dtype: Optional[str],
     max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
-    """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, or a GGUF to a HF directory or ONNX."""
+    """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
+    or an ONNX decoder (a model directory or .onnx file: slmpkg's, onnxruntime-genai's or optimum's) to GGUF or a
+    HF directory."""
     from .formats.safetensors import parse_size
     from .pipeline import convert
 

@@ -115,6 +115,15 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def _is_onnx(path: Path) -> bool:
+    """An ONNX source: a ``.onnx`` file, or a directory holding one and no safetensors weights."""
+    if path.is_file():
+        return path.suffix.lower() == ".onnx"
+    if path.is_dir():
+        return any(path.glob("*.onnx")) and not any(path.glob("*.safetensors"))
+    return False
+
+
 def size_label(n_params: int) -> str:
     """llama.cpp's size label: ``1.1B``, ``135M``, ``8B``."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -143,17 +152,20 @@ def convert(
     threads: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> ConvertResult:
-    """Convert between a Hugging Face directory and GGUF, streaming one tensor at a time.
+    """Convert between a Hugging Face directory and GGUF, streaming one tensor at a time; an ONNX decoder
+    (a model directory or ``.onnx`` file: slmpkg's, onnxruntime-genai's or optimum's) converts to either.
 
     ``to`` is ``"gguf"`` or ``"safetensors"``; by default it follows ``dst`` (``*.gguf`` → GGUF, else a
-    Hugging Face directory). HF → GGUF takes any preset of :mod:`slmpkg.presets` (default: keep the
-    source's float type); GGUF → HF dequantizes to ``dtype`` (``bf16`` default, ``f16``, ``f32``).
+    Hugging Face directory). HF or ONNX → GGUF takes any preset of :mod:`slmpkg.presets` (default: keep
+    the source's float type); GGUF → HF dequantizes to ``dtype`` (``bf16`` default, ``f16``, ``f32``);
+    ONNX → HF keeps the source's float type unless ``dtype`` says otherwise.
     When ``dst`` is an existing directory and the target is GGUF, the file inside it is named as
     llama.cpp names its files (``Name-Size-PRESET.gguf``); ``split_max_size`` splits GGUF output into
     ``NAME-00001-of-0000N.gguf`` files of at most that many bytes of tensor data.
     """
     from . import architectures
     from .formats import gguf as gguf_format
+    from .formats import onnx_import
     from .formats import safetensors as st_format
     from .quant import QuantType
 
@@ -162,20 +174,26 @@ def convert(
     if not src.exists():
         raise UsageError(f"{src}: no such file or directory")
     source_is_gguf = _is_gguf(src)
+    source_is_onnx = not source_is_gguf and _is_onnx(src)
     if to is None:
-        # a GGUF source can only go to a directory; a directory source goes to GGUF
-        target = "safetensors" if source_is_gguf and dst.suffix.lower() != ".gguf" else "gguf"
+        # a GGUF or ONNX source goes to a directory unless the output is named *.gguf; a HF directory goes to GGUF
+        target = "safetensors" if (source_is_gguf or source_is_onnx) and dst.suffix.lower() != ".gguf" else "gguf"
     else:
         target = to.lower()
     if target not in ("gguf", "safetensors", "onnx"):
         raise UsageError(f"unknown output format {to!r} (gguf, safetensors, onnx)")
+    if target == "onnx" and source_is_onnx:
+        raise UsageError(f"{src}: already ONNX; convert it to GGUF or safetensors")
     if target == "onnx":
         return _convert_to_onnx(src, dst, source_is_gguf, quant, dtype, progress, start)
 
     if target == "gguf":
         if source_is_gguf:
             raise UsageError(f"{src}: already GGUF; use `slmpkg quantize` to change its types")
-        canonical = _naming(src, lambda: architectures.from_hf(st_format.read(src), name=src.name))
+        if source_is_onnx:
+            canonical = _naming(src, lambda: onnx_import.read(src))
+        else:
+            canonical = _naming(src, lambda: architectures.from_hf(st_format.read(src), name=src.name))
         options = quant if isinstance(quant, QuantOptions) else QuantOptions(quant or _auto_preset(canonical))
         matrix = ImportanceMatrix.load(imatrix) if imatrix is not None else None
         out, _ = quantize_checkpoint(canonical, options, matrix, threads,
@@ -191,12 +209,18 @@ def convert(
 
     if quant is not None or imatrix is not None:
         raise UsageError("--quant and --imatrix apply to GGUF output; safetensors output takes --dtype")
-    if not source_is_gguf:
-        raise UsageError(f"{src}: safetensors → safetensors is not a conversion; give a GGUF source")
+    if not source_is_gguf and not source_is_onnx:
+        raise UsageError(f"{src}: safetensors → safetensors is not a conversion; give a GGUF or ONNX source")
+    if source_is_onnx:
+        source = _naming(src, lambda: onnx_import.read(src))
+        # an ONNX source keeps its float type by default (its weights are usually f32 or f16, not bf16)
+        dtype = dtype or _auto_preset(source).lower()
+    else:
+        source = _naming(src, lambda: gguf_format.read(src))
     float_type = {"bf16": QuantType.BF16, "f16": QuantType.F16, "f32": QuantType.F32}.get((dtype or "bf16").lower())
     if float_type is None:
         raise UsageError(f"unknown --dtype {dtype!r} (bf16, f16, f32)")
-    hf = _naming(src, lambda: architectures.to_hf(gguf_format.read(src), float_type))
+    hf = _naming(src, lambda: architectures.to_hf(source, float_type))
     total = sum(t.nbytes for t in hf.tensors)
     with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
         files = st_format.write(dst, hf, max_shard_size=max_shard_size, on_tensor=lambda t: bar.advance(t.nbytes, t.name))

@@ -1,0 +1,834 @@
+"""ONNX → the canonical checkpoint: read a decoder graph's weights back into GGUF names and metadata.
+
+Three layouts of the same decoder are understood, told apart by what the graph holds, not by who wrote it:
+
+* **slmpkg's and onnxruntime-genai's builder graphs**: linears are ``MatMul`` nodes whose weight is an
+  initializer named after the node (``model.layers.0.attn.q_proj.MatMul.weight``, [in, out]); the builder
+  may fuse q/k/v into one ``qkv_proj`` (split here by the head counts) and, for tied embeddings, feed the
+  embedding ``Gather`` through a ``Transpose`` of ``lm_head``'s weight. Norms are
+  ``(Skip)SimplifiedLayerNormalization`` weights, stored as applied (Gemma's ``1 + w`` already added, which
+  is also llama.cpp's convention). Rotary runs in ``GroupQueryAttention``: ``rotary_interleaved=1`` means
+  the q/k rows are already in llama.cpp's pair-adjacent order.
+* **optimum (torch.onnx) exports**: linear weights are anonymous initializers (``onnx::MatMul_123``,
+  W transposed), identified through the consuming node's scope (``/model/layers.0/self_attn/q_proj/MatMul``);
+  norms keep their Hugging Face names and values (Gemma's ``w`` without the 1); rotary is plain HF math.
+* ``MatMulNBits`` linears (any of the above, quantized) become GGUF blocks through
+  :mod:`slmpkg.formats.onnx_nbits`.
+
+Metadata comes from ``config.json`` when it is beside the model (optimum writes it), else from
+``genai_config.json`` and the graph itself (head counts and rotary flag from ``GroupQueryAttention``,
+epsilon from the norm nodes, rope base and context from ``cos_cache``/``sin_cache``); the tokenizer
+files beside the model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
+of the external data file when a writer asks for it (a transposed weight is transposed then, one tensor
+in memory at a time). External data is checked before anything is returned: a location outside the
+model directory (``../x``, an absolute path, a symlink out), a missing file or one shorter than the
+tensors it should hold is a :class:`~slmpkg.errors.FormatError` naming the file and the tensor.
+
+Example:
+    >>> from slmpkg.formats import onnx_import
+    >>> ckpt = onnx_import.read("out/tiny-onnx")                # doctest: +SKIP
+    >>> ckpt.architecture, ckpt.tensors[0].name                # doctest: +SKIP
+    ('llama', 'token_embd.weight')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .._io import read_range
+from ..checkpoint import Checkpoint, LazyTensor, MetaValue
+from ..errors import FormatError
+from ..quant import QuantType
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# onnxruntime-genai's "type" (the HF class name before "For", lower-cased) → the HF class
+_GENAI_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+}
+SUPPORTED_CLASSES = tuple(_GENAI_TYPES.values())
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "chat_template.jinja", "generation_config.json")
+
+# the projection named in a node scope or initializer name → the GGUF tensor (None: fused, split below)
+_PROJECTIONS = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+    "qkv_proj": None, "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+    "gate_up_proj": None, "lm_head": "output",
+}
+# norm weights by a component of their name (HF's, slmpkg's and the builder's all contain these)
+_NORMS = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "final_norm_layernorm": "output_norm",
+}
+# ops whose weight input is the scale as applied (no Gemma offset left to add)
+_APPLIED_NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                     "LayerNormalization", "SkipLayerNormalization", "RMSNormalization"}
+_ROTARY_OPS = {"GroupQueryAttention", "RotaryEmbedding", "PagedAttention"}
+_LAYER = re.compile(r"(?:^|[./])layers[./](\d+)(?:[./]|$)")
+
+
+# ---- stored tensors ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where an initializer's bytes are: a range of an external file, or the proto itself (inline)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # the element type as stored (bf16 as uint16)
+    qtype: Optional[QuantType]  # None for non-float types (MatMulNBits' uint8 blocks, int64 shapes)
+    proto: Any
+    file: Optional[Path] = None
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` of the stored bytes from ``offset`` (uint8)."""
+        if self.file is not None:
+            return read_range(self.file, self.offset + offset, nbytes)
+        return self.bytes()[offset : offset + nbytes]
+
+    def bytes(self) -> np.ndarray:
+        if self.file is not None:
+            return read_range(self.file, self.offset, self.nbytes)
+        from onnx import numpy_helper
+
+        array = numpy_helper.to_array(self.proto)
+        if self.qtype is QuantType.BF16:  # onnx hands bf16 back in its own ml_dtypes type; keep the bits
+            array = array.view(np.uint16)
+        return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+    def array(self) -> np.ndarray:
+        """The elements in ``shape``; floats as same-size unsigned ints, so moving them is exact."""
+        return self.bytes().view(self.dtype).reshape(self.shape)
+
+
+_FLOATS = {1: (np.float32, QuantType.F32), 10: (np.float16, QuantType.F16), 16: (np.uint16, QuantType.BF16)}
+_OTHERS = {2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 11: np.float64}
+_BITS = {QuantType.F32: np.uint32, QuantType.F16: np.uint16, QuantType.BF16: np.uint16}
+
+
+def _inside(directory: Path, location: str) -> tuple[Optional[Path], str]:
+    """``location`` resolved inside ``directory`` (symlinks followed), or None and why it is refused."""
+    if not location:
+        return None, "external data without a location"
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
+        # the ONNX spec: locations are relative to the model file's directory
+        return None, f"external data location {location!r} is an absolute path, not one inside the model directory"
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, location))
+    if os.path.commonpath([root, target]) != root:
+        return None, f"external data location {location!r} leaves the model directory"
+    return Path(target), ""
+
+
+def _stored(tensor: Any, directory: Path, model_file: Path, sizes: dict[Path, int]) -> _Stored:
+    """Describe one initializer, checking its external data: inside the directory, present, long enough."""
+    from onnx import TensorProto
+
+    where = f"{model_file}: tensor {tensor.name}"
+    if tensor.data_type in _FLOATS:
+        dtype, qtype = _FLOATS[tensor.data_type]
+    elif tensor.data_type in _OTHERS:
+        dtype, qtype = _OTHERS[tensor.data_type], None
+    else:
+        dtype, qtype = np.uint8, None  # a type we never read as a weight; its size is not checked
+    shape = tuple(int(d) for d in tensor.dims)
+    stored = _Stored(tensor.name, shape, np.dtype(dtype), qtype, tensor)
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return stored
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    path, refused = _inside(directory, location)
+    if path is None:
+        raise FormatError(f"{where}: {refused}")
+    if not path.is_file():
+        raise FormatError(f"{where}: external data file {location!r} is missing")
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else stored.nbytes
+    except ValueError:
+        raise FormatError(f"{where}: external data offset/length are not numbers") from None
+    if offset < 0 or length < 0:
+        raise FormatError(f"{where}: negative external data offset or length")
+    if length != stored.nbytes and tensor.data_type in _FLOATS:
+        raise FormatError(f"{where}: declares {length} bytes of external data but its shape {list(shape)} needs {stored.nbytes}")
+    size = sizes.setdefault(path, path.stat().st_size)
+    if offset + length > size:
+        raise FormatError(
+            f"{where}: external data {location!r} is {size} bytes, shorter than offset {offset} + length {length}"
+        )
+    return _Stored(tensor.name, shape, np.dtype(dtype), qtype, tensor, path, offset)
+
+
+# ---- lazy canonical tensors ----------------------------------------------------------------------
+
+
+def _plain(name: str, src: _Stored) -> LazyTensor:
+    """An initializer whose stored layout is the canonical one: ranged reads straight from the file."""
+    return LazyTensor(name, src.shape, src.qtype, src.bytes, read=src.read)  # type: ignore[arg-type]
+
+
+def _reshaped(name: str, src: _Stored, shape: tuple[int, ...], fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
+    """A tensor computed from ``src``'s elements by ``fn`` (transpose, slice, row permutation: exact moves).
+
+    Writers and conversions read a tensor front to back, possibly in slabs; the moved array is kept
+    between those reads and dropped when the last byte has been read, so the file is read once and at
+    most this one tensor is held.
+    """
+    cache: dict[str, np.ndarray] = {}
+
+    def raw() -> np.ndarray:
+        return np.ascontiguousarray(fn(src.array())).reshape(-1).view(np.uint8)
+
+    def read(offset: int, nbytes: int) -> np.ndarray:
+        data = cache.get("data")
+        if data is None:
+            data = cache["data"] = raw()
+        piece = data[offset : offset + nbytes].copy()
+        if offset + nbytes >= data.size:
+            cache.clear()
+        return piece
+
+    return LazyTensor(name, shape, src.qtype, raw, read=read)  # type: ignore[arg-type]
+
+
+def _with_rows(t: LazyTensor, fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
+    """``t`` with its rows reordered by ``fn`` (works on stored rows of any type: rows are whole blocks)."""
+    from .. import quant
+
+    row = quant.row_bytes(t.qtype, t.shape[-1]) if len(t.shape) > 1 else t.nbytes // max(t.shape[0], 1)
+    n_rows = t.shape[0]
+
+    def raw() -> np.ndarray:
+        rows = np.asarray(t.raw()).reshape(-1).view(np.uint8).reshape(n_rows, -1 if len(t.shape) > 1 else row)
+        return np.ascontiguousarray(fn(rows)).reshape(-1)
+
+    return LazyTensor(t.name, t.shape, t.qtype, raw)
+
+
+# ---- the graph -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Linear:
+    """One projection found in the graph: where its weight and bias are and how they are laid out."""
+
+    node: Any  # the MatMul / MatMulNBits / Gemm node
+    target: Optional[str]  # GGUF tensor stem, None for a fused qkv/gate_up to split
+    fused: str  # "", "qkv" or "gate_up"
+    layer: Optional[int]
+    weight: LazyTensor  # canonical orientation [out, in], not yet split or permuted
+    bias: Optional[LazyTensor]
+
+
+class _Graph:
+    def __init__(self, model: Any, model_file: Path, directory: Path):
+        self.model, self.file, self.directory = model, model_file, directory
+        graph = model.graph
+        sizes: dict[Path, int] = {}
+        self.inits = {t.name: _stored(t, directory, model_file, sizes) for t in graph.initializer}
+        self.producer: dict[str, Any] = {}
+        self.consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for inp in node.input:
+                self.consumers.setdefault(inp, []).append(node)
+
+    def where(self, node: Any) -> str:
+        return f"{self.file}: node {node.name or node.op_type}"
+
+    def source(self, value: str) -> tuple[Optional[_Stored], bool]:
+        """The initializer behind a node input and whether a 2-D ``Transpose`` sits between them."""
+        if value in self.inits:
+            return self.inits[value], False
+        node = self.producer.get(value)
+        if node is not None and node.op_type == "Transpose" and node.input[0] in self.inits:
+            perm = _attr(node, "perm")
+            if perm in (None, [1, 0]) and len(self.inits[node.input[0]].shape) == 2:
+                return self.inits[node.input[0]], True
+        if node is not None and node.op_type in ("Cast", "Identity") and node.input[0] in self.inits:
+            return self.inits[node.input[0]], False
+        return None, False
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _parts(text: str) -> list[str]:
+    return [p for p in re.split(r"[./]", text) if p]
+
+
+def _layer_of(text: str) -> Optional[int]:
+    m = _LAYER.search(text)
+    return int(m.group(1)) if m else None
+
+
+def _projection(texts: Iterable[str]) -> Optional[tuple[str, Optional[int]]]:
+    """(projection key, layer) from the first of ``texts`` (initializer name, node name) that names one."""
+    for text in texts:
+        parts = _parts(text)
+        for key in reversed(parts):
+            if key in _PROJECTIONS:
+                return key, _layer_of(text)
+    return None
+
+
+def _float_weight(g: _Graph, node: Any, init: _Stored, via_transpose: bool) -> LazyTensor:
+    """A MatMul/Gemm weight as a canonical [out, in] tensor."""
+    if init.qtype is None or len(init.shape) != 2:
+        raise FormatError(f"{g.where(node)}: weight {init.name} is not a 2-D float tensor (type {init.dtype}, shape {list(init.shape)})")
+    transposed = node.op_type == "MatMul"  # MatMul's B is [in, out]
+    if node.op_type == "Gemm":
+        transposed = not bool(_attr(node, "transB", 0))
+    if via_transpose:
+        transposed = not transposed
+    if not transposed:
+        return _plain(init.name, init)
+    rows, cols = init.shape
+    return _reshaped(init.name, init, (cols, rows), lambda a: a.T)
+
+
+def _nbits_weight(g: _Graph, node: Any) -> LazyTensor:
+    """A MatMulNBits weight as GGUF blocks, through onnx_nbits (one tensor converted when read)."""
+    try:
+        from . import onnx_nbits
+    except ImportError:
+        raise FormatError(f"{g.where(node)}: MatMulNBits weights cannot be imported yet (slmpkg.formats.onnx_nbits is missing)") from None
+    n, k = int(_attr(node, "N")), int(_attr(node, "K"))
+    bits, block = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
+    names = list(node.input) + [""] * 6
+    if len(node.input) > 4 and node.input[4]:
+        raise FormatError(f"{g.where(node)}: MatMulNBits with g_idx (act-order) cannot be mapped to GGUF blocks")
+    parts: dict[str, Optional[_Stored]] = {}
+    for key, name in (("packed", names[1]), ("scales", names[2]), ("zero_points", names[3])):
+        stored = g.inits.get(name) if name else None
+        if name and stored is None:
+            raise FormatError(f"{g.where(node)}: MatMulNBits input {name} is not an initializer")
+        parts[key] = stored
+    if parts["packed"] is None or parts["scales"] is None:
+        raise FormatError(f"{g.where(node)}: MatMulNBits without its weight or scales")
+
+    def build() -> Any:
+        k_blocks = -(-k // block)
+        packed = parts["packed"].bytes().reshape(n, k_blocks, -1)  # type: ignore[union-attr]
+        scales = parts["scales"].array().reshape(n, k_blocks)  # type: ignore[union-attr]
+        zeros = parts["zero_points"].array().reshape(n, -1) if parts["zero_points"] is not None else None
+        return onnx_nbits.NBitsWeight(bits=bits, block_size=block, n=n, k=k, packed=packed, scales=scales,
+                                      zero_points=zeros)
+
+    # the block type, from the zero points alone (to_gguf's rule), so no weight is read until a writer asks
+    zp = parts["zero_points"]
+    symmetric = zp is None
+    if zp is not None and zp.dtype == np.uint8:
+        levels = onnx_nbits.unpack_levels(zp.array().reshape(n, -1), bits, -(-k // block))
+        symmetric = bool((levels == onnx_nbits.default_zero_point(bits)).all())
+    qtype = QuantType.Q8_0 if bits == 8 else QuantType.Q4_0 if symmetric else QuantType.Q4_1
+    where = f"{g.where(node)}: weight {parts['packed'].name}"  # type: ignore[union-attr]
+    if k % 32:
+        raise FormatError(f"{where}: K = {k} is not a multiple of 32, ggml's block size")
+
+    def raw() -> np.ndarray:
+        got, data = onnx_nbits.to_gguf(build(), name=where)
+        if got is not qtype:
+            raise FormatError(f"{where}: blocks came out as {got.name}, expected {qtype.name}")
+        return np.frombuffer(data, np.uint8)
+
+    return LazyTensor(parts["packed"].name, (n, k), qtype, raw)  # type: ignore[union-attr]
+
+
+def _bias_of(g: _Graph, node: Any, out_dim: int) -> Optional[LazyTensor]:
+    """The bias added right after a linear: Gemm's C, or an ``Add`` of a 1-D initializer of ``out_dim``."""
+    candidates: list[str] = []
+    if node.op_type == "Gemm" and len(node.input) > 2:
+        candidates.append(node.input[2])
+    if node.op_type == "MatMulNBits" and len(node.input) > 5:
+        candidates.append(node.input[5])
+    for consumer in g.consumers.get(node.output[0], []):
+        if consumer.op_type == "Add":
+            candidates += [i for i in consumer.input if i != node.output[0]]
+    for name in candidates:
+        init = g.inits.get(name)
+        if init is not None and init.qtype is not None and init.shape == (out_dim,):
+            return _plain(name, init)
+    return None
+
+
+def _linears(g: _Graph) -> list[_Linear]:
+    found = []
+    for node in g.model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "MatMulNBits") or len(node.input) < 2:
+            continue
+        if node.op_type == "MatMulNBits":
+            init, via = g.inits.get(node.input[1]), False
+            if init is None:
+                continue
+        else:
+            init, via = g.source(node.input[1])
+            if init is None or init.qtype is None or len(init.shape) != 2:
+                continue  # activations × activations (attention scores), or a constant that is no weight
+        named = _projection([init.name, node.name])
+        if named is None:
+            raise FormatError(
+                f"{g.where(node)}: cannot tell which projection weight {init.name} is "
+                "(neither its name nor the node's scope names q_proj/k_proj/.../lm_head)"
+            )
+        key, layer = named
+        if key != "lm_head" and layer is None:
+            raise FormatError(f"{g.where(node)}: weight {init.name} ({key}) is in no layer (no layers.N in its scope)")
+        weight = _nbits_weight(g, node) if node.op_type == "MatMulNBits" else _float_weight(g, node, init, via)
+        fused = {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}.get(key, "")
+        found.append(_Linear(node, _PROJECTIONS[key], fused, layer, weight, _bias_of(g, node, weight.shape[0])))
+    return found
+
+
+# ---- metadata ----------------------------------------------------------------------------------------
+
+
+def _json_file(path: Path) -> Optional[dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return data
+
+
+def _nice(value: float) -> float:
+    """A float32 attribute as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(value)))
+
+
+def _rope_base(cos: np.ndarray, sin: np.ndarray, source: str) -> float:
+    """The rope base behind cos/sin caches [positions, dim/2] of ``position × base^(-2j/dim)``.
+
+    Each frequency is read at the largest position whose angle is still below π/2 (no wrap, best
+    relative precision), and the base from the lowest frequency (most leverage on the exponent).
+    """
+    half = cos.shape[1]
+    dim = 2 * half
+    if cos.shape[0] < 2 or half < 2:
+        raise FormatError(f"{source}: cos/sin caches too small to read the rope base from")
+    j = half - 1
+    angles = np.arctan2(sin[:, j].astype(np.float64), cos[:, j].astype(np.float64))
+    ok = np.nonzero((angles > 0) & (angles < math.pi / 2))[0]
+    ok = ok[ok > 0]
+    if ok.size == 0:
+        raise FormatError(f"{source}: cos/sin caches do not look like rotary embeddings")
+    p = int(ok[-1])
+    inv_freq = angles[p] / p
+    base = inv_freq ** (-dim / (2 * j))
+    nearest = round(base)
+    return float(nearest) if abs(base - nearest) <= 1e-4 * base else float(np.float32(base))
+
+
+def _check_plain_rope(cos: np.ndarray, sin: np.ndarray, base: float, source: str) -> None:
+    """Refuse caches that carry a rope scaling we cannot express without config.json."""
+    dim = 2 * cos.shape[1]
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = np.outer(np.arange(cos.shape[0], dtype=np.float64), inv_freq)
+    if not (np.allclose(np.cos(angles), cos, atol=1e-4) and np.allclose(np.sin(angles), sin, atol=1e-4)):
+        raise FormatError(
+            f"{source}: cos_cache/sin_cache hold a scaled rotary embedding; put the model's config.json beside "
+            "the ONNX file to say which scaling"
+        )
+
+
+class _Facts:
+    """What the graph says about the model's dimensions."""
+
+    def __init__(self, g: _Graph):
+        self.n_head = self.n_head_kv = None
+        self.eps: Optional[float] = None
+        self.interleaved: Optional[bool] = None
+        self.caches: Optional[tuple[_Stored, _Stored]] = None
+        for node in g.model.graph.node:
+            if node.op_type in ("GroupQueryAttention", "PagedAttention") and self.n_head is None:
+                self.n_head, self.n_head_kv = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
+                if _attr(node, "do_rotary", 0) and len(node.input) > 8:
+                    cos, sin = g.inits.get(node.input[7]), g.inits.get(node.input[8])
+                    if cos is not None and sin is not None:
+                        self.caches = (cos, sin)
+            if node.op_type in _ROTARY_OPS and self.interleaved is None:
+                flag = _attr(node, "rotary_interleaved" if "Attention" in node.op_type else "interleaved")
+                if node.op_type != "GroupQueryAttention" or _attr(node, "do_rotary", 0):
+                    self.interleaved = bool(flag or 0)
+                if node.op_type == "RotaryEmbedding" and self.caches is None and len(node.input) > 3:
+                    cos, sin = g.inits.get(node.input[2]), g.inits.get(node.input[3])
+                    if cos is not None and sin is not None:
+                        self.caches = (cos, sin)
+            if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization") and self.eps is None:
+                eps = _attr(node, "epsilon")
+                if eps is not None:
+                    self.eps = _nice(eps)
+
+
+def _hf_config(
+    g: _Graph, facts: _Facts, config: Optional[dict[str, Any]], genai: Optional[dict[str, Any]],
+    shapes: Mapping[str, tuple[int, ...]], n_layer: int, tied: bool,
+) -> dict[str, Any]:
+    """The Hugging Face config.json of the model: the one beside it, completed from genai_config.json and the graph."""
+    model = (genai or {}).get("model", {}) if genai else {}
+    decoder = model.get("decoder", {}) if isinstance(model, dict) else {}
+    cfg: dict[str, Any] = dict(config or {})
+    if not cfg.get("architectures"):
+        kind = model.get("type") if isinstance(model, dict) else None
+        if kind not in _GENAI_TYPES:
+            known = ", ".join(_GENAI_TYPES)
+            raise FormatError(
+                f"{g.file}: cannot tell the model family: no config.json beside it and genai_config.json "
+                f"{'has type ' + repr(kind) if kind else 'is missing'} (ONNX import knows {known})"
+            )
+        cfg["architectures"] = [_GENAI_TYPES[kind]]
+    if cfg["architectures"][0] not in SUPPORTED_CLASSES:
+        raise FormatError(f"{g.file}: ONNX import supports {', '.join(SUPPORTED_CLASSES)}, not {cfg['architectures'][0]}")
+
+    def fill(key: str, *values: Any) -> None:
+        if cfg.get(key) is None:
+            cfg[key] = next((v for v in values if v is not None), None)
+
+    vocab, hidden = shapes["token_embd.weight"]
+    fill("hidden_size", hidden)
+    fill("num_hidden_layers", decoder.get("num_hidden_layers"), n_layer)
+    fill("num_attention_heads", decoder.get("num_attention_heads"), facts.n_head)
+    fill("num_key_value_heads", decoder.get("num_key_value_heads"), facts.n_head_kv, cfg.get("num_attention_heads"))
+    if cfg.get("num_attention_heads") is None:
+        raise FormatError(f"{g.file}: cannot tell the number of attention heads (no config.json, genai_config.json or GroupQueryAttention)")
+    q_rows = shapes.get("blk.0.attn_q.weight", (None,))[0]
+    n_head = int(cfg["num_attention_heads"])
+    fill("head_dim", decoder.get("head_size"), q_rows // n_head if q_rows else None, hidden // n_head)
+    fill("intermediate_size", shapes.get("blk.0.ffn_gate.weight", (None,))[0])
+    fill("rms_norm_eps", facts.eps)
+    fill("vocab_size", vocab)
+    fill("tie_word_embeddings", tied)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        fill(key, model.get(key) if isinstance(model, dict) else None)
+    if cfg.get("max_position_embeddings") is None:
+        context = model.get("context_length") if isinstance(model, dict) else None
+        if context is None and facts.caches is not None:
+            context = facts.caches[0].shape[0]
+        fill("max_position_embeddings", context)
+    if config is None:  # rope settings come from the caches only when no config.json says them
+        if facts.caches is not None:
+            cos, sin = (_as_f64(c) for c in facts.caches)
+            base = _rope_base(cos, sin, f"{g.file}: {facts.caches[0].name}")
+            _check_plain_rope(cos, sin, base, f"{g.file}: {facts.caches[0].name}")
+            cfg["rope_theta"] = base
+            if 2 * cos.shape[1] != cfg["head_dim"]:
+                cfg["partial_rotary_factor"] = 2 * cos.shape[1] / cfg["head_dim"]
+        else:
+            raise FormatError(f"{g.file}: no config.json beside it and no cos_cache/sin_cache to read the rope base from")
+    family = cfg["architectures"][0]
+    cfg.setdefault("model_type", {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                                  "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma"}[family])
+    cfg.setdefault("hidden_act", "gelu_pytorch_tanh" if family == "GemmaForCausalLM" else "silu")
+    return cfg
+
+
+def _as_f64(s: _Stored) -> np.ndarray:
+    """A small float initializer (rotary caches) as float64."""
+    if s.qtype is QuantType.BF16:
+        return (s.array().astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return s.array().astype(np.float64)
+
+
+def _metadata(cfg: dict[str, Any], sidecar: dict[str, bytes], name: str) -> tuple[dict[str, MetaValue], list[LazyTensor]]:
+    """GGUF metadata (and hook tensors such as rope_freqs) of ``cfg``, as architectures.from_hf computes them.
+
+    from_hf insists on a tokenizer; an ONNX directory may come without one, so the parameter mapping is
+    run here through the same family tables and the tokenizer keys added only when its files are there.
+    """
+    from gguf import GGUFValueType as V
+
+    from .. import architectures as arch_mod
+    from ..tokenizer import gguf_tokenizer_metadata
+
+    family = arch_mod.family_for_hf(cfg)
+    arch_mod._check_activation(family, cfg)
+    dims = arch_mod._dims_from_config(cfg, family)
+    arch = family.gguf_arch
+    has_tokenizer = "tokenizer.json" in sidecar or "tokenizer.model" in sidecar
+    tok = gguf_tokenizer_metadata(sidecar, cfg) if has_tokenizer else {}
+    metadata: dict[str, MetaValue] = {
+        "general.architecture": MetaValue(V.STRING, arch),
+        "general.type": MetaValue(V.STRING, "model"),
+        "general.name": MetaValue(V.STRING, name),
+    }
+    for p in family.params:
+        metadata[f"{arch}.{p.key}"] = arch_mod._param_forward(p, cfg)
+    n_vocab = len(tok["tokenizer.ggml.tokens"].value) if "tokenizer.ggml.tokens" in tok else cfg.get("vocab_size", 0)
+    forward = arch_mod._Forward(cfg, dims, arch, sidecar, n_vocab, metadata, [])
+    for hook in family.hooks:
+        hook.forward(forward)
+    if not has_tokenizer:  # special ids for the GGUF (and to_hf's config) even without tokenizer files
+        for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+            if isinstance(cfg.get(key), int):
+                metadata[f"tokenizer.ggml.{gguf_key}"] = MetaValue(V.UINT32, cfg[key])
+    metadata.update(tok)
+    return metadata, list(forward.tensors)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    """(model file, model directory) for a directory or a .onnx file."""
+    if path.is_dir():
+        genai = _json_file(path / "genai_config.json")
+        name = None
+        if genai is not None:
+            name = ((genai.get("model") or {}).get("decoder") or {}).get("filename")
+        candidates = [path / name] if isinstance(name, str) and name else []
+        candidates += [path / "model.onnx"] + sorted(path.glob("*.onnx"))
+        for c in candidates:
+            if c.is_file():
+                return c, path
+        raise FormatError(f"{path}: no .onnx model in this directory")
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file or directory")
+    return path, path.parent
+
+
+def _parse(model_file: Path) -> Any:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(str(model_file), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{model_file}: not an ONNX model (protobuf does not parse: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not model.graph.node:
+        raise FormatError(f"{model_file}: not an ONNX model (no graph nodes)")
+    return model
+
+
+def _embedding(g: _Graph) -> tuple[LazyTensor, Optional[_Stored]]:
+    """token_embd from the Gather over input_ids; also the initializer behind it (tied lm_head detection)."""
+    for node in g.model.graph.node:
+        if node.op_type not in ("Gather", "GatherBlockQuantized") or len(node.input) < 2:
+            continue
+        if node.input[1] != "input_ids" and "embed_tokens" not in node.name:
+            continue
+        if node.op_type == "GatherBlockQuantized":
+            raise FormatError(f"{g.where(node)}: quantized embeddings (GatherBlockQuantized) cannot be imported yet")
+        init, via = g.source(node.input[0])
+        if init is None or init.qtype is None or len(init.shape) != 2:
+            raise FormatError(f"{g.where(node)}: the embedding is not a 2-D float initializer")
+        if via:
+            rows, cols = init.shape
+            return _reshaped("token_embd.weight", init, (cols, rows), lambda a: a.T), init
+        return _plain("token_embd.weight", init), init
+    raise FormatError(f"{g.file}: no embedding Gather over input_ids (not a decoder language model?)")
+
+
+def _norms(g: _Graph) -> dict[str, tuple[LazyTensor, bool]]:
+    """Norm weights by GGUF name, with whether the graph applies them as stored (fused norm ops)."""
+    out: dict[str, tuple[LazyTensor, bool]] = {}
+    for name, init in g.inits.items():
+        if init.qtype is None or len(init.shape) != 1:
+            continue
+        parts = _parts(name)
+        stem = next((_NORMS[p] for p in reversed(parts) if p in _NORMS), None)
+        layer = _layer_of(name)
+        if stem is None and name in ("model.norm.weight", "norm.weight"):
+            stem = "output_norm"
+        if stem is None:
+            continue
+        if stem == "output_norm":
+            target = "output_norm.weight"
+        elif layer is None:
+            raise FormatError(f"{g.file}: tensor {name}: a layer norm outside any layer")
+        else:
+            target = f"blk.{layer}.{stem}.weight"
+        if target in out:
+            raise FormatError(f"{g.file}: tensors {out[target][0].name} and {name} both map to {target}")
+        applied = any(c.op_type in _APPLIED_NORM_OPS for c in g.consumers.get(name, []))
+        out[target] = (_plain(name, init), applied)
+    return out
+
+
+def read(path: PathLike) -> Checkpoint:
+    """Read an ONNX decoder (a model directory or a ``.onnx`` file) as a canonical, GGUF-named checkpoint.
+
+    Supports Llama/Mistral, Qwen2, Qwen3 and Gemma graphs written by slmpkg, onnxruntime-genai's builder
+    or optimum; ``MatMulNBits`` weights become GGUF blocks (see :mod:`slmpkg.formats.onnx_nbits`).
+    Raises :class:`FormatError` (one line naming the file) for a file that is not ONNX, external data
+    that is outside the directory, missing or short, and a graph whose weights cannot be mapped.
+
+    Example:
+        >>> ckpt = read("out/tiny-onnx")                                  # doctest: +SKIP
+        >>> ckpt.get("llama.block_count"), len(ckpt.tensors)              # doctest: +SKIP
+        (2, 21)
+    """
+    from .. import architectures as arch_mod
+
+    model_file, directory = _locate(Path(path))
+    g = _Graph(_parse(model_file), model_file, directory)
+    facts = _Facts(g)
+    config = _json_file(directory / "config.json")
+    genai = _json_file(directory / "genai_config.json")
+
+    embd, embd_init = _embedding(g)
+    tensors: dict[str, LazyTensor] = {}
+    origin: dict[str, str] = {}
+    linears = _linears(g)
+    tied = False
+    for lin in linears:
+        if lin.target == "output" and embd_init is not None and lin.node.op_type != "MatMulNBits":
+            init, _ = g.source(lin.node.input[1])
+            if init is embd_init:  # the builder's tied embedding: one initializer read both ways
+                tied = True
+                continue
+
+    def put(name: str, t: LazyTensor, src: str) -> None:
+        if name in tensors:
+            raise FormatError(f"{g.file}: {origin[name]} and {src} both map to {name}")
+        tensors[name], origin[name] = t.renamed(name), src
+
+    put("token_embd.weight", embd, embd.name)
+    fused: list[_Linear] = []
+    for lin in linears:
+        if lin.fused:
+            fused.append(lin)
+            continue
+        if lin.target == "output" and tied:
+            continue
+        stem = "output" if lin.target == "output" else f"blk.{lin.layer}.{lin.target}"
+        put(f"{stem}.weight", lin.weight, lin.weight.name)
+        if lin.bias is not None:
+            put(f"{stem}.bias", lin.bias, lin.bias.name)
+    norms = _norms(g)
+    for name, (t, _) in norms.items():
+        put(name, t, t.name)
+
+    layers = sorted({lin.layer for lin in linears if lin.layer is not None})
+    n_layer = len(layers)
+    if layers != list(range(n_layer)):
+        raise FormatError(f"{g.file}: layers {layers} are not numbered 0..{n_layer - 1}")
+    shapes = {name: t.shape for name, t in tensors.items()}
+    for lin in fused:  # a fused gate_up gives the feed-forward width; a fused qkv needs the head counts
+        if lin.fused == "gate_up":
+            shapes.setdefault("blk.0.ffn_gate.weight", (lin.weight.shape[0] // 2,))
+    sidecar = {}
+    for name in _TOKENIZER_FILES:
+        p = directory / name
+        if p.is_file():
+            sidecar[name] = p.read_bytes()
+    cfg = _hf_config(g, facts, config, genai, shapes, n_layer, tied)
+    if int(cfg["num_hidden_layers"]) != n_layer:
+        raise FormatError(f"{g.file}: the graph has {n_layer} layers but its configuration says {cfg['num_hidden_layers']}")
+    sidecar["config.json"] = json.dumps(cfg).encode()
+    metadata, extra = _metadata(cfg, sidecar, directory.name if model_file.name == "model.onnx" else model_file.stem)
+    family = arch_mod.family_for_hf(cfg)
+    dims = arch_mod._dims_from_config(cfg, family)
+    q_size, kv_size = dims.n_head * dims.head_dim, dims.n_head_kv * dims.head_dim
+
+    for lin in fused:
+        stem = f"blk.{lin.layer}"
+        if lin.fused == "qkv":
+            sizes = (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size))
+        else:
+            half = lin.weight.shape[0] // 2
+            sizes = (("ffn_gate", half), ("ffn_up", half))
+        if sum(s for _, s in sizes) != lin.weight.shape[0]:
+            raise FormatError(
+                f"{g.where(lin.node)}: fused weight {lin.weight.name} has {lin.weight.shape[0]} outputs, "
+                f"the head counts need {sum(s for _, s in sizes)}"
+            )
+        start = 0
+        for part, size in sizes:
+            for suffix, src in (("weight", lin.weight), ("bias", lin.bias)):
+                if src is not None:
+                    put(f"{stem}.{part}.{suffix}", _rows(src, start, start + size), src.name)
+            start += size
+
+    # rotary layout: llama.cpp's llama graph wants q/k rows pair-adjacent; the graph's GQA says which it has
+    wants_pairs = any(isinstance(r.transform, arch_mod.PermuteHeads) for r in family.layer_tensors)
+    has_pairs = bool(facts.interleaved)
+    for i in range(n_layer):
+        for part, heads in (("attn_q", dims.n_head), ("attn_k", dims.n_head_kv)):
+            for suffix in ("weight", "bias"):
+                name = f"blk.{i}.{part}.{suffix}"
+                if name not in tensors or wants_pairs == has_pairs:
+                    continue
+                move = arch_mod.permute_qk if wants_pairs else arch_mod.unpermute_qk
+                tensors[name] = _with_rows(tensors[name], lambda rows, n=heads, f=move: f(rows, n))
+
+    # norms the graph computes as HF does (optimum) get llama.cpp's convention (Gemma: 1 + w)
+    shifts = {r.gguf: r.transform for r in family.layer_tensors + family.global_tensors
+              if isinstance(r.transform, arch_mod.Shift)}
+    for name, (t, applied) in norms.items():
+        stem = name.split(".")[-2]
+        if not applied and stem in shifts:
+            tensors[name] = shifts[stem].forward(tensors[name], dims)
+        elif len(t.shape) == 1 and tensors[name].qtype is not QuantType.F32:
+            tensors[name] = tensors[name].converted(QuantType.F32)  # llama.cpp keeps norms in F32
+
+    if family.output == "tied" and "output.weight" in tensors:
+        del tensors["output.weight"]  # llama.cpp's graph reads token_embd (the builder wrote a copy)
+    _check_complete(g, tensors, origin, n_layer, family, dims)
+    ordered = [tensors["token_embd.weight"]] + [t for t in extra]
+    for i in range(n_layer):
+        ordered += [t for name, t in tensors.items() if name.startswith(f"blk.{i}.")]
+    ordered += [tensors[n] for n in ("output_norm.weight", "output.weight") if n in tensors]
+    return Checkpoint(metadata, ordered, sidecar={})
+
+
+def _rows(t: LazyTensor, start: int, stop: int) -> LazyTensor:
+    """Rows ``start:stop`` of ``t`` (a fused projection's part)."""
+    from .. import quant
+
+    row = quant.row_bytes(t.qtype, t.shape[-1]) if len(t.shape) > 1 else np.dtype(_BITS.get(t.qtype, np.uint8)).itemsize
+
+    def raw() -> np.ndarray:
+        return np.asarray(t.byte_range(start * row, (stop - start) * row)).reshape(-1).view(np.uint8).copy()
+
+    return LazyTensor(t.name, (stop - start, *t.shape[1:]), t.qtype, raw)
+
+
+def _check_complete(
+    g: _Graph, tensors: Mapping[str, LazyTensor], origin: Mapping[str, str], n_layer: int, family: Any, dims: Any,
+) -> None:
+    """Every tensor llama.cpp's graph needs is there, with the shape the configuration implies."""
+    from .. import architectures as arch_mod
+
+    optional = {"attn_q_norm", "attn_k_norm"} if family.gguf_arch != "qwen3" else set()
+    wanted = [(f"{r.gguf}.weight", r) for r in family.global_tensors if r.gguf != "output"]
+    for i in range(n_layer):
+        wanted += [(f"blk.{i}.{r.gguf}.weight", r) for r in family.layer_tensors if r.gguf not in optional]
+    for name, rule in wanted:
+        t = tensors.get(name)
+        if t is None:
+            raise FormatError(f"{g.file}: found no weight for {name} (the graph's names and scopes do not lead to it)")
+        want = arch_mod._expected_shape(rule, dims, False)
+        if want is not None and tuple(t.shape) != want:
+            raise FormatError(f"{g.file}: tensor {origin[name]} for {name} has shape {list(t.shape)}, the configuration implies {list(want)}")
+

@@ -1,0 +1,410 @@
+"""ONNX → safetensors / GGUF (``slmpkg convert model_dir --to safetensors|gguf``), proved by the peers.
+
+Tiny random models (tests/test_convert.py's builders) are exported three ways: by slmpkg's own ONNX
+writer, by onnxruntime-genai's model builder (the real one, when installed: fused ``qkv_proj``, tied
+embeddings through ``Transpose``), and as an optimum-style graph built here (anonymous ``onnx::MatMul_N``
+weights named only by their node's scope, HF norm names, ``Add`` biases). Each import must give back
+every source weight bit for bit; transformers loads the safetensors result and computes the source's
+logits; llama.cpp loads the GGUF result; ONNX → GGUF → ONNX keeps every initializer. Bad input (external
+data outside the directory, missing, short; a file that is not ONNX) fails with one line, exit 1 and
+nothing at the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slmpkg import architectures
+from slmpkg.cli import main
+from slmpkg.formats import gguf as gguf_format
+from slmpkg.formats import onnx_import
+from slmpkg.formats import safetensors as st_format
+from slmpkg.pipeline import convert
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from test_convert import PROMPTS, _hf_model, _hf_outputs, _ids  # noqa: E402
+
+FAMILIES = ["llama", "qwen2", "qwen3"]
+
+
+def run(*args) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def source(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(family, HF directory, slmpkg's ONNX export of it)."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    hf = _hf_model(root / "hf", family)
+    onnx_dir = root / "onnx"
+    convert(hf, onnx_dir, to="onnx", progress=False)
+    return family, hf, onnx_dir
+
+
+def _canonical(hf: Path):
+    return architectures.from_hf(st_format.read(hf), name=hf.name)
+
+
+def _assert_same_weights(ckpt, reference, allow_untied: bool = True) -> None:
+    """Every reference tensor is in ``ckpt`` with the same type, shape and bytes."""
+    ours = {t.name: t for t in ckpt.tensors}
+    ref = {t.name: t for t in reference.tensors}
+    extra = set(ours) - set(ref)
+    # a graph keeps lm_head even when the source tied it to the embedding (then they are equal)
+    if allow_untied and extra == {"output.weight"}:
+        assert np.array_equal(ours["output.weight"].float32(), ref["token_embd.weight"].float32())
+        extra = set()
+    assert set(ref) <= set(ours) and not extra, (set(ref) - set(ours), extra)
+    for name, t in ref.items():
+        assert ours[name].shape == t.shape, name
+        assert np.array_equal(ours[name].float32(), t.float32()), name
+
+
+def _assert_same_model_metadata(ckpt, reference) -> None:
+    """The keys llama.cpp reads for the model (not general.name) and the tokenizer equal the HF source's."""
+    for key, item in reference.metadata.items():
+        if key == "general.name" or key == "tokenizer.ggml.bos_token_id":
+            continue  # a name of our choosing; genai_config.json records a bos id even when the source has none
+        assert key in ckpt.metadata, key
+        ours = ckpt.metadata[key].value
+        if isinstance(item.value, (list, np.ndarray)):
+            assert np.array_equal(np.asarray(ours, dtype=object), np.asarray(item.value, dtype=object)), key
+        else:
+            assert ours == item.value, key
+
+
+# ---- slmpkg's own graphs ---------------------------------------------------------------------------
+
+
+def test_slmpkg_onnx_imports_to_the_source_weights_and_metadata(source):
+    family, hf, onnx_dir = source
+    ckpt = onnx_import.read(onnx_dir)
+    reference = _canonical(hf)
+    _assert_same_weights(ckpt, reference)
+    _assert_same_model_metadata(ckpt, reference)
+    # a .onnx file path reads the same as its directory
+    again = onnx_import.read(onnx_dir / "model.onnx")
+    assert [t.name for t in again.tensors] == [t.name for t in ckpt.tensors]
+
+
+def test_onnx_to_safetensors_loads_in_transformers_with_every_source_weight(source, tmp_path):
+    family, hf, onnx_dir = source
+    out = tmp_path / "hf-again"
+    result = run("convert", onnx_dir, "-o", out, "--to", "safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["format"] == "safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).state_dict()
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        assert ours[name].dtype == torch.float32, name  # f32 source → f32 output by default
+        assert torch.equal(ours[name], value), name
+    # the configuration (rope base, eps, heads) is right too: the same logits
+    for prompt in PROMPTS:
+        ids = _ids(hf, prompt)
+        np.testing.assert_array_equal(_hf_outputs(out, ids, family), _hf_outputs(hf, ids, family))
+
+
+def test_onnx_gguf_onnx_keeps_every_initializer(source, tmp_path):
+    family, hf, onnx_dir = source
+    gguf = tmp_path / "m.gguf"
+    assert run("convert", onnx_dir, "-o", gguf, "--quant", "F32", "-q").exit_code == 0
+    assert gguf_format.read(gguf).architecture == architectures.family_for_hf(
+        json.loads((hf / "config.json").read_text())).gguf_arch
+    again = tmp_path / "onnx-again"
+    result = run("convert", gguf, "-o", again, "--to", "onnx", "-q")
+    assert result.exit_code == 0, result.output
+    first = onnx.load(str(onnx_dir / "model.onnx"))
+    second = onnx.load(str(again / "model.onnx"))
+    a = {t.name: numpy_helper.to_array(t) for t in first.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in second.graph.initializer}
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+
+def test_onnx_to_gguf_runs_in_llama_cpp_like_the_hf_source(source, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from test_convert import _llama_logits
+
+    family, hf, onnx_dir = source
+    gguf = tmp_path / "q8.gguf"
+    result = run("convert", onnx_dir, "-o", gguf, "--quant", "Q8_0", "-q")
+    assert result.exit_code == 0, result.output
+    direct = tmp_path / "direct-q8.gguf"
+    convert(hf, direct, quant="Q8_0", progress=False)
+    ids = _ids(hf, PROMPTS[0])
+    # the same blocks as converting the HF source directly: llama.cpp computes the same logits
+    np.testing.assert_array_equal(_llama_logits(gguf, ids), _llama_logits(direct, ids))
+    ours = {t.name: t for t in gguf_format.read(gguf).tensors}
+    for t in gguf_format.read(direct).tensors:
+        assert t.qtype == ours[t.name].qtype and np.array_equal(t.raw(), ours[t.name].raw()), t.name
+
+
+# ---- onnxruntime-genai's builder -------------------------------------------------------------------
+
+
+def _genai_build(hf: Path, out: Path) -> Path:
+    pytest.importorskip("onnxruntime_genai")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(out),
+           "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "builder-cache")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # the builder re-saves the tokenizer through transformers, which may add an unknown token past the
+    # embedding (Qwen2Tokenizer adds <|endoftext|>, absent from this tiny vocabulary): keep the source's
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf / name, out / name)
+    return out
+
+
+def test_genai_builder_graph_imports_to_the_source_weights(source, tmp_path):
+    family, hf, _ = source
+    built = _genai_build(hf, tmp_path / "genai")
+    graph = onnx.load(str(built / "model.onnx"), load_external_data=False)
+    names = {t.name for t in graph.graph.initializer}
+    assert "model.layers.0.attn.qkv_proj.MatMul.weight" in names  # the fused projection is exercised
+    ckpt = onnx_import.read(built)
+    reference = _canonical(hf)
+    _assert_same_weights(ckpt, reference, allow_untied=False)  # tied sources stay tied (Transpose → Gather)
+    _assert_same_model_metadata(ckpt, reference)
+    out = tmp_path / "hf-again"
+    assert run("convert", built, "-o", out, "--to", "safetensors", "-q").exit_code == 0
+    ids = _ids(hf, PROMPTS[1])
+    np.testing.assert_array_equal(_hf_outputs(out, ids, family), _hf_outputs(hf, ids, family))
+
+
+# ---- optimum-style graphs --------------------------------------------------------------------------
+
+
+def _optimum_style(hf: Path, out: Path) -> Path:
+    """A graph laid out as optimum's torch export names things: linear weights are anonymous
+    ``onnx::MatMul_N`` initializers holding W transposed, found only through their node's scope;
+    norms are ``Mul`` by HF-named weights after a decomposed RMS norm; biases are ``Add`` of HF-named
+    tensors; rotary is plain math (HF's half-split layout). config.json and the tokenizer sit beside."""
+    out.mkdir()
+    sd = {k: v.float().numpy() for k, v in transformers.AutoModelForCausalLM.from_pretrained(hf).state_dict().items()}
+    config = json.loads((hf / "config.json").read_text())
+    inits: list = []
+    nodes: list = []
+    counter = iter(range(100, 10**6))
+
+    def init(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def rms(x: str, weight: str, scope: str) -> str:
+        eps = init(f"onnx::Add_{next(counter)}", np.array(config["rms_norm_eps"], np.float32))
+        two = init(f"onnx::Pow_{next(counter)}", np.array(2.0, np.float32))
+        nodes.append(helper.make_node("Pow", [x, two], [f"{scope}/Pow_output_0"], name=f"{scope}/Pow"))
+        nodes.append(helper.make_node("ReduceMean", [f"{scope}/Pow_output_0"], [f"{scope}/ReduceMean_output_0"],
+                                      name=f"{scope}/ReduceMean", axes=[-1], keepdims=1))
+        nodes.append(helper.make_node("Add", [f"{scope}/ReduceMean_output_0", eps], [f"{scope}/Add_output_0"], name=f"{scope}/Add"))
+        nodes.append(helper.make_node("Sqrt", [f"{scope}/Add_output_0"], [f"{scope}/Sqrt_output_0"], name=f"{scope}/Sqrt"))
+        nodes.append(helper.make_node("Div", [x, f"{scope}/Sqrt_output_0"], [f"{scope}/Div_output_0"], name=f"{scope}/Div"))
+        nodes.append(helper.make_node("Mul", [weight, f"{scope}/Div_output_0"], [f"{scope}/Mul_output_0"], name=f"{scope}/Mul"))
+        return f"{scope}/Mul_output_0"
+
+    def linear(x: str, hf_name: str, scope: str) -> str:
+        w = init(f"onnx::MatMul_{next(counter)}", sd[f"{hf_name}.weight"].T)
+        y = f"{scope}/MatMul_output_0"
+        nodes.append(helper.make_node("MatMul", [x, w], [y], name=f"{scope}/MatMul"))
+        if f"{hf_name}.bias" in sd:
+            b = init(f"{hf_name}.bias", sd[f"{hf_name}.bias"])
+            nodes.append(helper.make_node("Add", [b, y], [f"{scope}/Add_output_0"], name=f"{scope}/Add"))
+            y = f"{scope}/Add_output_0"
+        return y
+
+    embed = init("model.embed_tokens.weight", sd["model.embed_tokens.weight"])
+    nodes.append(helper.make_node("Gather", [embed, "input_ids"], ["/model/embed_tokens/Gather_output_0"],
+                                  name="/model/embed_tokens/Gather"))
+    hidden = "/model/embed_tokens/Gather_output_0"
+    outputs = []
+    for i in range(config["num_hidden_layers"]):
+        p, s = f"model.layers.{i}", f"/model/layers.{i}"
+        x = rms(hidden, init(f"{p}.input_layernorm.weight", sd[f"{p}.input_layernorm.weight"]), f"{s}/input_layernorm")
+        heads = []
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            y = linear(x, f"{p}.self_attn.{proj}", f"{s}/self_attn/{proj}")
+            if proj in ("q_proj", "k_proj") and f"{p}.self_attn.q_norm.weight" in sd:
+                norm = proj[0] + "_norm"
+                y = rms(y, init(f"{p}.self_attn.{norm}.weight", sd[f"{p}.self_attn.{norm}.weight"]), f"{s}/self_attn/{norm}")
+            heads.append(y)
+        outputs += heads[1:]
+        # attention itself is not what the import reads; q stands in for its output
+        attn = linear(heads[0], f"{p}.self_attn.o_proj", f"{s}/self_attn/o_proj")
+        nodes.append(helper.make_node("Add", [hidden, attn], [f"{s}/Add_output_0"], name=f"{s}/Add"))
+        hidden = f"{s}/Add_output_0"
+        x = rms(hidden, init(f"{p}.post_attention_layernorm.weight", sd[f"{p}.post_attention_layernorm.weight"]),
+                f"{s}/post_attention_layernorm")
+        gate = linear(x, f"{p}.mlp.gate_proj", f"{s}/mlp/gate_proj")
+        up = linear(x, f"{p}.mlp.up_proj", f"{s}/mlp/up_proj")
+        nodes.append(helper.make_node("Mul", [gate, up], [f"{s}/mlp/Mul_output_0"], name=f"{s}/mlp/Mul"))
+        down = linear(f"{s}/mlp/Mul_output_0", f"{p}.mlp.down_proj", f"{s}/mlp/down_proj")
+        nodes.append(helper.make_node("Add", [hidden, down], [f"{s}/Add_1_output_0"], name=f"{s}/Add_1"))
+        hidden = f"{s}/Add_1_output_0"
+    x = rms(hidden, init("model.norm.weight", sd["model.norm.weight"]), "/model/norm")
+    w = init(f"onnx::MatMul_{next(counter)}", sd["lm_head.weight"].T)
+    nodes.append(helper.make_node("MatMul", [x, w], ["logits"], name="/lm_head/MatMul"))
+    graph = helper.make_graph(
+        nodes, "main_graph",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch_size", "sequence_length", f"{o}_width"])
+         for o in ["logits"] + outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch")
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=1024)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (hf / name).exists():
+            shutil.copy(hf / name, out / name)
+    return out
+
+
+def test_optimum_style_graph_imports_to_the_source_weights(source, tmp_path):
+    family, hf, _ = source
+    exported = _optimum_style(hf, tmp_path / "optimum")
+    graph = onnx.load(str(exported / "model.onnx"), load_external_data=False)
+    assert any(t.name.startswith("onnx::MatMul_") for t in graph.graph.initializer)
+    ckpt = onnx_import.read(exported)
+    reference = _canonical(hf)
+    _assert_same_weights(ckpt, reference)
+    _assert_same_model_metadata(ckpt, reference)
+    out = tmp_path / "m.gguf"
+    assert run("convert", exported, "-o", out, "-q").exit_code == 0  # *.gguf output: GGUF by default
+    assert {t.name for t in gguf_format.read(out).tensors} >= {t.name for t in reference.tensors}
+
+
+def test_a_weight_whose_scope_names_no_projection_is_refused(source, tmp_path):
+    family, hf, _ = source
+    exported = _optimum_style(hf, tmp_path / "optimum")
+    model = onnx.load(str(exported / "model.onnx"), load_external_data=False)
+    node = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/up_proj/MatMul")
+    node.name = "/model/layers.1/mlp/MatMul_7"
+    weight = node.input[1]
+    (exported / "model.onnx").write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    result = run("convert", exported, "-o", out, "--to", "safetensors")
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "MatMul_7" in lines[0] and weight in lines[0], result.output
+    assert not out.exists()
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+def _rewrite_location(model_dir: Path, location: str) -> str:
+    """Point the largest external initializer at ``location``; returns its name."""
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    tensor = max(external, key=lambda t: int(np.prod(t.dims)))
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+    (model_dir / "model.onnx").write_bytes(model.SerializeToString())
+    return tensor.name
+
+
+def _bad(tmp_path: Path, onnx_dir: Path, damage) -> tuple[Path, str]:
+    bad = tmp_path / "outer" / "bad-model"
+    shutil.copytree(onnx_dir, bad)
+    return bad, damage(bad)
+
+
+def _outside_copy(bad: Path) -> str:
+    shutil.copy(bad / "model.onnx.data", bad.parent / "model.onnx.data")  # present, but outside
+    return _rewrite_location(bad, "../model.onnx.data")
+
+
+def _absolute(bad: Path) -> str:
+    return _rewrite_location(bad, str((bad / "model.onnx.data").resolve()))
+
+
+def _symlink_out(bad: Path) -> str:
+    shutil.copy(bad / "model.onnx.data", bad.parent / "elsewhere.data")
+    (bad / "inside.data").symlink_to(bad.parent / "elsewhere.data")
+    return _rewrite_location(bad, "inside.data")
+
+
+def _missing(bad: Path) -> str:
+    return _rewrite_location(bad, "nowhere.data")
+
+
+def _short(bad: Path) -> str:
+    data = bad / "model.onnx.data"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 100)
+    return "model.onnx.data"
+
+
+def _not_protobuf(bad: Path) -> str:
+    (bad / "model.onnx").write_bytes(b"\xff\xff\xff\xff this is not a protobuf message \x00\x01")
+    return "not an ONNX model"
+
+
+def _empty_model(bad: Path) -> str:
+    (bad / "model.onnx").write_bytes(b"")
+    return "not an ONNX model"
+
+
+BAD = {
+    "dotdot": (_outside_copy, "leaves the model directory"),
+    "absolute": (_absolute, "is an absolute path"),
+    "symlink-out": (_symlink_out, "leaves the model directory"),
+    "missing-file": (_missing, "is missing"),
+    "short-data": (_short, "shorter than"),
+    "not-protobuf": (_not_protobuf, "protobuf does not parse"),
+    "empty-file": (_empty_model, "no graph nodes"),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_onnx(tmp_path_factory) -> Path:
+    """One family is enough for the input checks."""
+    root = tmp_path_factory.mktemp("bad")
+    onnx_dir = root / "onnx"
+    convert(_hf_model(root / "hf", "llama"), onnx_dir, to="onnx", progress=False)
+    return onnx_dir
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("to", ["safetensors", "gguf"])
+def test_bad_onnx_input_is_one_line_and_leaves_nothing(llama_onnx, tmp_path, case, to):
+    onnx_dir = llama_onnx
+    damage, problem = BAD[case]
+    bad, detail = _bad(tmp_path, onnx_dir, damage)
+    out = tmp_path / ("out.gguf" if to == "gguf" else "out")
+    result = run("convert", bad, "-o", out, "--to", to)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("slmpkg: error: "), result.output
+    assert str(bad / "model.onnx") in lines[0] and problem in lines[0] and detail in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial sibling either
+
+
+def test_onnx_to_onnx_is_a_usage_error(llama_onnx, tmp_path):
+    onnx_dir = llama_onnx
+    result = run("convert", onnx_dir, "-o", tmp_path / "again", "--to", "onnx")
+    assert result.exit_code != 0 and "already ONNX" in result.output
+    assert not (tmp_path / "again").exists()
