@@ -9,7 +9,8 @@ package, no torch export:
 * ``com.microsoft.EmbedLayerNormalization``: word + position (0..S-1) + token-type embeddings, then
   LayerNorm (it takes int32 ids, so the inputs are ``Cast`` first);
 * per layer ``com.microsoft.Attention`` over the packed q/k/v weights [hidden, 3·hidden] with the raw
-  2-D attention mask (int32; any padding side, masked scores get −10000 as HF's large negative);
+  2-D attention mask (int32, so any padding side works; masked scores get the op's mask_filter_value,
+  −10000, whose softmax weight is 0 as with HF's dtype minimum);
   the output projection is a ``MatMul`` whose bias, residual add and post-LayerNorm are one
   ``com.microsoft.SkipLayerNormalization``; the FFN is ``MatMul`` → ``com.microsoft.BiasGelu`` (the
   erf GELU that BERT's ``hidden_act="gelu"`` is) → ``MatMul`` → ``SkipLayerNormalization``.

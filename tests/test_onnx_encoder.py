@@ -265,6 +265,21 @@ def test_layout_fused_ops_external_data_and_sidecar(tiny_bert, tmp_path):
     assert {a.name: onnx.helper.get_attribute_value(a) for a in attention.attribute}["num_heads"] == 4
 
 
+def test_without_token_type_embeddings(tiny_bert, tmp_path):
+    """A BERT-architecture checkpoint without token_types has no token_type_ids input; folding type 0's
+    embedding into the position table gives the same hidden states as the full model with all-zero types."""
+    ckpt = _canonical(tiny_bert)
+    by_name = {t.name: t for t in ckpt.tensors}
+    folded = by_name["position_embd.weight"].float32() + by_name["token_types.weight"].float32()[0]
+    tensors = [LazyTensor.from_array(t.name, folded) if t.name == "position_embd.weight" else t
+               for t in ckpt.tensors if t.name != "token_types.weight"]
+    model = write_encoder(tmp_path / "onnx", Checkpoint(dict(ckpt.metadata), tensors))[0]
+    assert [i.name for i in _session(model).get_inputs()] == ["input_ids", "attention_mask"]
+    batch = _batch(tiny_bert)
+    batch["token_type_ids"][:] = 0
+    _check(tiny_bert, model, "f32", batch)
+
+
 def test_refusals_leave_nothing(tiny_bert, tmp_path):
     ckpt = _canonical(tiny_bert)
     with pytest.raises(UsageError, match="int4"):
