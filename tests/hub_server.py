@@ -22,7 +22,10 @@ with the request/response shapes taken from its source (``hf_api.py``, ``_commit
   ``X-Error-Message: Invalid credentials in Authorization header``.
 
 Xet (``HubServer(xet_dir=D)``): the CAS is ``hf_xet``'s own ``local://D`` store, which the client writes
-and reads directly (chunking, dedup, xorbs, shards: all real ``hf_xet``); the server plays the Hub's part:
+and reads directly (chunking, dedup, xorbs, shards: all real ``hf_xet``); the server plays the Hub's part.
+The server does not choose the upload path: huggingface_hub 2.4.0 uploads every non-regular file through
+Xet whenever ``hf_xet`` is importable and ``HF_HUB_DISABLE_XET`` is off (``_commit_api._upload_files``),
+whatever preupload says, so a server without ``xet_dir`` serves only LFS clients.
 
 - ``GET /api/models/{repo}/xet-write-token/{rev}`` and ``.../xet-read-token/{rev}``: the CAS URL, a token
   and its expiry, both as headers (``X-Xet-Cas-Url``, ``X-Xet-Access-Token``, ``X-Xet-Token-Expiration``:
@@ -37,7 +40,9 @@ and reads directly (chunking, dedup, xorbs, shards: all real ``hf_xet``); the se
 
 What this does NOT prove (run against the real Hub for that): the Xet CAS service itself (hf_xet's
 ``local://`` client stands in for ``cas-server.xethub.hf.co``: no HTTP between client and CAS, the token is
-never checked by it, no presigned xorb URLs, no server-side shard validation or global dedup answers);
+never checked by it, no presigned xorb URLs, no server-side shard validation or global dedup answers,
+no token expiry and refresh mid-transfer; the local client's failure modes, e.g. its stream of a file hash
+the CAS does not hold ends empty without an error, may differ from the remote client's);
 LFS multipart transfer (``chunk_size`` parts + completion);
 the real Hub's LFS/regular decision (.gitattributes patterns, 10 MB rule), its rate limits, pagination
 (``Link`` headers), commit size limits, gated/private repo semantics, token scopes (read vs write, fine-
@@ -45,7 +50,7 @@ grained), eventual consistency between the commit API and the CDN, and exactly w
 returns for a stale ``parentCommit`` (we answer 412; the client maps 409 the same way).
 
 Example:
-    >>> with HubServer(token="hf_x") as hub:                # doctest: +SKIP
+    >>> with HubServer(token="hf_x", xet_dir="cas") as hub:                # doctest: +SKIP
     ...     HfApi(endpoint=hub.endpoint, token="hf_x").create_repo("org/r")
 """
 

@@ -99,8 +99,9 @@ def registry(request, tmp_path):
     pytest.importorskip("huggingface_hub")
     if request.param == "hub-xet":
         pytest.importorskip("hf_xet")
-    env.update(HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1")
+    # HF_XET_CACHE: hf_xet's logs and caches stay in tmp_path, not ~/.cache
+    env.update(HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf-home"), HF_XET_CACHE=str(tmp_path / "xet-cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     if request.param == "hub-lfs":
         env["HF_HUB_DISABLE_XET"] = "1"
     with hub_server.HubServer(token=TOKEN, xet_dir=tmp_path / "cas") as hub:

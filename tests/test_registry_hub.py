@@ -56,6 +56,9 @@ def hub(request, tmp_path_factory):
 
     mode = request.param
     if mode == "xet":
+        # hf_xet logs (and caches) under HF_XET_CACHE, read when it is imported: keep them out of
+        # ~/.cache. Left set: hf_xet stays loaded as long as the process.
+        os.environ.setdefault("HF_XET_CACHE", str(tmp_path_factory.mktemp("xet-cache")))
         pytest.importorskip("hf_xet")
     saved = c.HF_HUB_DISABLE_XET, c.HF_HUB_OFFLINE
     c.HF_HUB_DISABLE_XET, c.HF_HUB_OFFLINE = mode == "lfs", False
