@@ -250,14 +250,14 @@ class _Spec:
         window = int(g("attention.sliding_window", 0) or 0)
         if window <= 0:
             return [-1] * self.n_layer
-        pattern = g("attention.sliding_window_pattern")
-        if isinstance(pattern, (list, tuple)):
+        pattern = g("attention.sliding_window_pattern")  # flags (a list, or an array from the GGUF reader) or a period
+        if pattern is not None and np.ndim(pattern) == 1:
             if len(pattern) != self.n_layer:
                 raise FormatError(f"ONNX export: {self.arch}.attention.sliding_window_pattern has {len(pattern)} "
                                   f"entries for {self.n_layer} layers")
             sliding = [bool(x) for x in pattern]
         else:
-            period = int(pattern) if pattern else family.swa_period
+            period = int(pattern) if pattern is not None and int(pattern) > 0 else family.swa_period
             sliding = [period is None or (i + 1) % period != 0 for i in range(self.n_layer)]
         # transformers' sliding_window counts the query's own position, as GQA's local_window_size does
         return [window if s else -1 for s in sliding]
@@ -265,8 +265,8 @@ class _Spec:
 
 def _rotary_caches(length: int, dim: int, base: float, divisors: Optional[np.ndarray] = None,
                    magnitude: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [length, dim/2] of position × inverse frequency, as transformers computes them: the
-    frequencies and each product in float32 (the cosine itself in float64, then rounded).
+    """cos/sin [length, dim/2] (float32) of position × inverse frequency, as transformers computes
+    them: the frequencies and each product in float32 (the cosine itself in float64, then rounded).
 
     ``divisors`` divide the frequencies (linear scaling's factor, Llama 3's ``rope_freqs``,
     LongRoPE's short/long factors); ``magnitude`` multiplies cos and sin (LongRoPE's attention factor).
@@ -276,7 +276,9 @@ def _rotary_caches(length: int, dim: int, base: float, divisors: Optional[np.nda
     if divisors is not None:
         inv_freq = (inv_freq / divisors.astype(np.float32)).astype(np.float32)
     angles = np.outer(np.arange(length, dtype=np.float32), inv_freq).astype(np.float32).astype(np.float64)
-    return np.cos(angles) * magnitude, np.sin(angles) * magnitude
+    # the magnitude as a float32 (as torch applies a Python scalar to float32 values; and a GGUF stores it)
+    scale = np.float32(magnitude)
+    return np.cos(angles).astype(np.float32) * scale, np.sin(angles).astype(np.float32) * scale
 
 
 class _Builder:
