@@ -88,7 +88,10 @@ from ..quant.kquants_affine import _nibbles as _k4_levels
 from ..quant.kquants_affine import _unpack_scales_k4
 from ..quant.kquants_symmetric import _q3_scale_values
 
-__all__ = ["NBitsWeight", "Carry", "from_float", "from_gguf", "to_gguf", "EXACT", "WITHIN_ULP", "ROUNDED", "REQUANTIZED"]
+__all__ = [
+    "NBitsWeight", "Carry", "from_float", "from_gguf", "to_gguf", "pack_levels", "unpack_levels",
+    "default_zero_point", "LINEAR_TYPES", "EXACT", "WITHIN_ULP", "ROUNDED", "REQUANTIZED",
+]
 
 F32 = np.float32
 BITS = (2, 4, 8)
@@ -168,26 +171,25 @@ class NBitsWeight:
         bs = self.block_size
         if bs < 16 or bs & (bs - 1):
             raise UsageError(f"MatMulNBits: block_size must be a power of two >= 16; got {bs}")
+        what = f"MatMulNBits weight [{self.n}, {self.k}]"
+        if self.packed.dtype != np.uint8:
+            raise FormatError(f"{what}: packed B must be uint8; got {self.packed.dtype}")
         kb = self.k_blocks
         want = {"packed": (self.n, kb, bs * self.bits // 8), "scales": (self.n, kb)}
         for field_name, shape in want.items():
             got = getattr(self, field_name).shape
             if got != shape:
-                raise FormatError(f"MatMulNBits weight [{self.n}, {self.k}]: {field_name} has shape {got}, expected {shape}")
+                raise FormatError(f"{what}: {field_name} has shape {got}, expected {shape}")
         zp = self.zero_points
         if zp is not None:
-            packed_shape = (self.n, -(-kb * self.bits // 8))
-            if zp.dtype == np.uint8 and zp.shape != packed_shape:
-                raise FormatError(f"MatMulNBits weight [{self.n}, {self.k}]: uint8 zero_points have shape {zp.shape}, expected {packed_shape}")
-            if zp.dtype != np.uint8 and zp.shape != (self.n, kb):
-                raise FormatError(f"MatMulNBits weight [{self.n}, {self.k}]: float zero_points have shape {zp.shape}, expected {(self.n, kb)}")
+            # uint8 zero points are packed like B; float ones are one per block
+            shape = (self.n, -(-kb * self.bits // 8)) if zp.dtype == np.uint8 else (self.n, kb)
+            if zp.shape != shape:
+                raise FormatError(f"{what}: {zp.dtype} zero_points have shape {zp.shape}, expected {shape}")
         if self.min_term is not None:
             mb = self.min_block
             if mb <= 0 or self.k % mb or self.min_term.shape != (self.k // mb, self.n):
-                raise FormatError(
-                    f"MatMulNBits weight [{self.n}, {self.k}]: min_term of shape {self.min_term.shape} "
-                    f"does not fit min_block {mb}"
-                )
+                raise FormatError(f"{what}: min_term of shape {self.min_term.shape} does not fit min_block {mb}")
 
     @property
     def k_blocks(self) -> int:
@@ -196,7 +198,10 @@ class NBitsWeight:
     def attributes(self, accuracy_level: int = 0) -> dict[str, int]:
         """The node's attributes. Level 0 computes in the input's float type; 4 quantizes the input to
         int8 per block (faster, and no longer bit-exact: see the module docstring)."""
-        return {"K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": accuracy_level}
+        return {
+            "K": self.k, "N": self.n, "bits": self.bits, "block_size": self.block_size,
+            "accuracy_level": accuracy_level,
+        }
 
     def levels(self) -> np.ndarray:
         """The unpacked B codes, uint8 ``[N, k_blocks * block_size]`` (K padded to whole blocks)."""
@@ -559,6 +564,9 @@ def from_gguf(
 
     raw = np.ascontiguousarray(tensor.raw()).view(np.uint8).reshape(-1)
     a = _decompose(qtype, raw, n)
+    if not np.isfinite(a.scales).all() or (a.mins is not None and not np.isfinite(a.mins).all()):
+        # ggml's float16 scales overflowed when the file was made; a min term would spread 0*inf = NaN
+        raise FormatError(f"{tensor.name}: {qtype.name} blocks hold non-finite scales or minimums (float16 overflow)")
     kind = EXACT
     zero_points = None
     min_term = None

@@ -117,7 +117,8 @@ def test_exact_mappings_equal_ggml_bit_for_bit(qtype):
     tensor = gguf_tensor(qtype, seed=1)
     w, carry = nb.from_gguf(tensor)
     bits, block_size, has_zp, has_min = EXACT_LAYOUTS[qtype]
-    assert (w.bits, w.block_size, w.zero_points is not None, w.min_term is not None) == (bits, block_size, has_zp, has_min)
+    layout = (w.bits, w.block_size, w.zero_points is not None, w.min_term is not None)
+    assert layout == (bits, block_size, has_zp, has_min)
     assert carry == nb.Carry(tensor.name, qtype, "exact", 0.0)
     source = tensor.float32()
     got = ort_weights(w)
@@ -186,7 +187,9 @@ def test_other_types_are_requantized_and_say_so(qtype):
     assert equal_bits(ort_weights(w), w.dequantize())
 
 
-@pytest.mark.parametrize("qtype,kind", [("Q4_0", "exact"), ("Q8_0", "exact"), ("Q5_0", "exact"), ("Q6_K", "rounded"), ("Q4_K", "rounded")])
+@pytest.mark.parametrize(
+    "qtype,kind", [("Q4_0", "exact"), ("Q8_0", "exact"), ("Q5_0", "exact"), ("Q6_K", "rounded"), ("Q4_K", "rounded")]
+)
 def test_float16_scales(qtype, kind):
     tensor = gguf_tensor(qtype, seed=6)
     w, carry = nb.from_gguf(tensor, scale_dtype=np.float16)
@@ -199,6 +202,15 @@ def test_float16_scales(qtype, kind):
     assert equal_bits(got, w.dequantize().astype(np.float16))
     if kind == "exact":
         assert equal_bits(got, source.astype(np.float16))
+
+
+def test_from_gguf_refuses_overflowed_scales():
+    w = random_weights(7, 4, 64)
+    w[2, :32] -= 1e5  # beyond float16: the block's minimum is stored as -inf
+    data = quant.quantize(w, "Q4_1").reshape(-1)
+    tensor = LazyTensor("blk.3.attn_k.weight", (4, 64), QuantType.Q4_1, lambda: data)
+    with pytest.raises(FormatError, match="blk.3.attn_k.weight: Q4_1 blocks hold non-finite"):
+        nb.from_gguf(tensor)
 
 
 def test_from_gguf_rejects_non_matrices():
@@ -299,6 +311,22 @@ def test_accuracy_level_4_quantizes_the_input():
     assert equal_bits(ort_weights(q, accuracy_level=1), q.dequantize())
     # level 4 quantizes A to int8 per block: not even an identity input survives it exactly
     assert not equal_bits(ort_weights(q, accuracy_level=4), q.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_float_zero_points_are_b_times_scale_minus_zp_times_scale(bits):
+    # arbitrary float32 scales (24-bit mantissas) and zero points: onnxruntime rounds B*scale and
+    # zp*scale separately, then subtracts (no fused multiply-add, not (B - zp)*scale)
+    rng = np.random.default_rng(bits)
+    q = nb.from_float(random_weights(11, 32, 1024), bits, 32, symmetric=False)
+    scales = (rng.standard_normal((32, 32)) * 0.1).astype(F32)
+    zp = rng.uniform(0, (1 << bits) - 1, (32, 32)).astype(F32)
+    w = nb.NBitsWeight(bits, 32, 32, 1024, q.packed, scales, zp)
+    got = ort_weights(w)
+    assert equal_bits(got, w.dequantize())
+    levels = w.levels().reshape(32, 32, 32).astype(F32)
+    naive = ((levels - zp[:, :, None]) * scales[:, :, None]).reshape(32, 1024)
+    assert not equal_bits(got, naive)
 
 
 def test_cpu_rejects_8_bit_float_zero_points():
