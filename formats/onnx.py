@@ -210,10 +210,11 @@ class _Spec:
         self.rope_factor = float(g("rope.scaling.factor", 1.0) or 1.0)
         if self.rope_scaling not in (None, "none", "linear"):
             raise FormatError(f"ONNX export: rope scaling {self.rope_scaling!r} is not supported yet")
-        if self.rope_dim % 16 or self.rope_dim > self.head_dim:
-            # onnxruntime's GQA takes cos/sin caches whose width is a multiple of 8 (measured, 1.32)
-            raise FormatError(f"ONNX export: rotary width {self.rope_dim} (head size {self.head_dim}) is not a multiple "
-                              "of 16 within the head, which onnxruntime's GroupQueryAttention rotates")
+        if self.head_dim % 16 or self.rope_dim % 16 or not 0 < self.rope_dim <= self.head_dim:
+            # onnxruntime 1.32's rotating GQA (measured): head size a multiple of 16, cos/sin caches
+            # whose width (half the rotary width) is a multiple of 8 and at most half the head
+            raise FormatError(f"ONNX export: head size {self.head_dim} with rotary width {self.rope_dim}: onnxruntime's "
+                              "GroupQueryAttention rotates multiples of 16 within a head whose size is a multiple of 16")
         self.rope_attn_factor = float(g("rope.scaling.attn_factor", 1.0) or 1.0)
         self.original_context = int(g("rope.scaling.original_context_length", self.context) or self.context)
         swa_base = g("rope.freq_base_swa", family.swa_rope_base)
@@ -357,7 +358,10 @@ class _Builder:
             divisors = divisors * self.load("rope_freqs.weight")
         if spec.rope_scaling == "linear":
             divisors = divisors * np.float32(spec.rope_factor)
-        if self.has("rope_factors_short.weight") and self.has("rope_factors_long.weight"):
+        longrope = [self.has(f"rope_factors_{kind}.weight") for kind in ("short", "long")]
+        if any(longrope) and not all(longrope):
+            raise FormatError("ONNX export: LongRoPE needs both rope_factors_short.weight and rope_factors_long.weight")
+        if all(longrope):
             glob = self.longrope_caches(width, divisors)
         else:
             glob = self.cache_pair("", *_rotary_caches(spec.context, dim, spec.rope_base, divisors))

@@ -327,7 +327,20 @@ def test_refuses_unsupported_architecture_and_rope(tmp_path):
     ckpt.metadata["llama.rope.scaling.type"] = MetaValue(GGUFValueType.STRING, "yarn")
     with pytest.raises(FormatError, match="yarn"):
         onnx_format.write(tmp_path / "o", ckpt)
+    del ckpt.metadata["llama.rope.scaling.type"]
+    # onnxruntime's GQA rotates widths that are multiples of 16 (a 40-wide rotation fails at run time)
+    ckpt.metadata["llama.rope.dimension_count"] = MetaValue(GGUFValueType.UINT32, 40)
+    with pytest.raises(FormatError, match="rotary width 40"):
+        onnx_format.write(tmp_path / "o", ckpt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_refuses_half_a_longrope(models, tmp_path):
+    ckpt = _canonical(models.source("phi3-longrope"), "phi3-longrope")
+    half = Checkpoint(dict(ckpt.metadata), [t for t in ckpt.tensors if t.name != "rope_factors_long.weight"])
+    with pytest.raises(FormatError, match="rope_factors_long"):
+        onnx_format.write(tmp_path / "o", half)
+    assert not (tmp_path / "o").exists()
 
 
 def test_bert_is_written_by_the_encoder_module(tmp_path, monkeypatch):
