@@ -42,6 +42,8 @@ __all__ = ["HubStore"]
 
 TOUCH_DIR = ".slmpkg-touch"
 _MAX_CAS_RETRIES = 20
+#: Files up to this size may be stored as regular git files (the Hub's limit for non-LFS files is 10 MB).
+_REGULAR_MAX = 10 << 20
 
 
 def _first_line(e: BaseException) -> str:
@@ -388,13 +390,17 @@ class HubStore(Store):
         check_key(key)
         if if_absent and self.exists(key):
             return False
+        size = os.path.getsize(path)
         h = hashlib.sha256()
+        # Small files may be stored as regular git files, whose etag is the git blob sha1: hash that too.
+        git = hashlib.sha1(b"blob %d\x00" % size) if size <= _REGULAR_MAX else None  # noqa: S324 (git's id)
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
+                if git is not None:
+                    git.update(chunk)
         if sha256 is not None and h.hexdigest() != sha256:
             raise IntegrityError(f"{path}: changed while uploading (sha256:{h.hexdigest()[:16]}, expected sha256:{sha256[:16]})")
-        size = os.path.getsize(path)
         src = os.fspath(path)
         if if_absent:
             try:
@@ -404,9 +410,19 @@ class HubStore(Store):
         else:
             commit = self._commit([self._add(key, src)], f"put {key}", None)
             etag = self._meta(key, commit)[0]
-        # An LFS file's etag is its sha256: the Hub verified the upload against what we hashed.
-        if len(etag) == 64 and etag != h.hexdigest():
-            raise IntegrityError(f"{self.url}/{key}: stored sha256:{etag[:16]}, uploaded sha256:{h.hexdigest()[:16]}")
+        # The etag is the id of the bytes the Hub stored: a big file's sha256 (LFS or Xet), a regular
+        # file's git blob sha1. huggingface_hub hashes the bytes it actually sends (LFS: before the batch
+        # call, checked by the storage; Xet: hf_xet while chunking, recorded in the shard) — we never hand
+        # it our digest, which it would take on trust — so a file that changed after we hashed it shows
+        # up here. Its key then names other bytes: remove it, so a retry uploads again.
+        want = h.hexdigest() if len(etag) == 64 else git.hexdigest() if len(etag) == 40 and git else None
+        if want is not None and etag != want:
+            try:
+                self.delete(key)
+            except (StoreError, NotFoundError, ConflictError):
+                pass  # the integrity error is the one to report
+            raise IntegrityError(f"{self.url}/{key}: {path} changed while uploading (stored {etag[:16]}, "
+                                 f"hashed {want[:16]}); the stored copy was removed")
         if progress:
             progress(size)
         return True

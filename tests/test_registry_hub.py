@@ -211,6 +211,30 @@ def test_big_blob(store, hub, tmp_path):
     assert_download_path(hub, paths_since(hub, n))  # the store's own ranged reads too
 
 
+@pytest.mark.parametrize("size", [100, (2 << 20) + 10], ids=["regular", "big"])
+def test_file_changed_after_hashing(store, hub, tmp_path, size):
+    """The file changes between put_file's hash and the upload (same size): the stored id (git sha1 of a
+    regular file, sha256 of an LFS/Xet file) gives it away, put_file fails and leaves no such key."""
+    def content() -> bytes:  # hex text: no NUL byte, so small files are stored as regular git files
+        return os.urandom(size // 2).hex().encode()
+
+    src = tmp_path / "f"
+    data = content()
+    src.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    real_add = store._add
+
+    def add_after_rewrite(key, source):
+        src.write_bytes(content())  # another writer, after the hash and before huggingface_hub reads
+        return real_add(key, source)
+
+    store._add = add_after_rewrite
+    with pytest.raises(IntegrityError, match="changed while uploading.*the stored copy was removed"):
+        store.put_file("blobs/sha256/" + digest, src, sha256=digest)
+    store._add = real_add
+    assert not store.exists("blobs/sha256/" + digest)
+
+
 def test_xet_file_read_without_xet(store, hub, tmp_path):
     """A file uploaded through Xet is readable by a client with Xet disabled (the HTTP redirect)."""
     if hub.mode != "xet":
