@@ -32,6 +32,10 @@ becomes ``y = MatMulNBits(x) - ReduceSum(x.reshape(.., K/min_block, min_block), 
 weight bit-exact. Default integer zero points are used wherever they fit
 (``B`` is offset instead), so exact mappings need no zero-point tensor at all.
 
+:func:`to_gguf` goes back: symmetric 2/4-bit → Q4_0, other zero points → Q4_1, 8-bit → Q8_0, a min
+term → Q4_1/Q5_1, each exact up to float16 rounding of scales and minimums (bigger blocks repeat
+their scale); Q4_0, Q8_0, Q4_1 and Q5_1 make the GGUF → MatMulNBits → GGUF trip byte for byte.
+
 Facts measured with onnxruntime 1.32.0 (CPU, x86-64), most of them asserted by
 ``tests/test_onnx_nbits.py`` (one-node models, identity input X = eye(K), accuracy_level 0):
 
@@ -628,9 +632,11 @@ def to_gguf(w: NBitsWeight, name: str = "MatMulNBits weight") -> tuple[QuantType
 
     Symmetric (absent zero points, or all ``2**(bits-1)``) 2/4-bit weights → Q4_0; other 2/4-bit
     zero points, integer or float → Q4_1 (``m = -zp * scale``); 8-bit with integer zero points → Q8_0
-    when every ``level - zp`` fits int8. Block sizes above 32 repeat their scale per ggml block.
-    Raises :class:`FormatError` naming ``name`` and the reason otherwise (a min term, float 8-bit zero
-    points, K not a multiple of 32, 16-value blocks with differing scales).
+    when every ``level - zp`` fits int8. A min term (what :func:`from_gguf` makes of Q4_1/Q5_1/Q4_K/
+    Q5_K/Q2_K) → Q4_1 for 2/4 bits, Q5_1 for 8 bits whose ``level - zp`` stays in 0..31. Block sizes
+    above 32 repeat their scale per ggml block. Raises :class:`FormatError` naming ``name`` and the
+    reason otherwise (float 8-bit zero points, K not a multiple of 32, 16-value blocks with differing
+    scales, levels out of the target type's range).
 
     Example:
         >>> w = from_float(np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32))
@@ -638,17 +644,23 @@ def to_gguf(w: NBitsWeight, name: str = "MatMulNBits weight") -> tuple[QuantType
         >>> qtype.name, len(data)
         ('Q4_0', 72)
     """
-    if w.min_term is not None:
-        raise FormatError(f"{name}: a MatMulNBits weight with a separate min term has no ggml block type here")
     if w.k % 32:
         raise FormatError(f"{name}: K = {w.k} is not a multiple of 32, ggml's block size")
     n, k, bs = w.n, w.k, w.block_size
     levels = w.levels()[:, :k].reshape(n, k // 32, 32)
     scales = _per_32(w.scales.astype(F32), bs, "scales", name)
     izp = w.integer_zero_points()
-    zp = izp if izp is not None else w.zero_points.astype(F32)
-    zp = _per_32(zp, bs, "zero points", name)
-    symmetric = izp is not None and bool((izp == default_zero_point(w.bits)).all())
+    zp = _per_32(izp if izp is not None else w.zero_points.astype(F32), bs, "zero points", name)
+
+    if w.min_term is not None:
+        if izp is None:
+            raise FormatError(f"{name}: float zero points together with a min term have no ggml block type")
+        mins = _per_32(w.min_term.astype(F32).T, w.min_block, "minimums", name)
+        qtype, top = (QuantType.Q5_1, 31) if w.bits == 8 else (QuantType.Q4_1, 15)
+        offsets = levels.astype(np.int16) - zp[:, :, None]
+        if offsets.min(initial=0) < 0 or offsets.max(initial=0) > top:
+            raise FormatError(f"{name}: levels minus zero points leave 0..{top}; {qtype.name} cannot hold them")
+        return qtype, _affine_blocks(qtype, offsets.astype(np.uint8), scales, -mins)
 
     if w.bits == 8:
         if izp is None:
@@ -661,17 +673,23 @@ def to_gguf(w: NBitsWeight, name: str = "MatMulNBits weight") -> tuple[QuantType
         out["qs"] = diff.astype(np.int8).reshape(-1, 32)
         return QuantType.Q8_0, out.tobytes()
 
-    if symmetric:
-        qtype = QuantType.Q4_0
+    if izp is not None and bool((izp == default_zero_point(w.bits)).all()):
         q = (levels.astype(np.int16) - zp[:, :, None] + 8).astype(np.uint8)  # within 0..15 for 2/4 bits
-        out = np.empty(n * (k // 32), BLOCK[qtype])
-        out["d"] = scales.reshape(-1)
-    else:
-        qtype = QuantType.Q4_1
-        q = levels
-        out = np.empty(n * (k // 32), BLOCK[qtype])
-        out["d"] = scales.reshape(-1)
-        out["m"] = (-(zp.astype(F32) * scales)).reshape(-1)
+        return QuantType.Q4_0, _affine_blocks(QuantType.Q4_0, q, scales, None)
+    # (level - zp) * scale = level*scale + m with m = -zp*scale; MatMulNBits rounds zp*scale alike
+    return QuantType.Q4_1, _affine_blocks(QuantType.Q4_1, levels, scales, -(zp.astype(F32) * scales))
+
+
+def _affine_blocks(qtype: QuantType, q: np.ndarray, d: np.ndarray, m: Optional[np.ndarray]) -> bytes:
+    """ggml blocks of Q4_0/Q4_1/Q5_1 from levels ``[N, K/32, 32]`` and per-block ``d`` (and ``m``)."""
+    out = np.empty(q.shape[0] * q.shape[1], BLOCK[qtype])
+    out["d"] = d.reshape(-1)
+    if m is not None:
+        out["m"] = m.reshape(-1)
     q = q.reshape(-1, 32)
+    if qtype is QuantType.Q5_1:
+        # bit 4 of element j is bit j of a little-endian uint32
+        out["qh"] = np.packbits(q >> np.uint8(4), axis=1, bitorder="little").view("<u4").reshape(-1)
+        q = q & np.uint8(0x0F)
     out["qs"] = q[:, :16] | (q[:, 16:] << np.uint8(4))  # ggml: element j low, j + 16 high
-    return qtype, out.tobytes()
+    return out.tobytes()

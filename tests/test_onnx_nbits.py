@@ -365,12 +365,33 @@ def test_asymmetric_int4_to_q4_1(block_size):
     assert np.abs(ggml - q.dequantize()).max() > 0  # the roundings are real
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
-def test_gguf_round_trip_is_byte_identical(qtype):
+@pytest.mark.parametrize(
+    "qtype,separate_min",
+    [("Q4_0", False), ("Q8_0", False), ("Q5_1", False), ("Q4_1", False), ("Q4_1", True)],
+)
+def test_gguf_round_trip_is_byte_identical(qtype, separate_min):
     tensor = gguf_tensor(qtype, seed=13)
-    w, _ = nb.from_gguf(tensor)
+    w, _ = nb.from_gguf(tensor, separate_min=separate_min)
     back, data = nb.to_gguf(w)
     assert back is tensor.qtype and data == tensor.raw().tobytes()
+
+
+@pytest.mark.parametrize("qtype,back", [("Q5_K", QuantType.Q5_1), ("Q4_K", QuantType.Q4_1)])
+def test_k_quants_with_a_min_term_come_back_as_legacy_blocks(qtype, back):
+    tensor = gguf_tensor(qtype, seed=14)
+    w, _ = nb.from_gguf(tensor, separate_min=True)
+    got, data = nb.to_gguf(w)
+    assert got is back
+    values = quant.dequantize(np.frombuffer(data, np.uint8), got, (N, K))
+    source = tensor.float32()
+    # K-quant scales d*sc and minimums dmin*m become float16: off by those two roundings only
+    s = np.repeat(np.abs(w.scales), 32, axis=1)
+    m = np.repeat(np.abs(w.min_term.T), 32, axis=1)
+    top = 31 if back is QuantType.Q5_1 else 15
+    assert (np.abs(values - source) <= (top * s + m) * 2.0**-11 + np.spacing(np.abs(source))).all()
+    # and exact in every block whose scale and minimum float16 holds (a few, for these weights)
+    kept = (w.scales.astype(np.float16) == w.scales) & (w.min_term.T.astype(np.float16) == w.min_term.T)
+    assert equal_bits(values.reshape(N, -1, 32)[kept], source.reshape(N, -1, 32)[kept])
 
 
 def test_q5_0_comes_back_as_q8_0_with_the_same_values():
@@ -403,16 +424,18 @@ def test_two_bit_symmetric_to_q4_0():
 
 def test_to_gguf_refusals_name_the_tensor():
     name = "model.layers.0.mlp.down_proj.MatMul.weight_Q4"
-    min_term, _ = nb.from_gguf(gguf_tensor("Q5_K"))
-    with pytest.raises(FormatError, match=f"{name}: .*min term"):
-        nb.to_gguf(min_term, name=name)
     q8 = nb.from_float(random_weights(16), bits=8, symmetric=False)
     floats = nb.NBitsWeight(8, 32, q8.n, q8.k, q8.packed, q8.scales, q8.integer_zero_points().astype(F32))
-    with pytest.raises(FormatError, match="float zero points"):
+    with pytest.raises(FormatError, match=f"{name}: 8-bit weights with float zero points"):
         nb.to_gguf(floats, name=name)
     positive = nb.from_float(np.abs(random_weights(16)), bits=8, symmetric=False)  # zero point 0: levels to 255
     with pytest.raises(FormatError, match="int8"):
         nb.to_gguf(positive, name=name)
+    # a min term with 8-bit levels beyond Q5_1's 0..31
+    sym8 = nb.from_float(random_weights(16), bits=8)
+    wide = nb.NBitsWeight(8, 32, N, K, sym8.packed, sym8.scales, None, np.zeros((K // 32, N), F32), 32)
+    with pytest.raises(FormatError, match="leave 0..31; Q5_1"):
+        nb.to_gguf(wide, name=name)
     ragged = nb.from_float(random_weights(17, k=48), bits=4, block_size=16)
     with pytest.raises(FormatError, match="not a multiple of 32"):
         nb.to_gguf(ragged, name=name)
