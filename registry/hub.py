@@ -46,6 +46,22 @@ _MAX_CAS_RETRIES = 20
 _REGULAR_MAX = 10 << 20
 
 
+def _xet_reader() -> bool:
+    """Whether reads may go through hf_xet: installed, not disabled (``HF_HUB_DISABLE_XET``, looked up
+    on every call like huggingface_hub does), and huggingface_hub still has the helpers we use; else
+    reads take the HTTP redirect, which the Hub serves for Xet files too."""
+    try:
+        from huggingface_hub.utils._runtime import is_xet_available
+        from huggingface_hub.utils._xet import (  # noqa: F401
+            get_xet_session,
+            refresh_xet_connection_info,
+            xet_headers_without_auth,
+        )
+    except ImportError:  # pragma: no cover - another huggingface_hub than the one we test with
+        return False
+    return is_xet_available()
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:200] if s else type(e).__name__
@@ -325,6 +341,9 @@ class HubStore(Store):
         """The bytes ``[start, end)`` of a Xet-stored file, straight from the CAS through ``hf_xet``."""
         from hf_xet import XetFileInfo
         from huggingface_hub.utils import build_hf_headers
+
+        # huggingface_hub has no public ranged Xet read: these are the helpers its own xet_get uses
+        # (checked by _xet_reader); the session is its process-wide one, shared with its downloads.
         from huggingface_hub.utils._xet import (
             get_xet_session,
             refresh_xet_connection_info,
@@ -343,7 +362,6 @@ class HubStore(Store):
 
     def _get_into(self, key, rev, meta, f, start=None, end=None, progress=None) -> int:
         from huggingface_hub.utils import hf_raise_for_status
-        from huggingface_hub.utils._runtime import is_xet_available
 
         done = 0
 
@@ -355,7 +373,7 @@ class HubStore(Store):
                 progress(len(chunk))
 
         def run():
-            if meta.xet_file_data is not None and is_xet_available():
+            if meta.xet_file_data is not None and _xet_reader():
                 for chunk in self._xet_chunks(meta.xet_file_data, int(meta.size), start, end):
                     take(chunk)
                 return
