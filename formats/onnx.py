@@ -46,7 +46,8 @@ what the checkpoint does not say):
 * **bert**: delegated to :mod:`slmpkg.formats.onnx_encoder` (``last_hidden_state``).
 
 Weights go to one external data file, ``model.onnx.data``, written tensor by tensor as the graph is
-built (one tensor in memory at a time; an MoE layer holds one projection of all its experts);
+built (one tensor in memory at a time; an MoE layer's gate and up experts are both held while their
+interleaved fusion is written expert by expert);
 the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
 shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
 ``genai_config.json`` is written beside.
@@ -62,7 +63,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Union
@@ -119,20 +120,32 @@ class _Graph:
         if array.nbytes < INLINE_BYTES:
             self.initializers.append(onnx.numpy_helper.from_array(array, name=name))
             return name
-        if array.nbytes >= ALIGN_THRESHOLD and self.offset % ALIGNMENT:
+        return self.weight_parts(name, array.shape, array.dtype, [array])
+
+    def weight_parts(self, name: str, shape: Sequence[int], dtype: Any, parts: Iterable[np.ndarray]) -> str:
+        """An external initializer written from ``parts`` (its elements in order, e.g. row blocks),
+        so a tensor assembled from pieces is never whole in memory."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes >= ALIGN_THRESHOLD and self.offset % ALIGNMENT:
             pad = ALIGNMENT - self.offset % ALIGNMENT
             self.data.write(b"\0" * pad)
             self.offset += pad
+        start = self.offset
+        for part in parts:
+            part = np.ascontiguousarray(part, dtype=dtype)
+            self.data.write(memoryview(part.reshape(-1).view(np.uint8)))
+            self.offset += part.nbytes
+        if self.offset - start != nbytes:
+            raise ValueError(f"{name}: parts hold {self.offset - start} bytes, the shape {list(shape)} needs {nbytes}")
         tensor = TensorProto()
         tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(dtype)
+        tensor.dims.extend(shape)
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.data_name), ("offset", str(start)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self.data.write(memoryview(array.reshape(-1).view(np.uint8)))
-        self.offset += array.nbytes
         self.initializers.append(tensor)
         return name
 
@@ -459,13 +472,21 @@ class _Builder:
         blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/moe"
         router = self.linear(x, f"{blk}.ffn_gate_inp", f"{layer}.moe.gate", f"{scope}/gate")
         (router_2d,) = g.node("Reshape", [router, g.const(f"{scope}/router_shape", [-1, spec.n_expert])], f"{scope}/Reshape")
-        gate = self.load(f"{blk}.ffn_gate_exps.weight")
-        fc1 = np.empty((gate.shape[0], 2 * gate.shape[1], gate.shape[2]), dtype=self.dtype)
-        fc1[:, 0::2] = gate  # onnxruntime's CPU kernel takes SwiGLU rows interleaved: gate, up, gate, up...
-        del gate
-        fc1[:, 1::2] = self.load(f"{blk}.ffn_up_exps.weight")
-        w1 = g.weight(f"{layer}.moe.experts.gate_up_proj.weight", fc1)
-        del fc1
+        gate, up = self.load(f"{blk}.ffn_gate_exps.weight"), self.load(f"{blk}.ffn_up_exps.weight")
+        if gate.shape != up.shape:
+            raise FormatError(f"ONNX export: {blk}.ffn_gate_exps and ffn_up_exps differ in shape")
+
+        def interleaved() -> Iterable[np.ndarray]:
+            # onnxruntime's CPU kernel takes SwiGLU rows interleaved (gate row, up row, ...); one expert
+            # at a time, so the fused tensor is never whole in memory
+            for e in range(gate.shape[0]):
+                rows = np.empty((2 * gate.shape[1], gate.shape[2]), dtype=self.dtype)
+                rows[0::2], rows[1::2] = gate[e], up[e]
+                yield rows
+
+        shape = (gate.shape[0], 2 * gate.shape[1], gate.shape[2])
+        w1 = g.weight_parts(f"{layer}.moe.experts.gate_up_proj.weight", shape, self.dtype, interleaved())
+        del gate, up
         w2 = g.weight(f"{layer}.moe.experts.down_proj.weight", self.load(f"{blk}.ffn_down_exps.weight").astype(self.dtype))
         (y,) = g.node("MoE", [x, router_2d, w1, "", w2], f"{scope}/MoE", domain=MS_DOMAIN, k=spec.n_expert_used,
                       activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
