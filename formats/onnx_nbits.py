@@ -88,9 +88,8 @@ from ..quant import QuantType
 from ..quant import dequantize as ggml_dequantize
 from ..quant.blocks import BLOCK, as_blocks
 # ggml's level unpacking lives with the kernels; reuse it rather than parse the blocks twice
-from ..quant.kquants_affine import _nibbles as _k4_levels
-from ..quant.kquants_affine import _unpack_scales_k4
-from ..quant.kquants_symmetric import _q3_scale_values
+from ..quant.kquants_affine import k4_levels, unpack_scales_k4
+from ..quant.kquants_symmetric import q3_scale_values
 
 __all__ = [
     "NBitsWeight", "Carry", "from_float", "from_gguf", "to_gguf", "pack_levels", "unpack_levels",
@@ -427,10 +426,10 @@ def _decompose(qtype: QuantType, raw: np.ndarray, n: int) -> _Affine:
         # ggml: level*d + m, i.e. a min of -m
         return _Affine(bits, 32, levels, d, -b["m"].astype(F32).reshape(n, -1), 4 if bits == 4 else 5)
     if qtype in (QuantType.Q4_K, QuantType.Q5_K):
-        sc, m = _unpack_scales_k4(b["scales"])
+        sc, m = unpack_scales_k4(b["scales"])
         scale = b["d"].astype(F32)[:, None] * sc  # ggml's d1 and m1, float32 products
         mins = b["dmin"].astype(F32)[:, None] * m
-        q = _k4_levels(b["qs"])
+        q = k4_levels(b["qs"])
         bits = 4
         if qtype is QuantType.Q5_K:
             q = q + (((b["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4)
@@ -444,7 +443,7 @@ def _decompose(qtype: QuantType, raw: np.ndarray, n: int) -> _Affine:
         q = (b["qs"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]) & 3
         return _Affine(2, 16, q.reshape(n, -1), scale.reshape(n, -1), mins.reshape(n, -1), 2)
     if qtype is QuantType.Q3_K:
-        scale = b["d"].astype(F32)[:, None] * (_q3_scale_values(b["scales"]).astype(F32) - F32(32))
+        scale = b["d"].astype(F32)[:, None] * (q3_scale_values(b["scales"]).astype(F32) - F32(32))
         low = (b["qs"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]) & 3
         high = (b["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
         # ggml: low - (high ? 0 : 4) in -4..3; + 8 lands on the default 4-bit zero point

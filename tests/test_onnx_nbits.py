@@ -161,7 +161,7 @@ def test_zero_subblock_scales_stay_exact():
     w[:, :32] *= 1000
     data = quant.quantize(w, "Q4_K").reshape(-1)
     tensor = LazyTensor("flat", (8, 256), QuantType.Q4_K, lambda: data)
-    scales, _ = nb._unpack_scales_k4(nb.as_blocks(data, QuantType.Q4_K)["scales"])
+    scales, _ = nb.unpack_scales_k4(nb.as_blocks(data, QuantType.Q4_K)["scales"])
     assert (scales == 0).any(), "the test needs a zero sub-block scale"
     got, carry = nb.from_gguf(tensor)
     source = tensor.float32()

@@ -404,7 +404,7 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return (out & 0xFF).astype(np.uint8)
 
 
-def _unpack_scales_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unpack_scales_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``get_scale_min_k4`` for j = 0..7: the 6-bit scales and mins as float32 ``[n_blocks, 8]``."""
     q = packed.astype(np.int32)
     sc = np.concatenate((q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)), axis=1)
@@ -501,7 +501,7 @@ def _quantize_k32(x: np.ndarray, imatrix: Optional[np.ndarray], nmax: int) -> tu
         d16, d = _fp16(d_scale)
         dmin16, dmin = _fp16(d_min)
     packed = _pack_scales_k4(ls, lm)
-    sc, m = _unpack_scales_k4(packed)
+    sc, m = unpack_scales_k4(packed)
     levels = _requantize(x.reshape(nb, 8, 32), d[:, None] * sc, dmin[:, None] * m, nmax, searched)
     return d16, dmin16, packed, levels.reshape(nb, QK_K)
 
@@ -545,14 +545,14 @@ def _dequantize_q2_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
 
 def _dequantize_k32(b: np.ndarray, q: np.ndarray, n_per_row: int) -> np.ndarray:
     """``d*sc * q - dmin*m`` for Q4_K/Q5_K, ``q`` being the integer levels ``[n_blocks, 8, 32]``."""
-    sc, m = _unpack_scales_k4(b["scales"])
+    sc, m = unpack_scales_k4(b["scales"])
     d1 = b["d"].astype(F32)[:, None] * sc
     m1 = b["dmin"].astype(F32)[:, None] * m
     y = d1[..., None] * q.astype(F32) - m1[..., None]
     return y.reshape(-1, n_per_row)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
+def k4_levels(qs: np.ndarray) -> np.ndarray:
     """``qs [n_blocks, 128]`` → levels ``[n_blocks, 8, 32]``.
 
     Each 32 bytes hold two sub-blocks: the low nibbles, then the high nibbles.
@@ -563,13 +563,13 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _dequantize_q4_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
     b = as_blocks(data, T.Q4_K)
-    return _dequantize_k32(b, _nibbles(b["qs"]), n_per_row)
+    return _dequantize_k32(b, k4_levels(b["qs"]), n_per_row)
 
 
 def _dequantize_q5_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
     b = as_blocks(data, T.Q5_K)
     high = (b["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-    return _dequantize_k32(b, _nibbles(b["qs"]) + (high << 4), n_per_row)
+    return _dequantize_k32(b, k4_levels(b["qs"]) + (high << 4), n_per_row)
 
 
 # the scale search runs ~15 whole-array passes per candidate: bigger chunks amortize numpy's per-call cost

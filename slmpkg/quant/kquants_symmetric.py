@@ -311,7 +311,7 @@ def _q3_scale_bytes(l6: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q3_scale_values(packed: np.ndarray) -> np.ndarray:
+def q3_scale_values(packed: np.ndarray) -> np.ndarray:
     """12-byte packing → the 16 six-bit scales (0..63) per block, as uint8 ``(nb, 16)``."""
     low = np.concatenate([packed[:, :8] & 0xF, packed[:, :8] >> 4], axis=1)
     shifts = np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)  # 2*(j//4)
@@ -373,7 +373,7 @@ def _quantize_q3_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
 def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
     blocks = as_blocks(data, T.Q3_K)
     nb = blocks.shape[0]
-    scale = blocks["d"].astype(F32)[:, None] * (_q3_scale_values(blocks["scales"]).astype(F32) - F32(32))
+    scale = blocks["d"].astype(F32)[:, None] * (q3_scale_values(blocks["scales"]).astype(F32) - F32(32))
     qs = blocks["qs"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]
     low = (qs & 3).reshape(nb, QK_K)  # element 128*h + 32*k + l
     bit = (blocks["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
