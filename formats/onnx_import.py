@@ -630,15 +630,26 @@ def _parse(model_file: Path) -> Any:
     return model
 
 
-def _embedding(g: _Graph) -> tuple[LazyTensor, Optional[_Stored]]:
-    """token_embd from the Gather over input_ids; also the initializer behind it (tied lm_head detection)."""
+def _embedding(g: _Graph) -> tuple[Optional[LazyTensor], Optional[_Stored]]:
+    """token_embd from the Gather over input_ids, and the initializer behind it (to spot a tied lm_head).
+
+    The builder's int4 graphs with tied embeddings gather from lm_head's own MatMulNBits blocks
+    (``Reshape`` → ``GatherBlockQuantized`` with lm_head's scales): then the tensor is None and the
+    initializer is that weight; :func:`read` takes lm_head's blocks as the embedding.
+    """
     for node in g.model.graph.node:
         if node.op_type not in ("Gather", "GatherBlockQuantized") or len(node.input) < 2:
             continue
         if node.input[1] != "input_ids" and "embed_tokens" not in node.name:
             continue
         if node.op_type == "GatherBlockQuantized":
-            raise FormatError(f"{g.where(node)}: quantized embeddings (GatherBlockQuantized) cannot be imported yet")
+            producer = g.producer.get(node.input[0])
+            data = producer.input[0] if producer is not None and producer.op_type == "Reshape" else node.input[0]
+            head = next((c for c in g.consumers.get(data, []) if c.op_type == "MatMulNBits"), None)
+            if head is None or data not in g.inits or len(node.input) < 3 or head.input[2] != node.input[2]:
+                raise FormatError(f"{g.where(node)}: a quantized embedding (GatherBlockQuantized) is imported only "
+                                  "when it shares lm_head's MatMulNBits blocks")
+            return None, g.inits[data]
         init, via = g.source(node.input[0])
         if init is None or init.qtype is None or len(init.shape) != 2:
             raise FormatError(f"{g.where(node)}: the embedding is not a 2-D float initializer")
@@ -702,11 +713,14 @@ def read(path: PathLike) -> Checkpoint:
     linears = _linears(g)
     tied = False
     for lin in linears:
-        if lin.target == "output" and embd_init is not None and lin.node.op_type != "MatMulNBits":
-            init, _ = g.source(lin.node.input[1])
+        if lin.target == "output" and embd_init is not None:
+            init = g.inits.get(lin.node.input[1]) if lin.node.op_type == "MatMulNBits" else g.source(lin.node.input[1])[0]
             if init is embd_init:  # the builder's tied embedding: one initializer read both ways
                 tied = True
-                continue
+                if embd is None:  # gathered from lm_head's blocks: they are the embedding
+                    embd = lin.weight
+    if embd is None:
+        raise FormatError(f"{g.file}: the quantized embedding's blocks belong to no lm_head MatMulNBits")
 
     def put(name: str, t: LazyTensor, src: str) -> None:
         if name in tensors:

@@ -194,7 +194,12 @@ def convert(
             canonical = _naming(src, lambda: onnx_import.read(src))
         else:
             canonical = _naming(src, lambda: architectures.from_hf(st_format.read(src), name=src.name))
-        options = quant if isinstance(quant, QuantOptions) else QuantOptions(quant or _auto_preset(canonical))
+        if isinstance(quant, QuantOptions):
+            options = quant
+        elif quant is None and source_is_onnx:
+            options = _keep_types(canonical)
+        else:
+            options = QuantOptions(quant or _auto_preset(canonical))
         matrix = ImportanceMatrix.load(imatrix) if imatrix is not None else None
         out, _ = quantize_checkpoint(canonical, options, matrix, threads,
                                      imatrix_label=str(imatrix) if imatrix is not None else None)
@@ -280,3 +285,20 @@ def _auto_preset(ckpt: "Checkpoint") -> str:
         if t in types:
             return t.name
     return "F32"
+
+
+def _keep_types(ckpt: "Checkpoint") -> QuantOptions:
+    """Options that write every tensor in the type it has (an int4 ONNX's Q4_0 blocks stay Q4_0, no
+    second rounding); the preset, which names the file type, is the most common quantized type."""
+    import re
+
+    from .quant import QuantType
+
+    counts: dict[QuantType, int] = {}
+    for t in ckpt.tensors:
+        if len(t.shape) >= 2 and t.qtype not in (QuantType.F32, QuantType.F16, QuantType.BF16):
+            counts[t.qtype] = counts.get(t.qtype, 0) + t.n_elements
+    if not counts:
+        return QuantOptions(_auto_preset(ckpt))
+    keep = tuple((f"^{re.escape(t.name)}$", t.qtype) for t in ckpt.tensors if len(t.shape) >= 2)
+    return QuantOptions(max(counts, key=counts.__getitem__).name, pure=True, tensor_type_overrides=keep)

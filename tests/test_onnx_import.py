@@ -161,11 +161,11 @@ def test_onnx_to_gguf_runs_in_llama_cpp_like_the_hf_source(source, tmp_path):
 # ---- onnxruntime-genai's builder -------------------------------------------------------------------
 
 
-def _genai_build(hf: Path, out: Path) -> Path:
+def _genai_build(hf: Path, out: Path, precision: str = "fp32") -> Path:
     pytest.importorskip("onnxruntime_genai")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(out),
-           "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "builder-cache")]
+           "-p", precision, "-e", "cpu", "-c", str(out.parent / "builder-cache")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # the builder re-saves the tokenizer through transformers, which may add an unknown token past the
@@ -189,6 +189,74 @@ def test_genai_builder_graph_imports_to_the_source_weights(source, tmp_path):
     assert run("convert", built, "-o", out, "--to", "safetensors", "-q").exit_code == 0
     ids = _ids(hf, PROMPTS[1])
     np.testing.assert_array_equal(_hf_outputs(out, ids, family), _hf_outputs(hf, ids, family))
+
+
+def _nbits_weight(graph, node) -> np.ndarray:
+    """The float W [N, K] onnxruntime computes with for one MatMulNBits node: identity input, exact
+    arithmetic (accuracy_level 0), the node's own initializers."""
+    ort = pytest.importorskip("onnxruntime")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n = attrs["K"], attrs["N"]
+    inits = [t for t in graph.initializer if t.name in node.input[1:]]
+    single = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["x", *node.input[1:]], ["y"], domain="com.microsoft",
+                          **{**attrs, "accuracy_level": 0})],
+        "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])], inits)
+    model = helper.make_model(single, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.eye(k, dtype=np.float32)})[0].T
+
+
+def test_genai_int4_graph_imports_as_q4_0_blocks_of_the_weights_onnxruntime_computes(source, tmp_path):
+    """The builder's int4 (symmetric, block 32) MatMulNBits → Q4_0, exact up to the fp16 rounding of the
+    scales: each weight is level × fp16(scale) where onnxruntime computes level × scale."""
+    family, hf, _ = source
+    built = _genai_build(hf, tmp_path / "genai-int4", precision="int4")
+    graph = onnx.load(str(built / "model.onnx")).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all(helper.get_attribute_value(a) == 32 for n in nodes for a in n.attribute if a.name == "block_size")
+    out = tmp_path / "hf-again"
+    assert run("convert", built, "-o", out, "--to", "safetensors", "-q").exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    config = json.loads((hf / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    for node in nodes:
+        w = _nbits_weight(graph, node)
+        scales = next(numpy_helper.to_array(t) for t in graph.initializer if t.name == node.input[2])
+        scales = np.repeat(scales.reshape(w.shape[0], -1), 32, axis=1)
+        levels = np.rint(w / scales)
+        assert np.array_equal(levels * scales, w) and np.abs(levels).max() <= 8
+        expected = levels.astype(np.float32) * scales.astype(np.float16).astype(np.float32)
+        parts = node.name.split("/")
+        if parts[1] == "lm_head":
+            pieces = {"lm_head.weight": expected}
+        else:
+            layer, proj = int(parts[2].split(".")[1]), parts[4]
+            prefix = f"model.layers.{layer}." + ("self_attn." if parts[3] == "attn" else "mlp.")
+            if proj == "qkv_proj":
+                pieces = {prefix + "q_proj.weight": expected[:q], prefix + "k_proj.weight": expected[q : q + kv],
+                          prefix + "v_proj.weight": expected[q + kv :]}
+            else:
+                pieces = {prefix + f"{proj}.weight": expected}
+        for name, value in pieces.items():
+            assert np.array_equal(state[name].numpy(), value), name
+    # GGUF output keeps the blocks (no second rounding), and llama.cpp runs it
+    gguf = tmp_path / "int4.gguf"
+    assert run("convert", built, "-o", gguf, "-q").exit_code == 0
+    types = {t.name: t.qtype.name for t in gguf_format.read(gguf).tensors}
+    assert {v for k, v in types.items() if k.endswith(("attn_q.weight", "ffn_down.weight"))} == {"Q4_0"}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from test_convert import _llama_logits
+
+    ids = _ids(hf, PROMPTS[0])
+    ref = _hf_outputs(out, ids, family)  # transformers on the same (dequantized) weights
+    ours = _llama_logits(gguf, ids)
+    assert np.abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
 
 
 # ---- optimum-style graphs --------------------------------------------------------------------------
