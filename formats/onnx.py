@@ -19,7 +19,7 @@ export, as onnxruntime-genai's model builder lays it out:
 What each family adds, read from GGUF metadata and tensor names (the table ``FAMILIES`` holds only
 what the checkpoint does not say):
 
-* **llama** (Llama 2/3, Mistral, Granite's layout): Llama 3 ``rope_freqs`` divide the frequencies;
+* **llama** (Llama 2/3, Mistral): Llama 3 ``rope_freqs`` divide the frequencies;
   ``{arch}.attention.sliding_window`` becomes GQA ``local_window_size`` (Mistral; ``from_hf`` does
   not record Mistral's window yet, so such a model attends to the whole context, as llama.cpp does).
 * **mixtral** (``llama`` with ``expert_count``): ``com.microsoft.MoE`` (top-k softmax routing,
@@ -47,8 +47,7 @@ what the checkpoint does not say):
 
 Weights go to one external data file, ``model.onnx.data``, written tensor by tensor as the graph is
 built (one tensor in memory at a time; an MoE layer's gate and up experts are both held while their
-interleaved fusion is written expert by expert);
-the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
+interleaved fusion is written expert by expert); the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
 shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
 ``genai_config.json`` is written beside.
 
