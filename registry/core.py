@@ -64,10 +64,11 @@ from .errors import (
     NotFoundError,
     RegistryError,
     RollbackError,
+    StoreError,
     TrustError,
     UnsafePathError,
 )
-from .store import Progress, Store, default_home
+from .store import Progress, Store, default_home, fetch_resumable
 
 __all__ = [
     "INDEX_PREDICATE",
@@ -448,6 +449,21 @@ class PushResult:
     files: tuple[str, ...]
 
 
+def _parallel(fn, items: Iterable[Any], max_workers: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on up to ``max_workers`` threads. The first failure cancels what has
+    not started (a dead server should fail the command once, not once per remaining file) and is
+    raised after the running calls return."""
+    items = list(items)
+    if not items:
+        return []
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(max_workers, len(items))))
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _retry_sleep(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.02 * (2**attempt), 1.0)))
 
@@ -498,12 +514,11 @@ def push(
         return created, f["size"]
 
     unique = list({f["digest"]: (f, p) for f, p in entries}.values())
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(max_workers, len(unique)))) as pool:
-        for created, size in pool.map(upload, unique):
-            if created:
-                uploaded += size
-            else:
-                existing += size
+    for created, size in _parallel(upload, unique, max_workers):
+        if created:
+            uploaded += size
+        else:
+            existing += size
 
     # 2. manifest
     mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
@@ -626,9 +641,10 @@ class PullResult:
     manifest_digest: str
     index_version: int
     files: tuple[str, ...]
-    downloaded_bytes: int
-    cached_bytes: int
+    downloaded_bytes: int  # read from the store by this pull
+    cached_bytes: int  # blobs already complete in the cache
     changed: bool  # False when out_dir already held exactly this artifact
+    resumed_bytes: int = 0  # kept from an interrupted earlier pull (not read again)
 
 
 def _check_fresh(pred: Mapping[str, Any], now: dt.datetime, source: str) -> None:
@@ -646,50 +662,96 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class _HashingWriter:
-    def __init__(self, f):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``fcntl`` lock on ``path`` (created if missing), held for the ``with`` block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
-    def write(self, data) -> int:
-        self.h.update(data)
-        self.n += len(data)
-        return self.f.write(data)
+
+@dataclasses.dataclass(frozen=True)
+class _Fetched:
+    path: Path
+    fetched: int  # bytes read from the store by this pull
+    resumed: int  # bytes kept from an interrupted earlier pull
+    cached: bool  # the blob was already complete in the cache
 
 
 def _fetch_blob(
     store: Store, digest: str, size: int, cache: Path, *, verify_cache: bool, progress: Progress | None
-) -> tuple[Path, bool]:
-    """Make ``cache/blobs/sha256/<hex>`` hold the verified blob; return ``(path, downloaded)``."""
+) -> _Fetched:
+    """Make ``cache/blobs/sha256/<hex>`` hold the verified blob.
+
+    The download goes to ``cache/tmp/<hex>.partial`` with a ledger of the ranges it holds
+    (:func:`~slmpkg.registry.store.fetch_resumable`), so a pull interrupted by a dead server, a
+    network failure or Ctrl-C keeps what it fetched and the next pull reads only the rest. The
+    digest is checked before the file is renamed into the cache. A lock per blob lets concurrent
+    pulls (threads or processes) share one cache.
+    """
     hexd = digest.removeprefix("sha256:")
     key = blob_key(digest)
     path = cache / "blobs" / "sha256" / hexd
-    if path.is_file() and not path.is_symlink():
-        if path.stat().st_size == size and (not verify_cache or _hash_file(path) == hexd):
-            return path, False
-        path.unlink()  # corrupt cache entry: fetch again
+
+    def cached() -> bool:
+        if path.is_file() and not path.is_symlink():
+            if path.stat().st_size == size and (not verify_cache or _hash_file(path) == hexd):
+                return True
+            path.unlink()  # corrupt cache entry: fetch again
+        return False
+
+    if cached():
+        return _Fetched(path, 0, 0, True)
     tmpdir = cache / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{hexd[:16]}-", suffix=".partial", dir=tmpdir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            w = _HashingWriter(f)
-            store.download(key, w, size=size, progress=progress)
-            f.flush()
-            os.fsync(f.fileno())
-        got = w.h.hexdigest()
-        if w.n != size or got != hexd:
-            raise IntegrityError(
-                f"{store.url}/{key}: blob does not match its digest (got {w.n} bytes sha256:{got[:16]}, "
-                f"expected {size} bytes sha256:{hexd[:16]}); refusing it"
-            )
-        os.chmod(tmp, 0o444)  # hard-linked into outputs: make in-place edits fail loudly
-        os.replace(tmp, path)
-    except BaseException:
+    partial = tmpdir / f"{hexd}.partial"
+    ledger = tmpdir / f"{hexd}.partial.ranges"
+    with _file_lock(tmpdir / f"{hexd}.lock"):
+        if cached():  # another pull finished it while we waited for the lock
+            return _Fetched(path, 0, 0, True)
+        fetched = resumed = 0
+        for attempt in range(2):
+            try:
+                st = fetch_resumable(store, key, size, partial, progress=progress)
+            except StoreError as e:
+                kept = _ranges_kept(ledger, size)
+                hint = f"; {kept / 1e6:.1f} of {size / 1e6:.1f} MB kept, rerun to resume" if kept else ""
+                raise type(e)(f"{e}{hint}") from None
+            fetched += st.fetched_bytes
+            resumed += st.resumed_bytes
+            if st.sha256 == hexd:
+                break
+            # Throw the bytes away: a resumed range may be stale (a file system that lost a write);
+            # one more full download tells a bad store from a bad partial file.
+            for p in (partial, ledger):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            if attempt or not st.resumed_bytes:
+                raise IntegrityError(
+                    f"{store.url}/{key}: blob does not match its digest (got sha256:{st.sha256[:16]}, "
+                    f"expected {size} bytes sha256:{hexd[:16]}); refusing it"
+                )
+            resumed = 0
+        os.chmod(partial, 0o444)  # hard-linked into outputs: make in-place edits fail loudly
+        os.replace(partial, path)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path, True
+            ledger.unlink()
+    return _Fetched(path, fetched, resumed, False)
+
+
+def _ranges_kept(ledger: Path, size: int) -> int:
+    """Bytes an interrupted fetch recorded in its ledger (for the error message)."""
+    try:
+        lines = ledger.read_text("ascii").split("\n")
+        rs = int(lines[0].split()[-1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    done = {int(x) for x in lines[1:-1] if x.isdigit()}
+    return sum(min(size, (i + 1) * rs) - i * rs for i in done if i * rs < size)
 
 
 def _out_matches(out: Path, files: Sequence[Mapping[str, Any]], blobs: Mapping[str, Path]) -> bool:
@@ -812,27 +874,26 @@ def pull(
         raise IntegrityError(f"{msource}: manifest is not JSON") from None
     files = _check_manifest(manifest, msource, name, release, chosen)
 
-    # 3. blobs into the cache, each verified
+    # 3. blobs into the cache, each verified; an interrupted earlier pull's ranges are kept
     blobs: dict[str, Path] = {}
-    downloaded = cached = 0
+    downloaded = cached = resumed = 0
     unique = {f["digest"]: f["size"] for f in files}
 
-    def fetch(item: tuple[str, int]) -> tuple[str, Path, bool, int]:
+    def fetch(item: tuple[str, int]) -> tuple[str, _Fetched]:
         d, size = item
-        p, fresh = _fetch_blob(store, d, size, cache, verify_cache=verify_cache, progress=progress)
-        return d, p, fresh, size
+        return d, _fetch_blob(store, d, size, cache, verify_cache=verify_cache, progress=progress)
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(max_workers, len(unique)))) as pool:
-        for d, p, fresh, size in pool.map(fetch, unique.items()):
-            blobs[d] = p
-            if fresh:
-                downloaded += size
-            else:
-                cached += size
+    for d, got in _parallel(fetch, unique.items(), max_workers):
+        blobs[d] = got.path
+        downloaded += got.fetched
+        resumed += got.resumed
+        if got.cached:
+            cached += unique[d]
 
     result = dict(
         name=name, release=release, target=chosen, out_dir=out, manifest_digest=mdigest, index_version=version,
         files=tuple(f["path"] for f in files), downloaded_bytes=downloaded, cached_bytes=cached,
+        resumed_bytes=resumed,
     )
 
     # 4. assemble beside out_dir, then rename into place

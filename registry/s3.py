@@ -5,7 +5,12 @@
 - every upload carries a SHA256 checksum the server verifies (``BadDigest`` on mismatch); files above
   ``multipart_threshold`` go up as multipart uploads, parts in parallel, each with its own SHA256
   checksum, completed with ``IfNoneMatch='*'`` so an existing blob is never replaced;
-- downloads split a blob into ``part_size`` ranges fetched in parallel and written in place.
+- downloads split a blob into ``part_size`` ranges fetched in parallel (``max_workers`` at once) and
+  read straight into their buffers (:meth:`S3Store.read_range_into`), which is what
+  :func:`~slmpkg.registry.store.fetch_resumable` builds resumable pulls on;
+- a dead or stalled endpoint fails promptly: ``max_attempts`` tries in boto3's standard retry mode
+  (default 3, or ``AWS_MAX_ATTEMPTS``), ``connect_timeout`` 5 s, ``read_timeout`` 30 s, and the error
+  says which endpoint could not be reached.
 
 Credentials come from boto3's usual chain (environment, config files) or the ``aws_access_key_id`` /
 ``aws_secret_access_key`` options; messages name the access key id, never the secret.
@@ -34,6 +39,14 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
+class _Unreachable(StoreError):
+    """The endpoint refused or did not accept connections (after boto3's retries)."""
+
+
+class _BrokenOff(StoreError):
+    """A connection broke or stalled in the middle of a transfer."""
+
+
 def _b64_sha256(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 
@@ -52,6 +65,9 @@ class S3Store(Store):
         part_size: int = 16 << 20,
         multipart_threshold: int = 64 << 20,
         max_workers: int = 8,
+        max_attempts: int | None = None,
+        connect_timeout: float = 5,
+        read_timeout: float = 30,
         client: Any = None,
     ):
         if not url.startswith("s3://"):
@@ -65,6 +81,8 @@ class S3Store(Store):
         self.part_size = max(5 << 20, part_size)  # S3's minimum part size
         self.multipart_threshold = multipart_threshold
         self.max_workers = max_workers
+        self.range_size = self.part_size
+        self.range_concurrency = max_workers
         if client is None:
             try:
                 import boto3
@@ -72,6 +90,13 @@ class S3Store(Store):
             except ImportError:  # pragma: no cover - depends on the environment
                 raise StoreError("s3:// registries need boto3: pip install boto3") from None
             endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+            if max_attempts is None:
+                # boto3's own default for standard mode, and what AWS_MAX_ATTEMPTS overrides; the
+                # legacy mode's 5 attempts with long sleeps made a dead endpoint hang a pull.
+                try:
+                    max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
+                except ValueError:
+                    raise StoreError(f"AWS_MAX_ATTEMPTS={os.environ['AWS_MAX_ATTEMPTS']!r}: not a number") from None
             session = boto3.session.Session(
                 aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
                 region_name=region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -81,7 +106,9 @@ class S3Store(Store):
                 endpoint_url=endpoint_url,
                 config=Config(
                     s3={"addressing_style": "path"} if endpoint_url else {},
-                    retries={"max_attempts": 5, "mode": "standard"},
+                    retries={"total_max_attempts": max(1, max_attempts), "mode": "standard"},
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
                     max_pool_connections=max(10, 2 * max_workers),
                     # We send our own SHA256 checksums; do not add CRC32s on top.
                     request_checksum_calculation="when_required",
@@ -92,7 +119,7 @@ class S3Store(Store):
             self._access_key = creds.access_key if creds else None
         else:
             self._access_key = None
-        self.endpoint = endpoint_url
+        self.endpoint = endpoint_url or getattr(getattr(client, "meta", None), "endpoint_url", None)
         self.client = client
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -103,9 +130,19 @@ class S3Store(Store):
 
     def _error(self, e: Exception, key: str | None, op: str) -> Exception:
         """Map a botocore error to ours (one line, no secrets)."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
 
         where = f"{self.url}/{key}" if key else self.url
+        endpoint = self.endpoint or "the S3 endpoint"
         if isinstance(e, ClientError):
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
@@ -122,6 +159,13 @@ class S3Store(Store):
             if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
                 return IntegrityError(f"{where}: the server rejected the upload's checksum ({code})")
             return StoreError(f"{where}: {op} failed: {code or status} {err.get('Message', '')}".rstrip())
+        # botocore's messages for these name the full request URL; ours name the endpoint and the key.
+        if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
+            return _Unreachable(f"{where}: {op} failed: cannot connect to {endpoint}")
+        if isinstance(e, ReadTimeoutError):
+            return _BrokenOff(f"{where}: {op} failed: {endpoint} stopped answering (read timeout)")
+        if isinstance(e, (ConnectionClosedError, ResponseStreamingError, IncompleteReadError)):
+            return _BrokenOff(f"{where}: {op} failed: the connection to {endpoint} broke off")
         if isinstance(e, BotoCoreError):
             return StoreError(f"{where}: {op} failed: {type(e).__name__}: {e}")
         return e
@@ -202,7 +246,50 @@ class S3Store(Store):
         if end <= start:
             return b""
         r = self._call("get_object", key, Key=self._k(key), Range=f"bytes={start}-{end - 1}")
-        return r["Body"].read()
+        return self._read_body(r, key, lambda body: body.read())
+
+    def read_range_into(self, key: str, start: int, buf: memoryview) -> None:
+        """Ranged GETs read straight into ``buf`` (no intermediate copy of the whole range). A body
+        cut off mid-way (a reset connection: botocore retries requests, not bodies) is resumed once
+        from where it stopped."""
+        want, got = len(buf), [0]
+
+        def fill(body) -> None:
+            while got[0] < want:
+                n = body.readinto(buf[got[0]:])
+                if not n:
+                    break
+                got[0] += n
+
+        for attempt in range(2):
+            if got[0] >= want:
+                return
+            first = start + got[0]
+            r = self._call("get_object", key, Key=self._k(key), Range=f"bytes={first}-{start + want - 1}")
+            if int(r.get("ContentLength", -1)) != want - got[0]:
+                r["Body"].close()
+                raise IntegrityError(f"{self.url}/{key}: asked for {want - got[0]} bytes at offset {first}, "
+                                     f"the server sent {r.get('ContentLength')} (changed in the bucket?)")
+            try:
+                self._read_body(r, key, fill)
+            except _BrokenOff:
+                if attempt:
+                    raise
+        if got[0] != want:
+            raise _BrokenOff(f"{self.url}/{key}: get_object failed: the connection to "
+                             f"{self.endpoint or 'the S3 endpoint'} broke off ({got[0]} of {want} bytes)")
+
+    def _read_body(self, r: dict, key: str, read):
+        """``read(body)`` with botocore's streaming errors mapped to ours; the body is always closed."""
+        from botocore.exceptions import BotoCoreError
+
+        body = r["Body"]
+        try:
+            return read(body)
+        except BotoCoreError as e:
+            raise self._error(e, key, "get_object") from None
+        finally:
+            body.close()
 
     def put_file(self, key, path, *, sha256=None, if_absent=True, progress: Progress | None = None) -> bool:
         size = os.path.getsize(path)
@@ -228,35 +315,51 @@ class S3Store(Store):
             raise
         return True
 
+    def _upload_part(self, key: str, k: str, upload_id: str, number: int, data: bytes) -> dict:
+        """Upload one part with its SHA256 checksum; the entry ``complete_multipart_upload`` needs."""
+        checksum = _b64_sha256(data)
+        r = self._call("upload_part", key, Key=k, UploadId=upload_id, PartNumber=number, Body=data,
+                       ChecksumSHA256=checksum)
+        return {"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": r.get("ChecksumSHA256") or checksum}
+
     def _multipart(self, key, path, size, sha256, cond, progress) -> None:
         k = self._k(key)
         upload_id = self._call("create_multipart_upload", key, Key=k, ChecksumAlgorithm="SHA256")["UploadId"]
         n = (size + self.part_size - 1) // self.part_size
-        whole = hashlib.sha256() if sha256 is not None else None
         lock = threading.Lock()
 
         def part(i: int) -> dict:
             with open(path, "rb") as f:
                 f.seek(i * self.part_size)
                 data = f.read(self.part_size)
-            r = self._call("upload_part", key, Key=k, UploadId=upload_id, PartNumber=i + 1, Body=data,
-                           ChecksumSHA256=_b64_sha256(data))
+            entry = self._upload_part(key, k, upload_id, i + 1, data)
             if progress:
                 with lock:
                     progress(len(data))
-            return {"PartNumber": i + 1, "ETag": r["ETag"], "ChecksumSHA256": r.get("ChecksumSHA256") or _b64_sha256(data)}
+            return entry
 
+        pool = concurrent.futures.ThreadPoolExecutor(min(self.max_workers, n))
         try:
-            with concurrent.futures.ThreadPoolExecutor(min(self.max_workers, n)) as pool:
-                parts = list(pool.map(part, range(n)))
-            if whole is not None:  # the file may have changed between hashing and upload: check before completing
+            try:
+                futures = [pool.submit(part, i) for i in range(n)]
+                parts = [f.result() for f in futures]
+            finally:
+                # The first failure (a dead server) cancels the parts not yet started.
+                pool.shutdown(wait=True, cancel_futures=True)
+            if sha256 is not None:  # the file may have changed between hashing and upload: check before completing
+                whole = hashlib.sha256()
                 with open(path, "rb") as f:
                     while chunk := f.read(1 << 20):
                         whole.update(chunk)
                 if whole.hexdigest() != sha256:
                     raise IntegrityError(f"{path}: changed while uploading (expected sha256:{sha256[:16]})")
+            # Nothing is visible under the key until this call succeeds; an upload abandoned before it
+            # (killed process, dead server) leaves only parts that the abort below, or the bucket's
+            # lifecycle rule for incomplete multipart uploads, removes.
             self._call("complete_multipart_upload", key, Key=k, UploadId=upload_id,
                        MultipartUpload={"Parts": parts}, **cond)
+        except _Unreachable:
+            raise  # the abort could not reach the endpoint either; the bucket's lifecycle rule cleans up
         except BaseException:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id)
@@ -266,26 +369,35 @@ class S3Store(Store):
 
     def download(self, key: str, f: BinaryIO, *, size: int | None = None, progress: Progress | None = None) -> int:
         """Ranged parallel GETs of ``part_size``, delivered to ``f`` in order (so a hashing writer sees
-        the bytes in sequence); at most ``max_workers`` ranges are in memory at once."""
+        the bytes in sequence); at most ``max_workers + 1`` ranges are in memory at once. Pulls use
+        :func:`~slmpkg.registry.store.fetch_resumable` instead, which also survives interruptions."""
         total = self.size(key) if size is None else size
-        ranges = [(s, min(total, s + self.part_size)) for s in range(0, total, self.part_size)]
+        starts = iter(range(0, total, self.part_size))
         done = 0
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(self.max_workers, len(ranges)))) as pool:
-            pending: list[concurrent.futures.Future] = []
-            it = iter(ranges)
-            for r in it:
-                pending.append(pool.submit(self.read_range, key, *r))
-                if len(pending) >= self.max_workers:
+
+        def get(start: int) -> bytearray:
+            buf = bytearray(min(total, start + self.part_size) - start)
+            self.read_range_into(key, start, memoryview(buf))
+            return buf
+
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, self.max_workers))
+        pending: list[concurrent.futures.Future] = []
+        try:
+            for s in starts:
+                pending.append(pool.submit(get, s))
+                if len(pending) > self.max_workers:
                     break
             while pending:
                 data = pending.pop(0).result()
-                nxt = next(it, None)
+                nxt = next(starts, None)
                 if nxt is not None:
-                    pending.append(pool.submit(self.read_range, key, *nxt))
+                    pending.append(pool.submit(get, nxt))
                 f.write(data)
                 done += len(data)
                 if progress:
                     progress(len(data))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         if done != total:
             raise IntegrityError(f"{self.url}/{key}: got {done} bytes, expected {total}")
         return done

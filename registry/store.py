@@ -7,7 +7,8 @@ bytes. A store gives four guarantees the registry builds on:
 - :meth:`Store.put_if_absent` creates a key only when it does not exist (immutable blobs);
 - :meth:`Store.compare_and_swap` replaces a key only when its etag is still the one read (indexes, tags);
 - blobs stream: :meth:`Store.put_file` / :meth:`Store.open_blob_writer` upload with a sha256 check,
-  :meth:`Store.read_range` / :meth:`Store.download` read them back in pieces.
+  :meth:`Store.read_range` / :meth:`Store.download` read them back in pieces, and
+  :func:`fetch_resumable` downloads one into a local file in ranges that survive an interruption.
 
 Example:
     >>> from slmpkg.registry import open_store                  # doctest: +SKIP
@@ -21,6 +22,8 @@ Example:
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -30,7 +33,7 @@ from typing import BinaryIO
 
 from .errors import IntegrityError, StoreError
 
-__all__ = ["BlobWriter", "Progress", "Store", "check_key"]
+__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable"]
 
 #: ``progress(n)``: ``n`` more bytes moved. Called from worker threads, one call at a time.
 Progress = Callable[[int], None]
@@ -103,6 +106,11 @@ class Store(abc.ABC):
 
     #: Where the store lives, for messages (``/path/to/registry``, ``s3://bucket/prefix``); no secrets.
     url: str = ""
+    #: Range size :func:`fetch_resumable` reads a blob in (also the unit an interrupted pull keeps).
+    range_size: int = 64 << 20
+    #: How many ranges of one blob :func:`fetch_resumable` reads at once; a backend whose
+    #: :meth:`read_range_into` is thread-safe and gains from parallel requests raises it.
+    range_concurrency: int = 1
 
     # ---- small values -----------------------------------------------------------------------------
 
@@ -157,6 +165,14 @@ class Store(abc.ABC):
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``key``."""
 
+    def read_range_into(self, key: str, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with bytes ``[start, start + len(buf))`` of ``key``; a short read is an error.
+        Backends override this to read straight into ``buf``."""
+        data = self.read_range(key, start, start + len(buf))
+        if len(data) != len(buf):
+            raise IntegrityError(f"{self.url}/{key}: got {len(data)} bytes at offset {start}, expected {len(buf)}")
+        buf[:] = data
+
     @abc.abstractmethod
     def put_file(
         self, key: str, path: str | os.PathLike[str], *, sha256: str | None = None, if_absent: bool = True,
@@ -186,6 +202,131 @@ class Store(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchStats:
+    """What :func:`fetch_resumable` did: the sha256 of the whole file, bytes read from the store in
+    this call, bytes kept from an earlier interrupted call, and how many ranged reads it made."""
+
+    sha256: str
+    size: int
+    fetched_bytes: int
+    resumed_bytes: int
+    ranges: int
+
+
+_LEDGER_MAGIC = "slmpkg-ranges 1"
+
+
+def _read_ledger(ledger: Path, partial: Path, size: int, range_size: int) -> set[int] | None:
+    """Indexes of the ranges an earlier fetch completed, or None when there is nothing usable."""
+    try:
+        lines = ledger.read_text("ascii").split("\n")
+        if lines[0] != f"{_LEDGER_MAGIC} {size} {range_size}" or partial.stat().st_size != size:
+            return None
+    except (OSError, UnicodeDecodeError):
+        return None
+    n = -(-size // range_size)
+    # The last element is "" after the final newline, or a torn line a killed writer left: skip it.
+    return {int(x) for x in lines[1:-1] if x.isdigit() and int(x) < n}
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def fetch_resumable(
+    store: Store, key: str, size: int, partial: str | os.PathLike[str], *, progress: Progress | None = None
+) -> FetchStats:
+    """Download ``key`` (``size`` bytes) into the local file ``partial`` and return its sha256.
+
+    The blob is read in ranges of ``store.range_size``, ``store.range_concurrency`` at a time, each
+    written in place as it arrives and recorded in a ledger beside the file (``<partial>.ranges``).
+    If an earlier call was interrupted (server gone, process killed), the ranges it recorded are kept
+    and only the missing ones are read. The sha256 is computed in order while the ranges arrive (a
+    kept range is re-read from the local file), so the caller can check the digest without reading
+    the file again. The caller checks the digest, then renames ``partial`` into place and removes the
+    ledger; it must hold a lock so that one process at a time fetches a given ``partial``.
+
+    Example:
+        >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...partial")  # doctest: +SKIP
+        >>> st.sha256 == "ab.." and st.fetched_bytes + st.resumed_bytes == st.size                   # doctest: +SKIP
+        True
+    """
+    partial = Path(partial)
+    ledger = partial.with_name(partial.name + ".ranges")
+    rs = max(1, int(store.range_size))
+    n = -(-size // rs)
+    done = _read_ledger(ledger, partial, size, rs)
+    if done is None:  # start over: a sparse file of the right size and an empty ledger
+        done = set()
+        with open(partial, "wb") as f:
+            f.truncate(size)
+        ledger.write_text(f"{_LEDGER_MAGIC} {size} {rs}\n", "ascii")
+    missing = iter(i for i in range(n) if i not in done)
+    workers = max(1, min(int(store.range_concurrency), n))
+    # Ranges downloaded ahead of the one being hashed: enough to keep every worker busy while the
+    # caller's thread hashes, and a bound on memory (window * range_size).
+    window = workers + 1
+    h = hashlib.sha256()
+    fetched = resumed = reads = 0
+    fd = os.open(partial, os.O_RDWR)
+    lfd = os.open(ledger, os.O_WRONLY | os.O_APPEND)
+
+    def fetch(i: int) -> bytearray:
+        start = i * rs
+        buf = bytearray(min(size, start + rs) - start)
+        store.read_range_into(key, start, memoryview(buf))
+        _pwrite_all(fd, buf, start)
+        os.write(lfd, f"{i}\n".encode("ascii"))  # O_APPEND: one small write is one whole line
+        return buf
+
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="slmpkg-range")
+    futures: dict[int, concurrent.futures.Future] = {}
+
+    def top_up() -> None:
+        while len(futures) < window:
+            i = next(missing, None)
+            if i is None:
+                return
+            futures[i] = pool.submit(fetch, i)
+
+    try:
+        top_up()
+        for i in range(n):
+            start, end = i * rs, min(size, (i + 1) * rs)
+            if i in done:
+                view = memoryview(bytearray(min(end - start, 8 << 20)))
+                pos = start
+                while pos < end:
+                    got = os.preadv(fd, [view[: min(len(view), end - pos)]], pos)
+                    if got <= 0:
+                        raise IntegrityError(f"{partial}: shorter than its ledger says")
+                    h.update(view[:got])
+                    pos += got
+                resumed += end - start
+            else:
+                buf = futures.pop(i).result()
+                top_up()  # keep the workers busy while this range is hashed
+                h.update(buf)
+                fetched += len(buf)
+                reads += 1
+            if progress:
+                progress(end - start)
+        os.fsync(fd)
+    finally:
+        for fu in futures.values():
+            fu.cancel()
+        # Ranges already in flight finish (and are recorded) or fail; none is left half-written
+        # in the ledger.
+        pool.shutdown(wait=True, cancel_futures=True)
+        os.close(lfd)
+        os.close(fd)
+    return FetchStats(h.hexdigest(), size, fetched, resumed, reads)
 
 
 def default_home() -> Path:

