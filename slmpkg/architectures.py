@@ -593,8 +593,9 @@ def _ignored_window_backward(ctx: _Backward) -> None:
 
 
 _IGNORED_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), _ignored_window_backward)
-# Mistral's window: to_hf writes LlamaForCausalLM, which has no such setting
-_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, False), lambda c: None)
+# Mistral's window: recorded for runtimes that honour it (ONNX's GroupQueryAttention); to_hf writes
+# LlamaForCausalLM, which has no such setting
+_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), lambda c: None)
 
 
 def _softcap_forward(ctx: _Forward, attn: bool, final_required: bool) -> None:
