@@ -385,8 +385,8 @@ class HubStore(Store):
                     take(chunk)
 
         self._call("download", key, run)
-        # A short answer is an error, never a short blob: hf_xet's stream ends quietly (no exception)
-        # when the CAS does not hold the file, and an HTTP body can be cut short.
+        # A short answer is an error, never a short blob: hf_xet's stream can end quietly (no exception)
+        # when the CAS lacks the file or, racily, one of its xorbs, and an HTTP body can be cut short.
         expected = (int(meta.size) if end is None else end) - (start or 0)
         if done != expected:
             raise IntegrityError(f"{self.url}/{key}: got {done} bytes, expected {expected}")

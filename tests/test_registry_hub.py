@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 import uuid
 
 import pytest
@@ -258,9 +259,10 @@ def test_xet_file_read_without_xet(store, hub, tmp_path):
 
 
 def test_cas_that_lost_the_bytes(hub, tmp_path):
-    """Reads of a Xet file the CAS cannot produce fail with one clear error, never a short blob: a xorb
-    gone (hf_xet raises), and a file hash the CAS does not know (hf_xet's stream just ends, no exception:
-    the store counts the bytes)."""
+    """Reads of a Xet file the CAS cannot produce fail with one clear error, never a short blob. hf_xet
+    1.8.0's ``download_stream`` does not always raise: for a file hash the CAS does not know it just ends,
+    and with a xorb gone it raises XetObjectNotFoundError or (racily) ends early too — so the store
+    counts the bytes."""
     if hub.mode != "xet":
         pytest.skip("a Xet-stored file only in the xet run")
     import glob
@@ -285,9 +287,11 @@ def test_cas_that_lost_the_bytes(hub, tmp_path):
         for x in xorbs:
             os.unlink(x)
         for read in (lambda: st.download(keys[1], io.BytesIO()), lambda: st.read_range(keys[1], 10, 20)):
-            with pytest.raises(StoreError, match="through Xet failed: XetObjectNotFoundError") as e:
+            with pytest.raises((StoreError, IntegrityError)) as e:
                 read()
-            assert "\n" not in str(e.value) and TOKEN not in str(e.value)
+            msg = str(e.value)
+            assert re.search(r"through Xet failed: XetObjectNotFoundError|got \d+ bytes, expected", msg), msg
+            assert "\n" not in msg and TOKEN not in msg
 
 
 def test_commit_of_unknown_sha256_refused(hub):
