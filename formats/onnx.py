@@ -65,7 +65,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
 
 import numpy as np
 import onnx
@@ -74,6 +74,9 @@ from onnx import TensorProto, helper
 from .._io import atomic_directory, write_synced
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
+
+if TYPE_CHECKING:
+    from .onnx_nbits import Carry, NBitsWeight
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -89,6 +92,40 @@ ALIGNMENT = 4096
 OPSET = 21
 IR_VERSION = 10  # opset 21's IR; older runtimes reject newer IR versions
 MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """How linear weights become operators (embeddings, norms and MoE experts stay float).
+
+    * ``carry_quantized``: ggml-quantized weights keep their blocks as ``MatMulNBits`` inputs (exact or
+      within one float32 ulp, see :mod:`slmpkg.formats.onnx_nbits`); types with no linear form (IQ)
+      are re-quantized at ``bits`` (4 when unset). False: they are dequantized like float weights.
+    * ``bits`` (4 or 8, or 2): float weights are quantized block-wise to ``MatMulNBits`` as
+      onnxruntime's own quantizer does; None keeps them float ``MatMul``.
+    * ``block_size`` (16…256, a power of two), ``symmetric`` (no zero points), ``accuracy_level``
+      (MatMulNBits' compute type: 0 float activations; 4 int8 activations, faster on CPU, not exact),
+      ``separate_min`` (Q4_1/Q4_K/Q2_K minimums as an exact min term instead of float zero points).
+
+    Example:
+        >>> LinearWeights(bits=4, block_size=64).bits
+        4
+    """
+
+    carry_quantized: bool = False
+    bits: Optional[int] = None
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    separate_min: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (None, 2, 4, 8):
+            raise UsageError(f"MatMulNBits bits must be 2, 4 or 8, not {self.bits}")
+        if not (16 <= self.block_size <= 256 and self.block_size & (self.block_size - 1) == 0):
+            raise UsageError(f"block size must be a power of two from 16 to 256, not {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"accuracy level must be 0-4, not {self.accuracy_level}")
 
 
 class _Graph:
@@ -298,8 +335,10 @@ class _Builder:
     """Lays one decoder out in a :class:`_Graph`; each block of the model is one method."""
 
     def __init__(self, g: _Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any,
-                 on_tensor: Optional[Callable[[LazyTensor], None]]):
+                 on_tensor: Optional[Callable[[LazyTensor], None]], linear_weights: "LinearWeights",
+                 on_carry: "Optional[Callable[[Carry], None]]" = None):
         self.g, self.spec, self.tensors, self.dtype, self.on_tensor = g, spec, tensors, np_dtype, on_tensor
+        self.linear_weights, self.on_carry = linear_weights, on_carry
         self.elem = helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
 
     # ---- weights and small pieces ----
@@ -316,16 +355,71 @@ class _Builder:
             self.on_tensor(t)
         return values
 
-    def linear(self, x: str, gguf: str, onnx_name: str, scope: str, output: Optional[str] = None) -> str:
+    def linear(self, x: str, gguf: str, onnx_name: str, scope: str, output: Optional[str] = None,
+               quantizable: bool = True) -> str:
         """``x @ W.T (+ b)`` for the GGUF weight ``{gguf}.weight``: the one place a weight matrix
-        becomes an operator (float ``MatMul`` here)."""
+        becomes an operator: ``MatMulNBits`` when :class:`LinearWeights` says so for this tensor,
+        else a float ``MatMul`` (``quantizable=False`` keeps small routing matrices float)."""
         bias = f"{gguf}.bias" in self.tensors
-        w = self.g.weight(f"{onnx_name}.MatMul.weight", self.load(f"{gguf}.weight").T.astype(self.dtype))
+        packed = self.pack(f"{gguf}.weight") if quantizable else None
         outputs = [output] if output is not None and not bias else None
-        (y,) = self.g.node("MatMul", [x, w], f"{scope}/MatMul", outputs=outputs)
+        if packed is None:
+            w = self.g.weight(f"{onnx_name}.MatMul.weight", self.load(f"{gguf}.weight").T.astype(self.dtype))
+            (y,) = self.g.node("MatMul", [x, w], f"{scope}/MatMul", outputs=outputs)
+        else:
+            y = self.matmul_nbits(x, packed, onnx_name, scope, outputs)
         if bias:
             b = self.g.weight(f"{onnx_name}.Add.bias", self.load(f"{gguf}.bias").astype(self.dtype))
             (y,) = self.g.node("Add", [y, b], f"{scope}/Add", outputs=[output] if output is not None else None)
+        return y
+
+    def pack(self, name: str) -> "Optional[NBitsWeight]":
+        """The MatMulNBits form of a stored weight, or None for a float MatMul (see LinearWeights)."""
+        from .onnx_nbits import LINEAR_TYPES, REQUANTIZED, Carry, from_float, from_gguf
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise FormatError(f"ONNX export: the checkpoint lacks tensor {name}")
+        opts, scale_dtype = self.linear_weights, self.dtype
+        quantized = t.qtype.name not in ("F32", "F16", "BF16")
+        bits = opts.bits
+        if quantized and opts.carry_quantized:
+            if t.qtype in LINEAR_TYPES:
+                packed, carry = from_gguf(t, scale_dtype=scale_dtype, separate_min=opts.separate_min)
+                bits = None
+            elif bits is None:
+                bits = 4  # IQ types have no linear form: re-quantized (the report says so) rather than inflated
+        if bits is not None:
+            w = t.float32()
+            packed = from_float(w, bits, opts.block_size, opts.symmetric, scale_dtype=scale_dtype)
+            carry = Carry(t.name, t.qtype.name, REQUANTIZED, float(np.abs(packed.dequantize() - w).max()))
+        elif not (quantized and opts.carry_quantized):
+            return None
+        if self.on_tensor is not None:
+            self.on_tensor(t)
+        if self.on_carry is not None:
+            self.on_carry(carry)
+        return packed
+
+    def matmul_nbits(self, x: str, w: "NBitsWeight", onnx_name: str, scope: str, outputs: Optional[list[str]]) -> str:
+        """``com.microsoft.MatMulNBits``, minus the separate min term where the weight has one."""
+        g, prefix = self.g, f"{onnx_name}.MatMul.weight"
+        inputs = [x, g.weight(f"{prefix}_Q{w.bits}", w.packed), g.weight(f"{prefix}_scales", w.scales.astype(self.dtype))]
+        if w.zero_points is not None:
+            zp = w.zero_points if w.zero_points.dtype == np.uint8 else w.zero_points.astype(self.dtype)
+            inputs.append(g.weight(f"{prefix}_zero_points", zp))
+        final = outputs if w.min_term is None else None
+        (y,) = g.node("MatMulNBits", inputs, f"{scope}/MatMulNBits", domain=MS_DOMAIN, outputs=final,
+                      **w.attributes(self.linear_weights.accuracy_level))
+        if w.min_term is None:
+            return y
+        # y - sum over each block of x times the block's minimum: minimums MatMulNBits cannot hold
+        blocks = g.const(f"{scope}/min_term/shape", [0, 0, w.k // w.min_block, w.min_block])
+        (xb,) = g.node("Reshape", [x, blocks], f"{scope}/min_term/Reshape")
+        (sums,) = g.node("ReduceSum", [xb, g.const(f"{scope}/min_term/axes", [-1])], f"{scope}/min_term/ReduceSum", keepdims=0)
+        mins = g.weight(f"{prefix}_mins", w.min_term.astype(self.dtype))
+        (offset,) = g.node("MatMul", [sums, mins], f"{scope}/min_term/MatMul")
+        (y,) = g.node("Sub", [y, offset], f"{scope}/min_term/Sub", outputs=outputs)
         return y
 
     def scalar(self, name: str, value: float) -> str:
@@ -469,7 +563,7 @@ class _Builder:
         weights renormalized over the k; each expert down(silu(gate x) * up x))."""
         spec, g = self.spec, self.g
         blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/moe"
-        router = self.linear(x, f"{blk}.ffn_gate_inp", f"{layer}.moe.gate", f"{scope}/gate")
+        router = self.linear(x, f"{blk}.ffn_gate_inp", f"{layer}.moe.gate", f"{scope}/gate", quantizable=False)
         (router_2d,) = g.node("Reshape", [router, g.const(f"{scope}/router_shape", [-1, spec.n_expert])], f"{scope}/Reshape")
         gate, up = self.load(f"{blk}.ffn_gate_exps.weight"), self.load(f"{blk}.ffn_up_exps.weight")
         if gate.shape != up.shape:
@@ -606,6 +700,8 @@ def write(
     checkpoint: Checkpoint,
     precision: str = "f32",
     on_tensor: Callable[[LazyTensor], None] | None = None,
+    linear_weights: LinearWeights = LinearWeights(),
+    on_carry: "Callable[[Carry], None] | None" = None,
 ) -> list[Path]:
     """Write ``checkpoint`` (GGUF-named; architecture llama, qwen2, qwen3, phi3, gemma, gemma2,
     gemma3, granite, or llama with experts = Mixtral) as an onnxruntime-genai model directory:
@@ -613,9 +709,11 @@ def write(
     checkpoint's sidecar files. A ``bert`` checkpoint is written by
     :func:`slmpkg.formats.onnx_encoder.write_encoder`.
 
-    ``precision`` is ``"f32"`` or ``"f16"``: the type of the weights, activations, KV cache and logits.
-    Stored tensors of any type are read as float32 (quantized ones dequantized) and cast. ``on_tensor``
-    is called after each checkpoint tensor is read (progress).
+    ``precision`` is ``"f32"`` or ``"f16"``: the type of the float weights, activations, KV cache and
+    logits. ``linear_weights`` says which linears become ``MatMulNBits`` (default: none; stored tensors
+    of any type are read as float32, quantized ones dequantized, and cast); ``on_carry`` receives the
+    :class:`~slmpkg.formats.onnx_nbits.Carry` of each such weight (exact / within 1 ulp / re-quantized
+    with its error). ``on_tensor`` is called after each checkpoint tensor is read (progress).
 
     Nothing partial appears at ``directory``: the files are built in a hidden sibling
     (``.NAME.*.partial``) renamed onto ``directory`` when complete, removed on any error.
@@ -625,6 +723,8 @@ def write(
     if checkpoint.architecture == "bert":
         from .onnx_encoder import write_encoder  # its own module: encoders share only _Graph with decoders
 
+        if linear_weights.bits is not None:  # quantized blocks are dequantized: exact in float32
+            raise UsageError("ONNX encoders are written with float weights (f32 or f16), not int4/int8")
         return write_encoder(directory, checkpoint, precision=precision, on_tensor=on_tensor)
     if precision not in PRECISIONS:
         raise UsageError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -635,7 +735,7 @@ def write(
     with atomic_directory(directory) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
             g = _Graph(data, DATA_FILE)
-            _Builder(g, spec, tensors, np_dtype, on_tensor).build()
+            _Builder(g, spec, tensors, np_dtype, on_tensor, linear_weights, on_carry).build()
             data.flush()
             os.fsync(data.fileno())
         inputs, outputs = _io(spec, elem)

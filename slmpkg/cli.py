@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,6 +59,12 @@ def _emit_json(document: Any) -> None:
 @click.version_option(__version__, prog_name="slmpkg")
 def main() -> None:
     """Package small language models: convert, quantize, sign and publish them per hardware target."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """Warnings are for the user, not the developer: one line, no source location."""
+    click.echo(f"slmpkg: warning: {message}", err=True)
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -165,7 +172,15 @@ def quantize_command(
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path),
               help="Output: a .gguf file, a directory for GGUF (named Name-Size-PRESET.gguf), or a HF directory.")
 @click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "onnx"]), help="Output format (default: from the output name).")
-@click.option("--quant", "preset", metavar="PRESET", help="GGUF preset (F32 F16 BF16 Q8_0 ... Q4_K_M ...); default keeps the source's float type.")
+@click.option("--quant", "preset", metavar="PRESET",
+              help="GGUF preset (F32 F16 BF16 Q8_0 ... Q4_K_M ...; default keeps the source's float type); "
+                   "ONNX: f32, f16, int4 or int8 (default: float, or a quantized GGUF's blocks carried over).")
+@click.option("--block-size", type=int, help="ONNX int4/int8: MatMulNBits block size, a power of two 16-256 (default 32).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4),
+              help="ONNX int4/int8: MatMulNBits accuracy_level (default 0, float activations; 4 = int8 activations, faster on CPU).")
+@click.option("--asymmetric", is_flag=True, help="ONNX int4/int8: quantize float weights with zero points.")
+@click.option("--exact-mins", is_flag=True,
+              help="ONNX from Q4_1/Q4_K/Q2_K: carry minimums as an exact separate term instead of float zero points (within 1 ulp).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
@@ -175,7 +190,8 @@ def quantize_command(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document describing the result.")
 @handle_errors
 def convert_command(
-    src: Path, dst: Path, to: Optional[str], preset: Optional[str], imatrix: Optional[Path], dtype: Optional[str],
+    src: Path, dst: Path, to: Optional[str], preset: Optional[str], block_size: Optional[int],
+    accuracy_level: Optional[int], asymmetric: bool, exact_mins: bool, imatrix: Optional[Path], dtype: Optional[str],
     max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
@@ -184,14 +200,24 @@ def convert_command(
     from .formats.safetensors import parse_size
     from .pipeline import convert
 
+    linear_weights = None
+    if block_size is not None or accuracy_level is not None or asymmetric or exact_mins:
+        if to != "onnx":
+            raise UsageError("--block-size, --accuracy-level, --asymmetric and --exact-mins apply to --to onnx")
+        from .formats.onnx import LinearWeights
+
+        linear_weights = LinearWeights(block_size=block_size or 32, accuracy_level=accuracy_level or 0,
+                                       symmetric=not asymmetric, separate_min=exact_mins)
     result = convert(src, dst, to=to, quant=preset, imatrix=imatrix, dtype=dtype,
                      max_shard_size=parse_size(max_shard_size),
                      split_max_size=parse_size(split_max_size) if split_max_size else None,
-                     threads=threads, progress=False if quiet else None)
+                     threads=threads, progress=False if quiet else None, linear_weights=linear_weights)
     if as_json:
         _emit_json(result.to_dict())
     elif not quiet:
-        click.echo(f"{result.output}: {result.format}, {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+        carried = ", ".join(f"{n} {kind}" for kind, n in result.carried_summary().items())
+        click.echo(f"{result.output}: {result.format}, {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+                   + (f"; MatMulNBits weights: {carried}" if carried else ""))
 
 
 # ---- keys and signatures ------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -24,6 +26,8 @@ from .transforms import TensorChange, quantize_checkpoint
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .formats.onnx import LinearWeights
+    from .formats.onnx_nbits import Carry
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -96,9 +100,18 @@ class ConvertResult:
     files: list[Path]
     output_bytes: int
     seconds: float
+    # ONNX output: how each MatMulNBits weight was carried over (exact / within 1 ulp / requantized)
+    carried: list["Carry"] = field(default_factory=list)
+
+    def carried_summary(self) -> dict[str, int]:
+        """How many weights were carried each way, e.g. ``{"exact": 14, "requantized": 1}``."""
+        counts: dict[str, int] = {}
+        for c in self.carried:
+            counts[c.kind] = counts.get(c.kind, 0) + 1
+        return counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "input": str(self.input),
             "output": str(self.output),
             "format": self.format,
@@ -106,6 +119,12 @@ class ConvertResult:
             "output_bytes": self.output_bytes,
             "seconds": round(self.seconds, 3),
         }
+        if self.carried:
+            document["weights"] = [
+                {"name": c.name, "source_type": c.source_type, "carried": c.kind, "max_abs_error": c.max_abs_error}
+                for c in self.carried
+            ]
+        return document
 
 
 def _is_gguf(path: Path) -> bool:
@@ -151,6 +170,7 @@ def convert(
     split_max_size: Optional[int] = None,
     threads: Optional[int] = None,
     progress: Optional[bool] = None,
+    linear_weights: Optional["LinearWeights"] = None,
 ) -> ConvertResult:
     """Convert between a Hugging Face directory and GGUF, streaming one tensor at a time; an ONNX decoder
     (a model directory or ``.onnx`` file: slmpkg's, onnxruntime-genai's or optimum's) converts to either.
@@ -185,7 +205,7 @@ def convert(
     if target == "onnx" and source_is_onnx:
         raise UsageError(f"{src}: already ONNX; convert it to GGUF or safetensors")
     if target == "onnx":
-        return _convert_to_onnx(src, dst, source_is_gguf, quant, dtype, progress, start)
+        return _convert_to_onnx(src, dst, source_is_gguf, quant, dtype, linear_weights, progress, start)
 
     if target == "gguf":
         if source_is_gguf:
@@ -234,23 +254,43 @@ def convert(
 
 
 # tokenizer files onnxruntime-genai loads from the model directory
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.txt", "vocab.json", "merges.txt")
 
 
 def _convert_to_onnx(
     src: Path, dst: Path, source_is_gguf: bool, quant: Optional[Union[str, QuantOptions]], dtype: Optional[str],
-    progress: Optional[bool], start: float,
+    linear_weights: Optional["LinearWeights"], progress: Optional[bool], start: float,
 ) -> ConvertResult:
-    """HF directory or GGUF → an onnxruntime(-genai) decoder directory with float weights."""
+    """HF directory or GGUF → an onnxruntime(-genai) model directory.
+
+    ``quant``: ``f32``/``f16`` float weights (a quantized GGUF is dequantized); ``int4``/``int8``
+    MatMulNBits linears (float weights quantized block-wise; a GGUF's quantized blocks carried over);
+    None: a quantized GGUF keeps its blocks (never rounded twice), float sources stay float.
+    ``dtype`` (f32, f16) is the activation type of int4/int8 graphs; ``linear_weights`` the block
+    options (its ``bits``/``carry_quantized`` are set from ``quant``).
+    """
     from . import architectures
     from .formats import gguf as gguf_format
     from .formats import onnx as onnx_format
     from .formats import safetensors as st_format
+    from .formats.onnx_nbits import REQUANTIZED
     from .tokenizer import hf_tokenizer_files
 
-    precision = str(quant or dtype or "f32").lower()
-    if precision not in ("f32", "f16"):
-        raise UsageError(f"ONNX output supports --quant f32 or f16 so far, not {precision!r} (int4/int8 are not built yet)")
+    choice = str(quant).lower() if quant is not None else None
+    if choice not in (None, "f32", "f16", "int4", "int8"):
+        raise UsageError(f"ONNX output takes --quant f32, f16, int4 or int8, not {quant!r}")
+    if choice in ("f32", "f16"):
+        if dtype is not None and dtype.lower() != choice:
+            raise UsageError(f"--quant {choice} is already the float type; --dtype {dtype} contradicts it")
+        precision, bits, carry = choice, None, False
+    else:
+        precision = (dtype or "f32").lower()
+        if precision not in onnx_format.PRECISIONS:
+            raise UsageError(f"ONNX activations are f32 or f16, not --dtype {dtype}")
+        bits, carry = {"int4": 4, "int8": 8, None: None}[choice], True
+    base = linear_weights or onnx_format.LinearWeights()
+    options = dataclasses.replace(base, bits=bits, carry_quantized=carry)
     if source_is_gguf:
         canonical = _naming(src, lambda: gguf_format.read(src))
         tokenizer = hf_tokenizer_files(canonical.metadata)
@@ -259,11 +299,20 @@ def _convert_to_onnx(
         canonical = _naming(src, lambda: architectures.from_hf(hf, name=src.name))
         tokenizer = {k: v for k, v in hf.sidecar.items() if k in _TOKENIZER_FILES}
     canonical.sidecar = tokenizer
+    carried: list[Carry] = []
     total = sum(t.nbytes for t in canonical.tensors)
     with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
         files = _naming(src, lambda: onnx_format.write(dst, canonical, precision,
-                                                      on_tensor=lambda t: bar.advance(t.nbytes, t.name)))
-    return ConvertResult(src, dst, "onnx", files, sum(f.stat().st_size for f in files), time.monotonic() - start)
+                                                      on_tensor=lambda t: bar.advance(t.nbytes, t.name),
+                                                      linear_weights=options, on_carry=carried.append))
+    requantized = [c for c in carried if c.kind == REQUANTIZED and c.source_type not in ("F32", "F16", "BF16")]
+    if requantized:
+        worst = max(requantized, key=lambda c: c.max_abs_error)
+        warnings.warn(f"{src}: {len(requantized)} {'/'.join(sorted({c.source_type for c in requantized}))} weights "
+                      f"have no MatMulNBits form and were re-quantized (largest error {worst.max_abs_error:.3g} in "
+                      f"{worst.name})", stacklevel=2)
+    return ConvertResult(src, dst, "onnx", files, sum(f.stat().st_size for f in files), time.monotonic() - start,
+                         carried)
 
 
 def _naming(src: Path, step: "Callable[[], Checkpoint]") -> "Checkpoint":
