@@ -123,7 +123,6 @@ class _Stored:
 
 _FLOATS = {1: (np.float32, QuantType.F32), 10: (np.float16, QuantType.F16), 16: (np.uint16, QuantType.BF16)}
 _OTHERS = {2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 11: np.float64}
-_BITS = {QuantType.F32: np.uint32, QuantType.F16: np.uint16, QuantType.BF16: np.uint16}
 
 
 def _inside(directory: Path, location: str) -> tuple[Optional[Path], str]:
@@ -187,17 +186,14 @@ def _plain(name: str, src: _Stored) -> LazyTensor:
     return LazyTensor(name, src.shape, src.qtype, src.bytes, read=src.read)  # type: ignore[arg-type]
 
 
-def _reshaped(name: str, src: _Stored, shape: tuple[int, ...], fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
-    """A tensor computed from ``src``'s elements by ``fn`` (transpose, slice, row permutation: exact moves).
+def _cached_reads(raw: Callable[[], np.ndarray]) -> Callable[[int, int], np.ndarray]:
+    """Ranged reads of a tensor that must be computed whole (transposed, converted from MatMulNBits).
 
-    Writers and conversions read a tensor front to back, possibly in slabs; the moved array is kept
-    between those reads and dropped when the last byte has been read, so the file is read once and at
-    most this one tensor is held.
+    Writers and conversions read a tensor front to back, possibly in slabs or as a fused projection's
+    parts; the computed bytes are kept between those reads and dropped when the last byte has been
+    read, so the source is read once and at most this one tensor is held.
     """
     cache: dict[str, np.ndarray] = {}
-
-    def raw() -> np.ndarray:
-        return np.ascontiguousarray(fn(src.array())).reshape(-1).view(np.uint8)
 
     def read(offset: int, nbytes: int) -> np.ndarray:
         data = cache.get("data")
@@ -208,21 +204,40 @@ def _reshaped(name: str, src: _Stored, shape: tuple[int, ...], fn: Callable[[np.
             cache.clear()
         return piece
 
-    return LazyTensor(name, shape, src.qtype, raw, read=read)  # type: ignore[arg-type]
+    return read
+
+
+def _reshaped(name: str, src: _Stored, shape: tuple[int, ...], fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
+    """A tensor computed from ``src``'s elements by ``fn`` (a transpose: an exact move of each element)."""
+
+    def raw() -> np.ndarray:
+        return np.ascontiguousarray(fn(src.array())).reshape(-1).view(np.uint8)
+
+    return LazyTensor(name, shape, src.qtype, raw, read=_cached_reads(raw))  # type: ignore[arg-type]
+
+
+def _row_bytes(t: LazyTensor) -> int:
+    return t.nbytes // t.shape[0]  # a 2-D tensor's rows are whole blocks in any type; a 1-D one's are elements
 
 
 def _with_rows(t: LazyTensor, fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
-    """``t`` with its rows reordered by ``fn`` (works on stored rows of any type: rows are whole blocks)."""
-    from .. import quant
-
-    row = quant.row_bytes(t.qtype, t.shape[-1]) if len(t.shape) > 1 else t.nbytes // max(t.shape[0], 1)
-    n_rows = t.shape[0]
+    """``t`` with its rows reordered by ``fn``, moved as bytes (exact for any type)."""
 
     def raw() -> np.ndarray:
-        rows = np.asarray(t.raw()).reshape(-1).view(np.uint8).reshape(n_rows, -1 if len(t.shape) > 1 else row)
+        rows = np.asarray(t.raw()).reshape(-1).view(np.uint8).reshape(t.shape[0], _row_bytes(t))
         return np.ascontiguousarray(fn(rows)).reshape(-1)
 
     return LazyTensor(t.name, t.shape, t.qtype, raw)
+
+
+def _rows(t: LazyTensor, start: int, stop: int) -> LazyTensor:
+    """Rows ``start:stop`` of ``t`` (one part of a fused projection), read as that byte range."""
+    row = _row_bytes(t)
+
+    def raw() -> np.ndarray:
+        return np.asarray(t.byte_range(start * row, (stop - start) * row)).reshape(-1).view(np.uint8).copy()
+
+    return LazyTensor(t.name, (stop - start, *t.shape[1:]), t.qtype, raw)
 
 
 # ---- the graph -------------------------------------------------------------------------------------
@@ -359,7 +374,7 @@ def _nbits_weight(g: _Graph, node: Any) -> LazyTensor:
             raise FormatError(f"{where}: blocks came out as {got.name}, expected {qtype.name}")
         return np.frombuffer(data, np.uint8)
 
-    return LazyTensor(parts["packed"].name, (n, k), qtype, raw)  # type: ignore[union-attr]
+    return LazyTensor(parts["packed"].name, (n, k), qtype, raw, read=_cached_reads(raw))  # type: ignore[union-attr]
 
 
 def _bias_of(g: _Graph, node: Any, out_dim: int) -> Optional[LazyTensor]:
@@ -814,18 +829,6 @@ def read(path: PathLike) -> Checkpoint:
         ordered += [t for name, t in tensors.items() if name.startswith(f"blk.{i}.")]
     ordered += [tensors[n] for n in ("output_norm.weight", "output.weight") if n in tensors]
     return Checkpoint(metadata, ordered, sidecar={})
-
-
-def _rows(t: LazyTensor, start: int, stop: int) -> LazyTensor:
-    """Rows ``start:stop`` of ``t`` (a fused projection's part)."""
-    from .. import quant
-
-    row = quant.row_bytes(t.qtype, t.shape[-1]) if len(t.shape) > 1 else np.dtype(_BITS.get(t.qtype, np.uint8)).itemsize
-
-    def raw() -> np.ndarray:
-        return np.asarray(t.byte_range(start * row, (stop - start) * row)).reshape(-1).view(np.uint8).copy()
-
-    return LazyTensor(t.name, (stop - start, *t.shape[1:]), t.qtype, raw)
 
 
 def _check_complete(
