@@ -736,6 +736,9 @@ def read(path: PathLike) -> Checkpoint:
                     embd = lin.weight
     if embd is None:
         raise FormatError(f"{g.file}: the quantized embedding's blocks belong to no lm_head MatMulNBits")
+    head = next((lin for lin in linears if lin.target == "output"), None)
+    if not tied and head is not None and _same_values(embd, head.weight):
+        tied = True  # a writer that copies the tied matrix into lm_head (slmpkg's own): one copy is enough
 
     def put(name: str, t: LazyTensor, src: str) -> None:
         if name in tensors:
@@ -829,6 +832,26 @@ def read(path: PathLike) -> Checkpoint:
         ordered += [t for name, t in tensors.items() if name.startswith(f"blk.{i}.")]
     ordered += [tensors[n] for n in ("output_norm.weight", "output.weight") if n in tensors]
     return Checkpoint(metadata, ordered, sidecar={})
+
+
+def _same_values(a: LazyTensor, b: LazyTensor, rows: int = 4096) -> bool:
+    """Whether two float tensors hold the same bytes; most untied pairs differ in the first rows read.
+
+    ``b`` is read whole once it must be (a transposed weight is computed whole anyway) and ``a`` in
+    row ranges, so this holds one tensor and a slab.
+    """
+    if a.shape != b.shape or a.qtype is not b.qtype or a.qtype not in (QuantType.F32, QuantType.F16, QuantType.BF16):
+        return False
+    row = _row_bytes(a)
+    first = min(rows, a.shape[0]) * row
+    if not np.array_equal(a.byte_range(0, first), b.byte_range(0, first)):
+        return False
+    whole = np.asarray(b.raw()).reshape(-1).view(np.uint8)
+    for start in range(first, a.nbytes, rows * row):
+        stop = min(start + rows * row, a.nbytes)
+        if not np.array_equal(a.byte_range(start, stop - start), whole[start:stop]):
+            return False
+    return True
 
 
 def _check_complete(

@@ -68,16 +68,11 @@ def _canonical(hf: Path):
     return architectures.from_hf(st_format.read(hf), name=hf.name)
 
 
-def _assert_same_weights(ckpt, reference, allow_untied: bool = True) -> None:
-    """Every reference tensor is in ``ckpt`` with the same type, shape and bytes."""
+def _assert_same_weights(ckpt, reference) -> None:
+    """The same tensors as the reference (a tied lm_head stays tied), each with the same type, shape and bytes."""
     ours = {t.name: t for t in ckpt.tensors}
     ref = {t.name: t for t in reference.tensors}
-    extra = set(ours) - set(ref)
-    # a graph keeps lm_head even when the source tied it to the embedding (then they are equal)
-    if allow_untied and extra == {"output.weight"}:
-        assert np.array_equal(ours["output.weight"].float32(), ref["token_embd.weight"].float32())
-        extra = set()
-    assert set(ref) <= set(ours) and not extra, (set(ref) - set(ours), extra)
+    assert set(ours) == set(ref), (set(ref) - set(ours), set(ours) - set(ref))
     for name, t in ref.items():
         assert ours[name].shape == t.shape, name
         assert np.array_equal(ours[name].float32(), t.float32()), name
@@ -121,6 +116,8 @@ def test_onnx_to_safetensors_loads_in_transformers_with_every_source_weight(sour
         ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
         theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).state_dict()
     assert set(ours) == set(theirs)
+    tie = lambda d: json.loads((d / "config.json").read_text())["tie_word_embeddings"]  # noqa: E731
+    assert tie(out) == tie(hf)  # a tied source comes back tied, though the graph holds lm_head too
     for name, value in theirs.items():
         assert ours[name].dtype == torch.float32, name  # f32 source → f32 output by default
         assert torch.equal(ours[name], value), name
@@ -191,7 +188,7 @@ def test_genai_builder_graph_imports_to_the_source_weights(hf_source, tmp_path):
     assert "model.layers.0.attn.qkv_proj.MatMul.weight" in names  # the fused projection is exercised
     ckpt = onnx_import.read(built)
     reference = _canonical(hf)
-    _assert_same_weights(ckpt, reference, allow_untied=False)  # tied sources stay tied (Transpose → Gather)
+    _assert_same_weights(ckpt, reference)  # tied sources stay tied (Transpose → Gather)
     _assert_same_model_metadata(ckpt, reference)
     out = tmp_path / "hf-again"
     assert run("convert", built, "-o", out, "--to", "safetensors", "-q").exit_code == 0
