@@ -442,39 +442,48 @@ def _nice(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_base(cos: np.ndarray, sin: np.ndarray, source: str) -> float:
+def _rope_base(cos: np.ndarray, sin: np.ndarray, eps: float, source: str) -> float:
     """The rope base behind cos/sin caches [positions, dim/2] of ``position × base^(-2j/dim)``.
 
-    Each frequency is read at the largest position whose angle is still below π/2 (no wrap, best
-    relative precision), and the base from the lowest frequency (most leverage on the exponent).
+    A first estimate comes from the phase of each frequency unwrapped along the positions (its slope
+    is the frequency; the steps are below π since frequencies are at most 1), fitted in log space
+    across frequencies. Caches stored in float16 (or short ones) pin the base only to a few digits, so
+    the answer is the shortest decimal (10000, 500000, 1e6, ...) whose recomputed caches match the
+    stored ones within ``eps`` (the caches' rounding plus a float32 writer's accumulated error); no
+    match means the caches carry a rope scaling this cannot name.
     """
-    half = cos.shape[1]
-    dim = 2 * half
-    if cos.shape[0] < 2 or half < 2:
+    positions, half = cos.shape
+    if positions < 2 or half < 2:
         raise FormatError(f"{source}: cos/sin caches too small to read the rope base from")
-    j = half - 1
-    angles = np.arctan2(sin[:, j].astype(np.float64), cos[:, j].astype(np.float64))
-    ok = np.nonzero((angles > 0) & (angles < math.pi / 2))[0]
-    ok = ok[ok > 0]
-    if ok.size == 0:
+    dim = 2 * half
+    phase = np.unwrap(np.arctan2(sin, cos), axis=0)  # [positions, half]
+    p = np.arange(positions, dtype=np.float64)
+    inv_freq = (phase * p[:, None]).sum(axis=0) / (p * p).sum()  # least squares through the origin
+    j = np.arange(1, half)
+    ok = inv_freq[1:] > 0
+    if not ok.any():
         raise FormatError(f"{source}: cos/sin caches do not look like rotary embeddings")
-    p = int(ok[-1])
-    inv_freq = angles[p] / p
-    base = inv_freq ** (-dim / (2 * j))
-    nearest = round(base)
-    return float(nearest) if abs(base - nearest) <= 1e-4 * base else float(np.float32(base))
+    # log inv_freq[j] = -(2j/dim) log base: weight each frequency by its total angle (its precision)
+    x = 2 * j[ok] / dim
+    weights = inv_freq[1:][ok] * (positions - 1)
+    estimate = float(np.exp(-(weights * x * np.log(inv_freq[1:][ok])).sum() / (weights * x * x).sum()))
 
+    def matches(base: float) -> bool:
+        freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        angles = np.outer(p, freqs)
+        return bool(np.abs(np.cos(angles) - cos).max() <= eps and np.abs(np.sin(angles) - sin).max() <= eps)
 
-def _check_plain_rope(cos: np.ndarray, sin: np.ndarray, base: float, source: str) -> None:
-    """Refuse caches that carry a rope scaling we cannot express without config.json."""
-    dim = 2 * cos.shape[1]
-    inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    angles = np.outer(np.arange(cos.shape[0], dtype=np.float64), inv_freq)
-    if not (np.allclose(np.cos(angles), cos, atol=1e-4) and np.allclose(np.sin(angles), sin, atol=1e-4)):
-        raise FormatError(
-            f"{source}: cos_cache/sin_cache hold a scaled rotary embedding; put the model's config.json beside "
-            "the ONNX file to say which scaling"
-        )
+    digits = int(math.floor(math.log10(estimate)))
+    for significant in range(1, 8):
+        candidate = float(round(estimate, significant - 1 - digits))
+        if candidate > 0 and matches(candidate):
+            return candidate
+    if matches(estimate):
+        return float(np.float32(estimate))
+    raise FormatError(
+        f"{source}: cos_cache/sin_cache are not plain rotary embeddings of any base (a rope scaling?); put the "
+        "model's config.json beside the ONNX file to say which"
+    )
 
 
 class _Facts:
@@ -554,8 +563,10 @@ def _hf_config(
     if config is None:  # rope settings come from the caches only when no config.json says them
         if facts.caches is not None:
             cos, sin = (_as_f64(c) for c in facts.caches)
-            base = _rope_base(cos, sin, f"{g.file}: {facts.caches[0].name}")
-            _check_plain_rope(cos, sin, base, f"{g.file}: {facts.caches[0].name}")
+            # the caches' own rounding, and a float32 writer's (the builder's) error growing with position
+            eps = {QuantType.F16: 2e-3, QuantType.BF16: 1.6e-2}.get(facts.caches[0].qtype, 1e-6)
+            eps += cos.shape[0] * 2.5e-7
+            base = _rope_base(cos, sin, eps, f"{g.file}: {facts.caches[0].name}")
             cfg["rope_theta"] = base
             if 2 * cos.shape[1] != cfg["head_dim"]:
                 cfg["partial_rotary_factor"] = 2 * cos.shape[1] / cfg["head_dim"]

@@ -127,6 +127,50 @@ def test_onnx_to_safetensors_loads_in_transformers_with_every_source_weight(sour
         np.testing.assert_array_equal(_hf_outputs(out, ids, family), _hf_outputs(hf, ids, family))
 
 
+def test_f16_onnx_gives_f16_weights_equal_to_the_source_rounded_once(source, tmp_path):
+    family, hf, _ = source
+    half = tmp_path / "onnx-f16"
+    convert(hf, half, to="onnx", quant="f16", progress=False)
+    out = tmp_path / "hf-f16"
+    assert run("convert", half, "-o", out, "--to", "safetensors", "-q").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"  # the source's float type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16).state_dict()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).state_dict()
+    for name, value in theirs.items():
+        assert ours[name].dtype == torch.float16 and torch.equal(ours[name], value.half()), name
+    gguf = tmp_path / "m.gguf"
+    assert run("convert", half, "-o", gguf, "-q").exit_code == 0
+    types = {t.name: t.qtype.name for t in gguf_format.read(gguf).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+@pytest.mark.parametrize("base", [500000.0, 1000000.0])
+def test_rope_base_is_read_back_from_the_rotary_caches(source, tmp_path, base, precision):
+    """Without config.json the base comes from cos_cache/sin_cache; a scaled rope is refused by name."""
+    from gguf import GGUFValueType
+
+    from slmpkg.checkpoint import MetaValue
+    from slmpkg.errors import FormatError
+    from slmpkg.formats import onnx as onnx_format
+
+    family, hf, _ = source
+    canonical = _canonical(hf)
+    arch = canonical.architecture
+    canonical.metadata[f"{arch}.rope.freq_base"] = MetaValue(GGUFValueType.FLOAT32, base)
+    plain = tmp_path / "plain"
+    onnx_format.write(plain, canonical, precision)
+    assert onnx_import.read(plain).get(f"{arch}.rope.freq_base") == base
+    canonical.metadata[f"{arch}.rope.scaling.type"] = MetaValue(GGUFValueType.STRING, "linear")
+    canonical.metadata[f"{arch}.rope.scaling.factor"] = MetaValue(GGUFValueType.FLOAT32, 4.0)
+    scaled = tmp_path / "scaled"
+    onnx_format.write(scaled, canonical, precision)
+    with pytest.raises(FormatError, match="cos_cache"):
+        onnx_import.read(scaled)
+
+
 def test_onnx_gguf_onnx_keeps_every_initializer(source, tmp_path):
     family, hf, onnx_dir = source
     gguf = tmp_path / "m.gguf"
