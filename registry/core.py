@@ -883,7 +883,11 @@ def pull(
         d, size = item
         return d, _fetch_blob(store, d, size, cache, verify_cache=verify_cache, progress=progress)
 
-    for d, got in _parallel(fetch, unique.items(), max_workers):
+    # Small blobs side by side; blobs of several ranges one after another, since each already reads
+    # store.range_concurrency ranges at once (more would only add connections and memory).
+    small = [(d, n) for d, n in unique.items() if n <= store.range_size]
+    large = [(d, n) for d, n in unique.items() if n > store.range_size]
+    for d, got in _parallel(fetch, small, max_workers) + [fetch(x) for x in large]:
         blobs[d] = got.path
         downloaded += got.fetched
         resumed += got.resumed

@@ -25,8 +25,10 @@ import abc
 import concurrent.futures
 import dataclasses
 import hashlib
+import mmap
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -232,25 +234,23 @@ def _read_ledger(ledger: Path, partial: Path, size: int, range_size: int) -> set
     return {int(x) for x in lines[1:-1] if x.isdigit() and int(x) < n}
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 def fetch_resumable(
     store: Store, key: str, size: int, partial: str | os.PathLike[str], *, progress: Progress | None = None
 ) -> FetchStats:
     """Download ``key`` (``size`` bytes) into the local file ``partial`` and return its sha256.
 
     The blob is read in ranges of ``store.range_size``, ``store.range_concurrency`` at a time, each
-    written in place as it arrives and recorded in a ledger beside the file (``<partial>.ranges``).
-    If an earlier call was interrupted (server gone, process killed), the ranges it recorded are kept
-    and only the missing ones are read. The sha256 is computed in order while the ranges arrive (a
-    kept range is re-read from the local file), so the caller can check the digest without reading
-    the file again. The caller checks the digest, then renames ``partial`` into place and removes the
-    ledger; it must hold a lock so that one process at a time fetches a given ``partial``.
+    straight into its place in ``partial`` (the file is memory-mapped: the bytes go from the socket
+    to the page cache once, with no buffers in between) and then recorded in a ledger beside the
+    file (``<partial>.ranges``). If an earlier call was interrupted (server gone, process killed,
+    Ctrl-C), the ranges it recorded are kept and only the missing ones are read. Meanwhile the
+    calling thread hashes the file in order, each range as soon as it has landed, so the digest is
+    ready when the last range is. The caller checks it, renames ``partial`` into place and removes
+    the ledger; it must hold a lock so that one process at a time fetches a given ``partial``. The
+    first failure stops the ranges not yet started and is raised once the running ones return.
+
+    Nothing is fsynced: a range recorded in the ledger but lost with the page cache (power loss)
+    makes the digest check fail, and the caller then starts over.
 
     Example:
         >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...partial")  # doctest: +SKIP
@@ -267,66 +267,63 @@ def fetch_resumable(
         with open(partial, "wb") as f:
             f.truncate(size)
         ledger.write_text(f"{_LEDGER_MAGIC} {size} {rs}\n", "ascii")
-    missing = iter(i for i in range(n) if i not in done)
-    workers = max(1, min(int(store.range_concurrency), n))
-    # Ranges downloaded ahead of the one being hashed: enough to keep every worker busy while the
-    # caller's thread hashes, and a bound on memory (window * range_size).
-    window = workers + 1
+    if size == 0:
+        return FetchStats(hashlib.sha256().hexdigest(), 0, 0, 0, 0)
+    missing = [i for i in range(n) if i not in done]
     h = hashlib.sha256()
-    fetched = resumed = reads = 0
-    fd = os.open(partial, os.O_RDWR)
-    lfd = os.open(ledger, os.O_WRONLY | os.O_APPEND)
+    fetched = resumed = 0
+    stop = threading.Event()
+    with open(partial, "r+b") as f, open(ledger, "ab", buffering=0) as log:
+        mm = mmap.mmap(f.fileno(), size)
+        view = memoryview(mm)
 
-    def fetch(i: int) -> bytearray:
-        start = i * rs
-        buf = bytearray(min(size, start + rs) - start)
-        store.read_range_into(key, start, memoryview(buf))
-        _pwrite_all(fd, buf, start)
-        os.write(lfd, f"{i}\n".encode("ascii"))  # O_APPEND: one small write is one whole line
-        return buf
+        def fetch(i: int) -> None:
+            if stop.is_set():
+                raise concurrent.futures.CancelledError
+            try:
+                store.read_range_into(key, i * rs, view[i * rs: min(size, (i + 1) * rs)])
+            except BaseException:
+                stop.set()  # a dead server fails every range: do not start the others
+                raise
+            log.write(f"{i}\n".encode("ascii"))  # O_APPEND, unbuffered: one write, one whole line
 
-    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="slmpkg-range")
-    futures: dict[int, concurrent.futures.Future] = {}
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max(1, min(int(store.range_concurrency), len(missing) or 1)), thread_name_prefix="slmpkg-range"
+        )
+        futures = {i: pool.submit(fetch, i) for i in missing}
+        try:
+            for i in range(n):
+                start, end = i * rs, min(size, (i + 1) * rs)
+                fu = futures.get(i)
+                if fu is None:
+                    resumed += end - start
+                else:
+                    if fu.exception() is not None or fu.cancelled():
+                        raise _first_failure(futures.values()) or fu.exception()
+                    fetched += end - start
+                h.update(view[start:end])
+                if progress:
+                    progress(end - start)
+        finally:
+            stop.set()
+            # Ranges in flight finish (and are recorded) or fail; none is recorded half-written.
+            pool.shutdown(wait=True, cancel_futures=True)
+            try:
+                view.release()
+                mm.close()
+            except BufferError:
+                pass  # a failed range's traceback still holds a slice; the mapping goes with it
+    return FetchStats(h.hexdigest(), size, fetched, resumed, len(missing))
 
-    def top_up() -> None:
-        while len(futures) < window:
-            i = next(missing, None)
-            if i is None:
-                return
-            futures[i] = pool.submit(fetch, i)
 
-    try:
-        top_up()
-        for i in range(n):
-            start, end = i * rs, min(size, (i + 1) * rs)
-            if i in done:
-                view = memoryview(bytearray(min(end - start, 8 << 20)))
-                pos = start
-                while pos < end:
-                    got = os.preadv(fd, [view[: min(len(view), end - pos)]], pos)
-                    if got <= 0:
-                        raise IntegrityError(f"{partial}: shorter than its ledger says")
-                    h.update(view[:got])
-                    pos += got
-                resumed += end - start
-            else:
-                buf = futures.pop(i).result()
-                top_up()  # keep the workers busy while this range is hashed
-                h.update(buf)
-                fetched += len(buf)
-                reads += 1
-            if progress:
-                progress(end - start)
-        os.fsync(fd)
-    finally:
-        for fu in futures.values():
-            fu.cancel()
-        # Ranges already in flight finish (and are recorded) or fail; none is left half-written
-        # in the ledger.
-        pool.shutdown(wait=True, cancel_futures=True)
-        os.close(lfd)
-        os.close(fd)
-    return FetchStats(h.hexdigest(), size, fetched, resumed, reads)
+def _first_failure(futures) -> BaseException | None:
+    """The error that stopped the others (a range it cancelled only reports CancelledError)."""
+    for f in futures:
+        if f.done() and not f.cancelled():
+            e = f.exception()
+            if e is not None and not isinstance(e, concurrent.futures.CancelledError):
+                return e
+    return None
 
 
 def default_home() -> Path:
