@@ -46,7 +46,7 @@ import numpy as np
 
 from .._io import read_range
 from ..checkpoint import Checkpoint, LazyTensor, MetaValue
-from ..errors import FormatError
+from ..errors import FormatError, SlmpkgError
 from ..quant import QuantType
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -329,8 +329,15 @@ def _float_weight(g: _Graph, node: Any, init: _Stored, via_transpose: bool) -> L
     return _reshaped(init.name, init, (cols, rows), lambda a: a.T)
 
 
-def _nbits_weight(g: _Graph, node: Any) -> LazyTensor:
-    """A MatMulNBits weight as GGUF blocks, through onnx_nbits (one tensor converted when read)."""
+def _nbits_weight(g: _Graph, node: Any, min_term: Optional[_Stored] = None) -> LazyTensor:
+    """A MatMulNBits weight as ggml blocks through onnx_nbits (Q4_0, Q4_1, Q8_0: exact up to the fp16
+    rounding of scales and minimums), converted when a writer reads it.
+
+    Weights ggml's 32-value blocks cannot hold, decided from the node's structure alone (16-value
+    blocks with their own scales, as slmpkg writes Q6_K/Q3_K/Q2_K; a separate min term; 8 bits with
+    float zero points; K not a multiple of 32), become F32 holding exactly the values onnxruntime
+    computes with, rather than being rounded a second time.
+    """
     try:
         from . import onnx_nbits
     except ImportError:
@@ -348,25 +355,38 @@ def _nbits_weight(g: _Graph, node: Any) -> LazyTensor:
         parts[key] = stored
     if parts["packed"] is None or parts["scales"] is None:
         raise FormatError(f"{g.where(node)}: MatMulNBits without its weight or scales")
+    zp = parts["zero_points"]
+    where = f"{g.where(node)}: weight {parts['packed'].name}"  # type: ignore[union-attr]
 
     def build() -> Any:
         k_blocks = -(-k // block)
         packed = parts["packed"].bytes().reshape(n, k_blocks, -1)  # type: ignore[union-attr]
         scales = parts["scales"].array().reshape(n, k_blocks)  # type: ignore[union-attr]
-        zeros = parts["zero_points"].array().reshape(n, -1) if parts["zero_points"] is not None else None
-        return onnx_nbits.NBitsWeight(bits=bits, block_size=block, n=n, k=k, packed=packed, scales=scales,
-                                      zero_points=zeros)
+        zeros = zp.array().reshape(n, -1) if zp is not None else None
+        extra: dict[str, Any] = {}
+        if min_term is not None:
+            mins = min_term.array()
+            extra = {"min_term": mins, "min_block": k // mins.shape[0]}
+        try:
+            return onnx_nbits.NBitsWeight(bits=bits, block_size=block, n=n, k=k, packed=packed, scales=scales,
+                                          zero_points=zeros, **extra)
+        except SlmpkgError as e:
+            raise FormatError(f"{where}: {e}") from None
+
+    float_zp = zp is not None and zp.dtype != np.uint8
+    if min_term is not None or block < 32 or k % 32 or (bits == 8 and float_zp):
+        def values() -> np.ndarray:
+            return np.ascontiguousarray(build().dequantize(), np.float32).reshape(-1).view(np.uint8)
+
+        return LazyTensor(parts["packed"].name, (n, k), QuantType.F32, values,  # type: ignore[union-attr]
+                          read=_cached_reads(values))
 
     # the block type, from the zero points alone (to_gguf's rule), so no weight is read until a writer asks
-    zp = parts["zero_points"]
     symmetric = zp is None
-    if zp is not None and zp.dtype == np.uint8:
+    if zp is not None and not float_zp:
         levels = onnx_nbits.unpack_levels(zp.array().reshape(n, -1), bits, -(-k // block))
         symmetric = bool((levels == onnx_nbits.default_zero_point(bits)).all())
     qtype = QuantType.Q8_0 if bits == 8 else QuantType.Q4_0 if symmetric else QuantType.Q4_1
-    where = f"{g.where(node)}: weight {parts['packed'].name}"  # type: ignore[union-attr]
-    if k % 32:
-        raise FormatError(f"{where}: K = {k} is not a multiple of 32, ggml's block size")
 
     def raw() -> np.ndarray:
         got, data = onnx_nbits.to_gguf(build(), name=where)
@@ -377,6 +397,20 @@ def _nbits_weight(g: _Graph, node: Any) -> LazyTensor:
     return LazyTensor(parts["packed"].name, (n, k), qtype, raw, read=_cached_reads(raw))  # type: ignore[union-attr]
 
 
+def _min_terms(g: _Graph) -> dict[str, tuple[Any, _Stored]]:
+    """slmpkg's exact minimums: ``MatMulNBits(x) - MatMul(ReduceSum(blocks of x), mins)``; by the
+    MatMulNBits node's name, the MatMul node and its ``mins`` initializer."""
+    found = {}
+    for node in g.model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in g.inits:
+            continue
+        for consumer in g.consumers.get(node.output[0], []):
+            head = g.producer.get(consumer.input[0]) if consumer.op_type == "Sub" else None
+            if head is not None and head.op_type == "MatMulNBits" and consumer.input[1] == node.output[0]:
+                found[head.name] = (node, g.inits[node.input[1]])
+    return found
+
+
 def _bias_of(g: _Graph, node: Any, out_dim: int) -> Optional[LazyTensor]:
     """The bias added right after a linear: Gemm's C, or an ``Add`` of a 1-D initializer of ``out_dim``."""
     candidates: list[str] = []
@@ -384,9 +418,13 @@ def _bias_of(g: _Graph, node: Any, out_dim: int) -> Optional[LazyTensor]:
         candidates.append(node.input[2])
     if node.op_type == "MatMulNBits" and len(node.input) > 5:
         candidates.append(node.input[5])
-    for consumer in g.consumers.get(node.output[0], []):
-        if consumer.op_type == "Add":
-            candidates += [i for i in consumer.input if i != node.output[0]]
+    outputs = [node.output[0]]
+    # past slmpkg's min-term subtraction, if any
+    outputs += [c.output[0] for c in g.consumers.get(node.output[0], []) if c.op_type == "Sub" and c.input[0] == node.output[0]]
+    for out in outputs:
+        for consumer in g.consumers.get(out, []):
+            if consumer.op_type == "Add":
+                candidates += [i for i in consumer.input if i != out]
     for name in candidates:
         init = g.inits.get(name)
         if init is not None and init.qtype is not None and init.shape == (out_dim,):
@@ -396,8 +434,10 @@ def _bias_of(g: _Graph, node: Any, out_dim: int) -> Optional[LazyTensor]:
 
 def _linears(g: _Graph) -> list[_Linear]:
     found = []
+    min_terms = _min_terms(g)
+    min_term_nodes = {id(node) for node, _ in min_terms.values()}
     for node in g.model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "MatMulNBits") or len(node.input) < 2:
+        if node.op_type not in ("MatMul", "Gemm", "MatMulNBits") or len(node.input) < 2 or id(node) in min_term_nodes:
             continue
         if node.op_type == "MatMulNBits":
             init, via = g.inits.get(node.input[1]), False
@@ -416,7 +456,10 @@ def _linears(g: _Graph) -> list[_Linear]:
         key, layer = named
         if key != "lm_head" and layer is None:
             raise FormatError(f"{g.where(node)}: weight {init.name} ({key}) is in no layer (no layers.N in its scope)")
-        weight = _nbits_weight(g, node) if node.op_type == "MatMulNBits" else _float_weight(g, node, init, via)
+        if node.op_type == "MatMulNBits":
+            weight = _nbits_weight(g, node, min_terms[node.name][1] if node.name in min_terms else None)
+        else:
+            weight = _float_weight(g, node, init, via)
         fused = {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}.get(key, "")
         found.append(_Linear(node, _PROJECTIONS[key], fused, layer, weight, _bias_of(g, node, weight.shape[0])))
     return found

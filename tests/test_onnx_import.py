@@ -330,6 +330,33 @@ def test_genai_int4_graph_imports_as_ggml_blocks_of_the_weights_onnxruntime_comp
     assert np.abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
 
 
+@pytest.mark.parametrize("mins", ["float-zero-points", "exact-mins"])
+def test_blocks_slmpkg_carried_from_q4_k_m_come_back_with_the_gguf_values(source, tmp_path, mins):
+    """Q4_K_M GGUF → ONNX (blocks carried into MatMulNBits) → GGUF: what ggml's 32-value blocks can hold
+    comes back as Q4_1 (within the fp16 rounding of scale and minimum); 16-value blocks (Q6_K) and
+    exact min terms come back as F32 equal to the source GGUF's dequantized values bit for bit."""
+    family, hf, _ = source
+    km = tmp_path / "km.gguf"
+    convert(hf, km, quant="Q4_K_M", progress=False)
+    carried = tmp_path / "carried"
+    assert run("convert", km, "-o", carried, "--to", "onnx", "-q",
+               *(["--exact-mins"] if mins == "exact-mins" else [])).exit_code == 0
+    back = tmp_path / "back.gguf"
+    result = run("convert", carried, "-o", back, "-q")
+    assert result.exit_code == 0, result.output
+    ours = {t.name: t for t in gguf_format.read(back).tensors}
+    kinds = set()
+    for t in gguf_format.read(km).tensors:
+        a, b = t.float32(), ours[t.name].float32()
+        kinds.add((t.qtype.name, ours[t.name].qtype.name))
+        if ours[t.name].qtype.name == "F32":
+            assert np.array_equal(a, b), t.name
+        else:
+            assert ours[t.name].qtype.name == "Q4_1" and mins == "float-zero-points", t.name
+            assert np.abs(a - b).max() <= 2**-9 * np.abs(a).max(), t.name
+    assert ("Q6_K", "F32") in kinds and (("Q4_K", "Q4_1") in kinds) == (mins == "float-zero-points")
+
+
 # ---- optimum-style graphs --------------------------------------------------------------------------
 
 
