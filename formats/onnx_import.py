@@ -263,7 +263,10 @@ class _Graph:
         self.inits = {t.name: _stored(t, directory, model_file, sizes) for t in graph.initializer}
         self.producer: dict[str, Any] = {}
         self.consumers: dict[str, list[Any]] = {}
-        for node in graph.node:
+        # subgraphs too: optimum's merged decoders run the whole model inside If branches that read the
+        # main graph's initializers (each branch once more, so the same weight may be met twice)
+        self.nodes: list[Any] = list(_walk(graph))
+        for node in self.nodes:
             for out in node.output:
                 self.producer[out] = node
             for inp in node.input:
@@ -284,6 +287,15 @@ class _Graph:
         if node is not None and node.op_type in ("Cast", "Identity") and node.input[0] in self.inits:
             return self.inits[node.input[0]], False
         return None, False
+
+
+def _walk(graph: Any) -> Iterable[Any]:
+    """The nodes of ``graph`` and of every subgraph (If/Loop/Scan bodies), in order."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _walk(sub)
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -401,7 +413,7 @@ def _min_terms(g: _Graph) -> dict[str, tuple[Any, _Stored]]:
     """slmpkg's exact minimums: ``MatMulNBits(x) - MatMul(ReduceSum(blocks of x), mins)``; by the
     MatMulNBits node's name, the MatMul node and its ``mins`` initializer."""
     found = {}
-    for node in g.model.graph.node:
+    for node in g.nodes:
         if node.op_type != "MatMul" or node.input[1] not in g.inits:
             continue
         for consumer in g.consumers.get(node.output[0], []):
@@ -436,7 +448,7 @@ def _linears(g: _Graph) -> list[_Linear]:
     found = []
     min_terms = _min_terms(g)
     min_term_nodes = {id(node) for node, _ in min_terms.values()}
-    for node in g.model.graph.node:
+    for node in g.nodes:
         if node.op_type not in ("MatMul", "Gemm", "MatMulNBits") or len(node.input) < 2 or id(node) in min_term_nodes:
             continue
         if node.op_type == "MatMulNBits":
@@ -537,7 +549,7 @@ class _Facts:
         self.eps: Optional[float] = None
         self.interleaved: Optional[bool] = None
         self.caches: Optional[tuple[_Stored, _Stored]] = None
-        for node in g.model.graph.node:
+        for node in g.nodes:
             if node.op_type in ("GroupQueryAttention", "PagedAttention") and self.n_head is None:
                 self.n_head, self.n_head_kv = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
                 if _attr(node, "do_rotary", 0) and len(node.input) > 8:
@@ -677,13 +689,24 @@ def _locate(path: Path) -> tuple[Path, Path]:
             name = ((genai.get("model") or {}).get("decoder") or {}).get("filename")
         candidates = [path / name] if isinstance(name, str) and name else []
         candidates += [path / "model.onnx"] + sorted(path.glob("*.onnx"))
+        # the Hugging Face layout keeps them in onnx/ (optimum, transformers.js: model.onnx or the merged decoder)
+        candidates += [path / "onnx" / "model.onnx", path / "onnx" / "decoder_model_merged.onnx"]
         for c in candidates:
             if c.is_file():
-                return c, path
+                return c, c.parent
         raise FormatError(f"{path}: no .onnx model in this directory")
     if not path.is_file():
         raise FormatError(f"{path}: no such file or directory")
     return path, path.parent
+
+
+def _beside(directory: Path) -> Path:
+    """Where config.json and the tokenizer are: the model's directory, or its parent for the Hugging Face
+    layout that keeps the .onnx files in ``onnx/`` (optimum, transformers.js)."""
+    own = any((directory / name).is_file() for name in ("config.json", "genai_config.json"))
+    if not own and directory.name == "onnx" and (directory.parent / "config.json").is_file():
+        return directory.parent
+    return directory
 
 
 def _parse(model_file: Path) -> Any:
@@ -706,7 +729,7 @@ def _embedding(g: _Graph) -> tuple[Optional[LazyTensor], Optional[_Stored]]:
     (``Reshape`` → ``GatherBlockQuantized`` with lm_head's scales): then the tensor is None and the
     initializer is that weight; :func:`read` takes lm_head's blocks as the embedding.
     """
-    for node in g.model.graph.node:
+    for node in g.nodes:
         if node.op_type not in ("Gather", "GatherBlockQuantized") or len(node.input) < 2:
             continue
         if node.input[1] != "input_ids" and "embed_tokens" not in node.name:
@@ -773,8 +796,9 @@ def read(path: PathLike) -> Checkpoint:
     model_file, directory = _locate(Path(path))
     g = _Graph(_parse(model_file), model_file, directory)
     facts = _Facts(g)
-    config = _json_file(directory / "config.json")
-    genai = _json_file(directory / "genai_config.json")
+    beside = _beside(directory)
+    config = _json_file(beside / "config.json")
+    genai = _json_file(beside / "genai_config.json")
 
     embd, embd_init = _embedding(g)
     tensors: dict[str, LazyTensor] = {}
@@ -795,6 +819,8 @@ def read(path: PathLike) -> Checkpoint:
         tied = True  # a writer that copies the tied matrix into lm_head (slmpkg's own): one copy is enough
 
     def put(name: str, t: LazyTensor, src: str) -> None:
+        if name in tensors and origin[name] == src:
+            return  # the same weight met again (another If branch of a merged decoder)
         if name in tensors:
             raise FormatError(f"{g.file}: {origin[name]} and {src} both map to {name}")
         tensors[name], origin[name] = t.renamed(name), src
@@ -825,14 +851,14 @@ def read(path: PathLike) -> Checkpoint:
             shapes.setdefault("blk.0.ffn_gate.weight", (lin.weight.shape[0] // 2,))
     sidecar = {}
     for name in _TOKENIZER_FILES:
-        p = directory / name
+        p = beside / name
         if p.is_file():
             sidecar[name] = p.read_bytes()
     cfg = _hf_config(g, facts, config, genai, shapes, n_layer, tied)
     if int(cfg["num_hidden_layers"]) != n_layer:
         raise FormatError(f"{g.file}: the graph has {n_layer} layers but its configuration says {cfg['num_hidden_layers']}")
     sidecar["config.json"] = json.dumps(cfg).encode()
-    metadata, extra = _metadata(cfg, sidecar, directory.name if model_file.name == "model.onnx" else model_file.stem)
+    metadata, extra = _metadata(cfg, sidecar, beside.name if model_file.name == "model.onnx" or beside != directory else model_file.stem)
     family = arch_mod.family_for_hf(cfg)
     dims = arch_mod._dims_from_config(cfg, family)
     q_size, kv_size = dims.n_head * dims.head_dim, dims.n_head_kv * dims.head_dim

@@ -135,11 +135,12 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _is_onnx(path: Path) -> bool:
-    """An ONNX source: a ``.onnx`` file, or a directory holding one and no safetensors weights."""
+    """An ONNX source: a ``.onnx`` file, or a directory holding one (or an ``onnx/`` folder of them, the
+    Hugging Face layout) and no safetensors weights."""
     if path.is_file():
         return path.suffix.lower() == ".onnx"
     if path.is_dir():
-        return any(path.glob("*.onnx")) and not any(path.glob("*.safetensors"))
+        return (any(path.glob("*.onnx")) or any(path.glob("onnx/*.onnx"))) and not any(path.glob("*.safetensors"))
     return False
 
 

@@ -360,11 +360,13 @@ def test_blocks_slmpkg_carried_from_q4_k_m_come_back_with_the_gguf_values(source
 # ---- optimum-style graphs --------------------------------------------------------------------------
 
 
-def _optimum_style(hf: Path, out: Path) -> Path:
+def _optimum_style(hf: Path, out: Path, merged: bool = False) -> Path:
     """A graph laid out as optimum's torch export names things: linear weights are anonymous
     ``onnx::MatMul_N`` initializers holding W transposed, found only through their node's scope;
     norms are ``Mul`` by HF-named weights after a decomposed RMS norm; biases are ``Add`` of HF-named
-    tensors; rotary is plain math (HF's half-split layout). config.json and the tokenizer sit beside."""
+    tensors; rotary is plain math (HF's half-split layout). config.json and the tokenizer sit beside.
+    ``merged``: optimum's merged decoder in the Hugging Face layout, ``onnx/decoder_model_merged.onnx``
+    running the model in both branches of an ``If`` that read the main graph's initializers."""
     out.mkdir()
     sd = {k: v.float().numpy() for k, v in transformers.AutoModelForCausalLM.from_pretrained(hf).state_dict().items()}
     config = json.loads((hf / "config.json").read_text())
@@ -433,16 +435,32 @@ def _optimum_style(hf: Path, out: Path) -> Path:
     x = rms(hidden, init("model.norm.weight", sd["model.norm.weight"]), "/model/norm")
     w = init(f"onnx::MatMul_{next(counter)}", sd["lm_head.weight"].T)
     nodes.append(helper.make_node("MatMul", [x, w], ["logits"], name="/lm_head/MatMul"))
-    graph = helper.make_graph(
-        nodes, "main_graph",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch_size", "sequence_length", f"{o}_width"])
-         for o in ["logits"] + outputs],
-        inits,
-    )
+    value = lambda o, tag="": helper.make_tensor_value_info(  # noqa: E731
+        o + tag, TensorProto.FLOAT, ["batch_size", "sequence_length", f"{o}_width"])
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    model_file = out / "model.onnx"
+    if merged:
+        produced = {o for n in nodes for o in n.output}
+
+        def branch(tag: str):
+            copies = []
+            for n in nodes:
+                c = onnx.NodeProto()
+                c.CopyFrom(n)
+                c.input[:] = [i + tag if i in produced else i for i in n.input]
+                c.output[:] = [o + tag for o in n.output]
+                copies.append(c)
+            return helper.make_graph(copies, f"branch{tag}", [], [value(o, tag) for o in ["logits"] + outputs])
+
+        nodes = [helper.make_node("If", ["use_cache_branch"], ["logits"] + outputs, name="optimum::if",
+                                  then_branch=branch("_with_past"), else_branch=branch("_without_past"))]
+        inputs.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
+        (out / "onnx").mkdir()
+        model_file = out / "onnx" / "decoder_model_merged.onnx"
+    graph = helper.make_graph(nodes, "main_graph", inputs, [value(o) for o in ["logits"] + outputs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch")
     onnx.checker.check_model(model)
-    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx_data",
+    onnx.save_model(model, str(model_file), save_as_external_data=True, location=model_file.name + "_data",
                     size_threshold=1024)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if (hf / name).exists():
@@ -450,11 +468,16 @@ def _optimum_style(hf: Path, out: Path) -> Path:
     return out
 
 
-def test_optimum_style_graph_imports_to_the_source_weights(hf_source, tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["model", "merged-decoder"])
+def test_optimum_style_graph_imports_to_the_source_weights(hf_source, tmp_path, merged):
     family, hf = hf_source
-    exported = _optimum_style(hf, tmp_path / "optimum")
-    graph = onnx.load(str(exported / "model.onnx"), load_external_data=False)
+    exported = _optimum_style(hf, tmp_path / "optimum", merged)
+    model_file = exported / ("onnx/decoder_model_merged.onnx" if merged else "model.onnx")
+    graph = onnx.load(str(model_file), load_external_data=False)
     assert any(t.name.startswith("onnx::MatMul_") for t in graph.graph.initializer)
+    if merged:
+        assert [n.op_type for n in graph.graph.node] == ["If"]  # every weight is read inside the branches
+        assert [t.name for t in onnx_import.read(model_file).tensors] == [t.name for t in onnx_import.read(exported).tensors]
     ckpt = onnx_import.read(exported)
     reference = _canonical(hf)
     _assert_same_weights(ckpt, reference)
