@@ -18,8 +18,10 @@ signed index against the ones asked for (mix-and-match), ``expires`` (freeze), t
 against the highest this client has seen for that registry and NAME:RELEASE (rollback; remembered in a
 state file), the manifest digest and its name/release/target, every file path (no ``..``, absolute
 paths, backslashes or duplicates) and every blob's sha256 and size. Blobs land in a content-addressed
-cache; the output directory is assembled beside its destination (hard links into the cache, or copies)
-and renamed into place only when everything verified.
+cache, downloaded in ranges that an interrupted pull keeps (``cache/tmp/<hex>.partial`` and its range
+ledger), so running the same pull again reads only what is missing; a blob enters the cache only once
+its digest matched. The output directory is assembled beside its destination (hard links into the
+cache, or copies) and renamed into place only when everything verified.
 
 Publishing order is blobs -> manifest -> index -> tag, so a reader never sees a reference to something
 missing; concurrent pushes of different targets of one release merge through compare-and-swap.
@@ -829,6 +831,8 @@ def pull(
     Nothing appears at ``out_dir`` unless every check passed; an existing non-empty ``out_dir`` holding
     something else is replaced only with ``overwrite=True``. ``cache_dir`` defaults to
     ``$SLMPKG_HOME/cache``; ``state`` (the rollback memory) to ``$SLMPKG_HOME/trust.json``.
+    If the pull fails half-way (server gone, Ctrl-C), the ranges it fetched stay in the cache and the
+    same pull run again fetches only the rest (``PullResult.resumed_bytes``).
     """
     name, ref_part = parse_ref(ref)
     candidates = [target] if isinstance(target, str) else list(target)

@@ -202,6 +202,18 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}/{key}: not found") from None
 
+    def read_range_into(self, key: str, start: int, buf: memoryview) -> None:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                got = 0
+                while got < len(buf):
+                    n = os.preadv(f.fileno(), [buf[got:]], start + got)
+                    if not n:
+                        raise IntegrityError(f"{self.url}/{key}: ends at {start + got}, expected {start + len(buf)} bytes")
+                    got += n
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"{self.url}/{key}: not found") from None
+
     def put_file(self, key, path, *, sha256=None, if_absent=True, progress: Progress | None = None) -> bool:
         check_key(key)
         if if_absent and self.exists(key):
