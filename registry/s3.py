@@ -91,8 +91,8 @@ class S3Store(Store):
                 raise StoreError("s3:// registries need boto3: pip install boto3") from None
             endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
             if max_attempts is None:
-                # boto3's own default for standard mode, and what AWS_MAX_ATTEMPTS overrides; the
-                # legacy mode's 5 attempts with long sleeps made a dead endpoint hang a pull.
+                # boto3's default for standard mode, overridable with AWS_MAX_ATTEMPTS as in the AWS
+                # CLI: a dead endpoint fails within ~3 s of backoff (5 retries could sleep ~30 s).
                 try:
                     max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
                 except ValueError:
