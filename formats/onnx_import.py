@@ -12,8 +12,17 @@ Three layouts of the same decoder are understood, told apart by what the graph h
 * **optimum (torch.onnx) exports**: linear weights are anonymous initializers (``onnx::MatMul_123``,
   W transposed), identified through the consuming node's scope (``/model/layers.0/self_attn/q_proj/MatMul``);
   norms keep their Hugging Face names and values (Gemma's ``w`` without the 1); rotary is plain HF math.
-* ``MatMulNBits`` linears (any of the above, quantized) become GGUF blocks through
-  :mod:`slmpkg.formats.onnx_nbits`.
+  Nodes inside subgraphs count too (the merged decoder runs everything in ``If`` branches), and the
+  Hugging Face layout with the .onnx files in ``onnx/`` and config.json/tokenizer one level up is read.
+* ``MatMulNBits`` linears (any of the above, quantized) become ggml blocks through
+  :mod:`slmpkg.formats.onnx_nbits`: symmetric → Q4_0, zero points → Q4_1, 8 bits → Q8_0 (exact up to the
+  fp16 rounding of scales and minimums; larger blocks repeat their scale). What 32-value ggml blocks
+  cannot hold (16-value blocks, slmpkg's separate min term) becomes F32 with exactly the values
+  onnxruntime computes with, never rounded a second time.
+
+Families: Llama/Mistral, Qwen2, Qwen3 and Gemma (others give a FormatError naming the family). An
+``lm_head`` equal to the embedding (the builder's shared initializer, or slmpkg's copy) is tied: one
+matrix in GGUF, ``tie_word_embeddings`` in config.json.
 
 Metadata comes from ``config.json`` when it is beside the model (optimum writes it), else from
 ``genai_config.json`` and the graph itself (head counts and rotary flag from ``GroupQueryAttention``,
@@ -105,6 +114,22 @@ class _Stored:
         if self.file is not None:
             return read_range(self.file, self.offset + offset, nbytes)
         return self.bytes()[offset : offset + nbytes]
+
+    def columns(self, start: int, nbytes: int) -> np.ndarray:
+        """Bytes ``start:start+nbytes`` of every row of a 2-D tensor, [rows, nbytes] uint8, with one open
+        file and one read per row (a transposed slab without reading the rest)."""
+        rows, cols = self.shape
+        stride = cols * self.dtype.itemsize
+        out = np.empty((rows, nbytes), np.uint8)
+        if self.file is None:
+            out[:] = self.bytes().reshape(rows, stride)[:, start : start + nbytes]
+            return out
+        with open(self.file, "rb", buffering=0) as f:
+            for r in range(rows):
+                f.seek(self.offset + r * stride + start)
+                if f.readinto(memoryview(out[r])) != nbytes:
+                    raise FormatError(f"{self.file}: truncated: tensor {self.name} ends past the end of the file")
+        return out
 
     def bytes(self) -> np.ndarray:
         if self.file is not None:
@@ -207,13 +232,42 @@ def _cached_reads(raw: Callable[[], np.ndarray]) -> Callable[[int, int], np.ndar
     return read
 
 
-def _reshaped(name: str, src: _Stored, shape: tuple[int, ...], fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
-    """A tensor computed from ``src``'s elements by ``fn`` (a transpose: an exact move of each element)."""
+# stored rows read at a time while transposing a whole tensor
+_CHUNK_BYTES = 8 << 20
+
+
+def _transposed(name: str, src: _Stored) -> LazyTensor:
+    """``src`` [rows, cols] as [cols, rows] (a MatMul weight [in, out] as [out, in]); elements are moved
+    as same-size integers, so any float type stays bit-exact.
+
+    The whole tensor is built from stored row chunks (the result and one chunk in memory, not two
+    copies). A ranged read (a converter's slab, a fused projection's part, a probe) is a range of
+    output rows, i.e. of stored columns: it reads just those bytes of each stored row, so memory stays
+    at the slab and the file is read once over all slabs.
+    """
+    rows, cols = src.shape
+    item = src.dtype.itemsize
 
     def raw() -> np.ndarray:
-        return np.ascontiguousarray(fn(src.array())).reshape(-1).view(np.uint8)
+        out = np.empty((cols, rows), src.dtype)
+        step = max(1, _CHUNK_BYTES // max(cols * item, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            out[:, r0:r1] = src.read(r0 * cols * item, (r1 - r0) * cols * item).view(src.dtype).reshape(r1 - r0, cols).T
+        return out.reshape(-1).view(np.uint8)
 
-    return LazyTensor(name, shape, src.qtype, raw, read=_cached_reads(raw))  # type: ignore[arg-type]
+    row_bytes = rows * item  # one output row
+
+    def read(offset: int, nbytes: int) -> np.ndarray:
+        if nbytes <= 0:
+            return np.empty(0, np.uint8)
+        first, last = offset // row_bytes, (offset + nbytes - 1) // row_bytes + 1
+        stored = src.columns(first * item, (last - first) * item).view(src.dtype)  # [rows, last - first]
+        gathered = np.ascontiguousarray(stored.T).reshape(-1).view(np.uint8)
+        start = offset - first * row_bytes
+        return gathered[start : start + nbytes]
+
+    return LazyTensor(name, (cols, rows), src.qtype, raw, read=read)  # type: ignore[arg-type]
 
 
 def _row_bytes(t: LazyTensor) -> int:
@@ -338,7 +392,7 @@ def _float_weight(g: _Graph, node: Any, init: _Stored, via_transpose: bool) -> L
     if not transposed:
         return _plain(init.name, init)
     rows, cols = init.shape
-    return _reshaped(init.name, init, (cols, rows), lambda a: a.T)
+    return _transposed(init.name, init)
 
 
 def _nbits_weight(g: _Graph, node: Any, min_term: Optional[_Stored] = None) -> LazyTensor:
@@ -747,7 +801,7 @@ def _embedding(g: _Graph) -> tuple[Optional[LazyTensor], Optional[_Stored]]:
             raise FormatError(f"{g.where(node)}: the embedding is not a 2-D float initializer")
         if via:
             rows, cols = init.shape
-            return _reshaped("token_embd.weight", init, (cols, rows), lambda a: a.T), init
+            return _transposed("token_embd.weight", init), init
         return _plain("token_embd.weight", init), init
     raise FormatError(f"{g.file}: no embedding Gather over input_ids (not a decoder language model?)")
 
@@ -915,19 +969,17 @@ def read(path: PathLike) -> Checkpoint:
 
 
 def _same_values(a: LazyTensor, b: LazyTensor, rows: int = 4096) -> bool:
-    """Whether two float tensors hold the same bytes; most untied pairs differ in the first rows read.
-
-    ``b`` is read whole once it must be (a transposed weight is computed whole anyway) and ``a`` in
-    row ranges, so this holds one tensor and a slab.
-    """
+    """Whether two float tensors hold the same bytes. Their first rows decide for almost every untied
+    pair (a cheap ranged read); only a tied-looking pair is compared whole, ``b`` computed once and
+    ``a`` read in row ranges beside it, so this holds one tensor and a slab."""
     if a.shape != b.shape or a.qtype is not b.qtype or a.qtype not in (QuantType.F32, QuantType.F16, QuantType.BF16):
         return False
     row = _row_bytes(a)
-    first = min(rows, a.shape[0]) * row
-    if not np.array_equal(a.byte_range(0, first), b.byte_range(0, first)):
+    probe = min(4, a.shape[0]) * row
+    if not np.array_equal(a.byte_range(0, probe), b.byte_range(0, probe)):
         return False
     whole = np.asarray(b.raw()).reshape(-1).view(np.uint8)
-    for start in range(first, a.nbytes, rows * row):
+    for start in range(0, a.nbytes, rows * row):
         stop = min(start + rows * row, a.nbytes)
         if not np.array_equal(a.byte_range(start, stop - start), whole[start:stop]):
             return False

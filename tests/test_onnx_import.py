@@ -1,13 +1,15 @@
 """ONNX → safetensors / GGUF (``slmpkg convert model_dir --to safetensors|gguf``), proved by the peers.
 
-Tiny random models (tests/test_convert.py's builders) are exported three ways: by slmpkg's own ONNX
-writer, by onnxruntime-genai's model builder (the real one, when installed: fused ``qkv_proj``, tied
-embeddings through ``Transpose``), and as an optimum-style graph built here (anonymous ``onnx::MatMul_N``
-weights named only by their node's scope, HF norm names, ``Add`` biases). Each import must give back
-every source weight bit for bit; transformers loads the safetensors result and computes the source's
-logits; llama.cpp loads the GGUF result; ONNX → GGUF → ONNX keeps every initializer. Bad input (external
-data outside the directory, missing, short; a file that is not ONNX) fails with one line, exit 1 and
-nothing at the output.
+Tiny random models (tests/test_convert.py's builders) are exported several ways: by slmpkg's own ONNX
+writer (f32, f16, and int4 carrying a Q4_K_M GGUF's blocks), by onnxruntime-genai's model builder (the
+real one, when installed: fused ``qkv_proj``, tied embeddings through ``Transpose``, int4 MatMulNBits),
+and as optimum-style graphs built here (anonymous ``onnx::MatMul_N`` weights named only by their node's
+scope, HF norm names, ``Add`` biases; also as a merged decoder inside ``If`` branches). Each import must
+give back every source weight bit for bit (int4: the weights onnxruntime computes with, up to the fp16
+rounding of scales); transformers loads the safetensors result and computes the source's logits;
+llama.cpp runs the GGUF result; ONNX → GGUF → ONNX keeps every initializer. Bad input (external data
+outside the directory, missing, short; a file that is not ONNX) fails with one line, exit 1 and nothing
+at the output.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _assert_same_weights(ckpt, reference) -> None:
     ref = {t.name: t for t in reference.tensors}
     assert set(ours) == set(ref), (set(ref) - set(ours), set(ours) - set(ref))
     for name, t in ref.items():
-        assert ours[name].shape == t.shape, name
+        assert ours[name].shape == t.shape and ours[name].qtype == t.qtype, name
         assert np.array_equal(ours[name].float32(), t.float32()), name
 
 
@@ -100,6 +102,11 @@ def test_slmpkg_onnx_imports_to_the_source_weights_and_metadata(source):
     reference = _canonical(hf)
     _assert_same_weights(ckpt, reference)
     _assert_same_model_metadata(ckpt, reference)
+    # ranged reads (a few rows gathered from the stored [in, out] columns, or slabs) match the whole tensor
+    q = next(t for t in ckpt.tensors if t.name == "blk.0.attn_q.weight")
+    whole, row = q.raw(), q.nbytes // q.shape[0]
+    for offset, nbytes in ((0, row), (3 * row + 8, 2 * row), (row, 100 * row), (q.nbytes - row - 4, row + 4)):
+        assert np.array_equal(q.byte_range(offset, nbytes), whole[offset : offset + nbytes]), (offset, nbytes)
     # a .onnx file path reads the same as its directory
     again = onnx_import.read(onnx_dir / "model.onnx")
     assert [t.name for t in again.tensors] == [t.name for t in ckpt.tensors]
