@@ -314,15 +314,19 @@ class Cli:
         out.seek(0), err.seek(0)
         return rc, out.read().decode(), err.read().decode()
 
-    def interrupt(self, *args, method: str, after: int):
-        """Run the command until its ``after``-th ``method`` call, kill the server there, let the command
-        go on against the dead server; return its exit code, stdout and stderr."""
+    def interrupt(self, *args, method: str, after: int, ctrl_c: bool = False):
+        """Run the command until its ``after``-th ``method`` call, then kill the server there (or, with
+        ``ctrl_c``, send the command SIGINT as a terminal's Ctrl-C does) and let the command go on;
+        return its exit code, stdout and stderr."""
         proc, out, err = self.start(*args, pause=(method, after))
         _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child stopped itself
         if not os.WIFSTOPPED(status):
             err.seek(0)
             pytest.fail(f"the command ended before the pause point: {err.read().decode()}")
-        self.sw.kill()
+        if ctrl_c:
+            os.kill(proc.pid, signal.SIGINT)  # pending until the child runs again
+        else:
+            self.sw.kill()
         os.kill(proc.pid, signal.SIGCONT)
         rc = proc.wait()
         out.seek(0), err.seek(0)
@@ -392,4 +396,23 @@ def test_server_killed_mid_pull(killable, tmp_path):
     got = json.loads(out)
     assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] + got["resumed_bytes"] + got["cached_bytes"] == total
     assert got["downloaded_bytes"] < total - (5 << 20)
+    assert same_tree(art, out_dir)
+
+
+def test_ctrl_c_mid_pull(sw, tmp_path):
+    cli = Cli(sw, tmp_path)
+    art = make_artifact(tmp_path / "art", seed=4, size=(5 << 20) * 4)
+    (art / "model.gguf").rename(art / "model.bin")
+    push(cli.store(), "tiny:1.0", art, "cpu-x86_64", signing.KeySigner(cli.priv))
+    out_dir = tmp_path / "out"
+    args = ("pull", "tiny:1.0", "--target", "cpu-x86_64", "-o", out_dir, "--pub", cli.pub, "--json")
+
+    rc, out, err = cli.interrupt(*args, method="read_range_into", after=1, ctrl_c=True)
+    assert (rc, out, err) == (130, "", "slmpkg: error: interrupted\n")
+    assert not out_dir.exists() and not list(tmp_path.glob(".out.*"))
+
+    rc, out, err = cli.run(*args)
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] < 15 << 20
     assert same_tree(art, out_dir)
