@@ -740,8 +740,11 @@ def _fetch_blob(
             resumed = 0
         os.chmod(partial, 0o444)  # hard-linked into outputs: make in-place edits fail loudly
         os.replace(partial, path)
-        with contextlib.suppress(FileNotFoundError):
-            ledger.unlink()
+        # The lock file goes too: whoever still waits on it, or opens a new one, finds the blob
+        # cached once it holds its lock, so no two fetches of this blob can overlap.
+        for p in (ledger, tmpdir / f"{hexd}.lock"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
     return _Fetched(path, fetched, resumed, False)
 
 

@@ -228,7 +228,7 @@ def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
     total = size + (art / "tokenizer.json").stat().st_size  # (the small blob came before the interruption)
     assert got.downloaded_bytes + got.resumed_bytes + got.cached_bytes == total
     assert got.resumed_bytes == kept_bytes > 0 and got.cached_bytes == total - size
-    assert not list((tmp_path / "cache" / "tmp").glob("*.partial*"))
+    assert not list((tmp_path / "cache" / "tmp").iterdir())  # no partial, ledger or lock left behind
 
 
 def test_resumed_partial_that_went_bad_is_refetched(store, keys, tmp_path):
