@@ -1010,6 +1010,7 @@ class GcResult:
     freed_bytes: int
     kept_young: tuple[str, ...]  # unreferenced, but inside the grace period
     referenced: int
+    incomplete_cleaned: int = 0  # leftovers of interrupted writes (e.g. S3 multipart uploads) removed
 
 
 def gc(store: Store, *, grace: dt.timedelta = DEFAULT_GRACE, dry_run: bool = False, now: float | None = None) -> GcResult:
@@ -1055,4 +1056,6 @@ def gc(store: Store, *, grace: dt.timedelta = DEFAULT_GRACE, dry_run: bool = Fal
             store.delete(k)
         deleted.append(k)
         freed += size
-    return GcResult(tuple(deleted), freed, tuple(young), len(live))
+    # A push killed mid-upload leaves parts behind; one older than the grace period is abandoned.
+    incomplete = store.clean_incomplete(grace.total_seconds(), dry_run=dry_run)
+    return GcResult(tuple(deleted), freed, tuple(young), len(live), incomplete)

@@ -254,13 +254,17 @@ class LocalStore(Store):
                     progress(len(chunk))
         return done
 
-    def clean_tmp(self, older_than: float = 24 * 3600) -> int:
+    def clean_tmp(self, older_than: float = 24 * 3600, *, dry_run: bool = False) -> int:
         """Remove temporary files an interrupted writer left under ``.tmp``; return how many."""
         n, now = 0, time.time()
         for p in (self.root / ".tmp").iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if now - p.stat().st_mtime > older_than:
-                    p.unlink()
+                    if not dry_run:
+                        p.unlink()
                     n += 1
         return n
+
+    def clean_incomplete(self, older_than: float, *, dry_run: bool = False) -> int:
+        return self.clean_tmp(older_than, dry_run=dry_run)
 

@@ -367,6 +367,26 @@ class S3Store(Store):
                 pass
             raise
 
+    def clean_incomplete(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Abort multipart uploads under this store's prefix started more than ``older_than`` seconds
+        ago: a push killed mid-blob leaves its parts stored (invisible, but billed) until then."""
+        import time
+
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        now, n = time.time(), 0
+        kw: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            r = self._call("list_multipart_uploads", None, **kw)
+            for u in r.get("Uploads", []):
+                if now - u["Initiated"].timestamp() >= older_than:
+                    if not dry_run:
+                        self._call("abort_multipart_upload", u["Key"][len(prefix):] or None, Key=u["Key"],
+                                   UploadId=u["UploadId"])
+                    n += 1
+            if not r.get("IsTruncated"):
+                return n
+            kw.update(KeyMarker=r.get("NextKeyMarker"), UploadIdMarker=r.get("NextUploadIdMarker"))
+
     def download(self, key: str, f: BinaryIO, *, size: int | None = None, progress: Progress | None = None) -> int:
         """Ranged parallel GETs of ``part_size``, delivered to ``f`` in order (so a hashing writer sees
         the bytes in sequence); at most ``max_workers + 1`` ranges are in memory at once. Pulls use

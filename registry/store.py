@@ -183,6 +183,12 @@ class Store(abc.ABC):
         """Upload a local file to ``key`` (create-only when ``if_absent``), checking ``sha256`` on the
         way when the backend can; True when the key was created."""
 
+    def clean_incomplete(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Remove what interrupted writes left behind (temporary files, incomplete multipart uploads)
+        and that is older than ``older_than`` seconds; return how many (counted only, with
+        ``dry_run``). A store whose writes leave nothing behind keeps this default."""
+        return 0
+
     def open_blob_writer(self, key: str, sha256: str | None = None) -> BlobWriter:
         """A :class:`BlobWriter` that creates ``key`` (if absent) from the bytes written to it."""
         return BlobWriter(self, key, sha256)

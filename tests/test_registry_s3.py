@@ -4,6 +4,7 @@ restarted in the middle of a push and of a pull (the real ``slmpkg`` command in 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import uuid
 import pytest
 
 from slmpkg import signing
-from slmpkg.registry import AuthError, ConflictError, IntegrityError, NotFoundError, ls, open_store, pull, push
+from slmpkg.registry import AuthError, ConflictError, IntegrityError, NotFoundError, gc, ls, open_store, pull, push
 from slmpkg.registry import core
 
 seaweed = pytest.importorskip("seaweed")
@@ -362,6 +363,13 @@ def test_server_killed_mid_push(killable, tmp_path):
              state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()
     assert not store.exists(core.blob_key("sha256:" + core._hash_file(big / "model.bin")))  # no half blob
+    # Its parts wait in an incomplete multipart upload, which gc aborts once past the grace period.
+    def uploads():
+        return store.client.list_multipart_uploads(Bucket="models", Prefix=store.prefix + "/").get("Uploads", [])
+
+    assert len(uploads()) == 1
+    assert gc(store, grace=dt.timedelta(hours=1)).incomplete_cleaned == 0 and len(uploads()) == 1
+    assert gc(store, grace=dt.timedelta(0)).incomplete_cleaned == 1 and uploads() == []
 
     # The same command again completes, and a pull verifies.
     rc, out, err = cli.run(*args)
