@@ -328,6 +328,28 @@ def test_genai_int4_graph_imports_as_ggml_blocks_of_the_weights_onnxruntime_comp
     assert run("convert", built, "-o", gguf, "-q").exit_code == 0
     types = {t.name: t.qtype.name for t in gguf_format.read(gguf).tensors}
     assert {v for k, v in types.items() if k.endswith(("attn_q.weight", "ffn_down.weight"))} == {qtype}
+    # ... and back to ONNX (blocks carried into MatMulNBits): onnxruntime computes with the same weights
+    again = tmp_path / "onnx-again"
+    result = run("convert", gguf, "-o", again, "--to", "onnx", "-q")
+    assert result.exit_code == 0, result.output
+    graph_again = onnx.load(str(again / "model.onnx")).graph
+    carried = [n for n in graph_again.node if n.op_type == "MatMulNBits"]
+    assert len(carried) >= len(nodes)
+    for node in carried:
+        w = _nbits_weight(graph_again, node)
+        parts = node.name.split("/")  # /model/layers.0/attn/q_proj/MatMulNBits, /lm_head/MatMulNBits
+        if parts[1] == "lm_head":
+            name = "lm_head.weight"
+        else:
+            layer, proj = int(parts[2].split(".")[1]), parts[4]
+            name = f"model.layers.{layer}." + ("self_attn." if parts[3] == "attn" else "mlp.") + f"{proj}.weight"
+            if proj in ("q_proj", "k_proj") and config["model_type"] == "llama":  # slmpkg keeps llama.cpp's row order
+                w = architectures.unpermute_qk(w, config["num_attention_heads" if proj == "q_proj" else "num_key_value_heads"])
+        ref_w = state[name].numpy()
+        if qtype == "Q4_0":  # Q4_0 maps onto MatMulNBits exactly
+            assert np.array_equal(w, ref_w), name
+        else:  # Q4_1's minimum becomes a float zero point: float32 rounding of the block's terms
+            assert np.abs(w - ref_w).max() <= 2 * np.spacing(np.abs(ref_w).max()), name
     llama_cpp = pytest.importorskip("llama_cpp")
     from test_convert import _llama_logits
 
