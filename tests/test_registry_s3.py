@@ -35,6 +35,7 @@ def sw(tmp_path_factory):
     with seaweed.SeaweedFS(tmp_path_factory.mktemp("seaweed")) as server:
         server.client().create_bucket(Bucket="models")
         yield server
+        server.kill()  # test data: no need to wait for a clean shutdown
 
 
 @pytest.fixture(scope="module")
