@@ -246,9 +246,9 @@ def fetch_resumable(
     """Download ``key`` (``size`` bytes) into the local file ``partial`` and return its sha256.
 
     The blob is read in ranges of ``store.range_size``, ``store.range_concurrency`` at a time, each
-    straight into its place in ``partial`` (the file is memory-mapped: the bytes go from the socket
-    to the page cache once, with no buffers in between) and then recorded in a ledger beside the
-    file (``<partial>.ranges``). If an earlier call was interrupted (server gone, process killed,
+    straight into its place in ``partial`` (the file is memory-mapped, so a range goes from the HTTP
+    client into the page cache with no buffer of ours in between, and is hashed from there) and then
+    recorded in a ledger beside the file (``<partial>.ranges``). If an earlier call was interrupted (server gone, process killed,
     Ctrl-C), the ranges it recorded are kept and only the missing ones are read. Meanwhile the
     calling thread hashes the file in order, each range as soon as it has landed, so the digest is
     ready when the last range is. The caller checks it, renames ``partial`` into place and removes
