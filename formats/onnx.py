@@ -375,7 +375,7 @@ class _Builder:
 
     def pack(self, name: str) -> "Optional[NBitsWeight]":
         """The MatMulNBits form of a stored weight, or None for a float MatMul (see LinearWeights)."""
-        from .onnx_nbits import LINEAR_TYPES, REQUANTIZED, Carry, from_float, from_gguf
+        from .onnx_nbits import LINEAR_TYPES, REQUANTIZED, Carry, from_gguf, quantize_float
 
         t = self.tensors.get(name)
         if t is None:
@@ -390,9 +390,8 @@ class _Builder:
             elif bits is None:
                 bits = 4  # IQ types have no linear form: re-quantized (the report says so) rather than inflated
         if bits is not None:
-            w = t.float32()
-            packed = from_float(w, bits, opts.block_size, opts.symmetric, scale_dtype=scale_dtype)
-            carry = Carry(t.name, t.qtype.name, REQUANTIZED, float(np.abs(packed.dequantize() - w).max()))
+            packed, error = quantize_float(t.float32(), bits, opts.block_size, opts.symmetric, scale_dtype)
+            carry = Carry(t.name, t.qtype.name, REQUANTIZED, error)
         elif not (quantized and opts.carry_quantized):
             return None
         if self.on_tensor is not None:

@@ -294,14 +294,14 @@ def from_float(
         >>> q.zero_points.shape, float(np.abs(q.dequantize() - w).max()) < 0.01
         ((1, 1), True)
     """
-    return _quantize_float(w, bits, block_size, symmetric, scale_dtype)[0]
+    return quantize_float(w, bits, block_size, symmetric, scale_dtype)[0]
 
 
-def _quantize_float(
+def quantize_float(
     w: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype: Any
 ) -> tuple[NBitsWeight, float]:
     """:func:`from_float` and the largest ``|dequantize() - w|``, measured on the way (the levels,
-    zero points and scales are all at hand in each slab)."""
+    zero points and scales are all at hand in each slab; dequantizing afterwards costs as much again)."""
     if bits not in BITS:
         raise UsageError(f"MatMulNBits: bits must be one of {BITS}; got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -315,8 +315,8 @@ def _quantize_float(
         x = np.pad(x, ((0, 0), (0, kb * block_size - k)))
     xb = x.reshape(n, kb, block_size)
     top = F32((1 << bits) - 1)
-    hi = np.fmax.reduce(xb, axis=2)
-    lo = np.fmin.reduce(xb, axis=2)
+    hi = xb.max(axis=2)  # maximum.reduce: SIMD, twice fmax's speed (weights are finite)
+    lo = xb.min(axis=2)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if symmetric:
             # the larger magnitude maps to level 0 (-2**(bits-1)); a tie picks the minimum, as MLAS
@@ -562,7 +562,7 @@ def from_gguf(
     n, k = (int(s) for s in tensor.shape)
     qtype = tensor.qtype
     if qtype not in LINEAR_TYPES:
-        w, error = _quantize_float(tensor.float32(), fallback_bits, fallback_block_size, True, scale_dtype)
+        w, error = quantize_float(tensor.float32(), fallback_bits, fallback_block_size, True, scale_dtype)
         return w, Carry(tensor.name, qtype.name, REQUANTIZED, error)
 
     raw = np.ascontiguousarray(tensor.raw()).view(np.uint8).reshape(-1)
