@@ -212,7 +212,7 @@ def _plain(name: str, src: _Stored) -> LazyTensor:
 
 
 def _cached_reads(raw: Callable[[], np.ndarray]) -> Callable[[int, int], np.ndarray]:
-    """Ranged reads of a tensor that must be computed whole (transposed, converted from MatMulNBits).
+    """Ranged reads of a tensor that must be computed whole (converted from MatMulNBits blocks).
 
     Writers and conversions read a tensor front to back, possibly in slabs or as a fused projection's
     parts; the computed bytes are kept between those reads and dropped when the last byte has been
@@ -229,6 +229,7 @@ def _cached_reads(raw: Callable[[], np.ndarray]) -> Callable[[int, int], np.ndar
             cache.clear()
         return piece
 
+    read.release = cache.clear  # type: ignore[attr-defined]  # for a reader that stops early (a probe)
     return read
 
 
@@ -976,7 +977,10 @@ def _same_values(a: LazyTensor, b: LazyTensor, rows: int = 4096) -> bool:
         return False
     row = _row_bytes(a)
     probe = min(4, a.shape[0]) * row
-    if not np.array_equal(a.byte_range(0, probe), b.byte_range(0, probe)):
+    same = np.array_equal(a.byte_range(0, probe), b.byte_range(0, probe))
+    for t in (a, b):  # a tensor computed whole keeps its bytes for the next read; there is none now
+        getattr(t.read, "release", lambda: None)()
+    if not same:
         return False
     whole = np.asarray(b.raw()).reshape(-1).view(np.uint8)
     for start in range(0, a.nbytes, rows * row):
