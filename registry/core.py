@@ -56,7 +56,16 @@ from typing import Any
 
 from slmpkg import __version__
 from slmpkg.errors import SignatureError
-from slmpkg.signing import PAYLOAD_TYPE, KeySigner, KeyVerifier, Signer, Verifier, hash_artifact
+from slmpkg.signing import (
+    DEFAULT_SIGNATURE_NAME,
+    PAYLOAD_TYPE,
+    KeySigner,
+    KeyVerifier,
+    Signer,
+    Verifier,
+    hash_artifact,
+    stale_signature,
+)
 
 from .errors import (
     ConflictError,
@@ -392,6 +401,12 @@ def build_manifest(
     root = Path(artifact)
     try:
         hashed = hash_artifact(root, ignore_git_paths=True, progress=progress)
+        if root.is_dir() and (root / DEFAULT_SIGNATURE_NAME).is_file():
+            # a signature that travels with the artifact must still describe it, or every device
+            # that checks it (model_signing verify) would refuse what this push publishes
+            stale = stale_signature(root, hashed)
+            if stale is not None:
+                raise RegistryError(f"{stale}; re-run `slmpkg sign` before pushing")
     except SignatureError as e:
         raise RegistryError(str(e)) from None
     single = root.is_file()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import click
 
 from . import __version__
+from ._progress import ProgressBar
 from .errors import SlmpkgError, UsageError
 
 EXIT_ERROR = 1
@@ -182,6 +183,8 @@ def quantize_command(
 @click.option("--exact-mins", is_flag=True,
               help="ONNX from Q4_1/Q4_K/Q2_K: carry minimums as an exact separate term instead of float zero points (within 1 ulp).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
+@click.option("--allow-requantize", is_flag=True,
+              help="GGUF output from a quantized source (an int4 ONNX): allow re-quantizing its blocks to another type.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--split-max-size", metavar="SIZE", help="Split GGUF output into NAME-0000i-of-0000N.gguf files of at most SIZE (e.g. 2G).")
@@ -191,7 +194,8 @@ def quantize_command(
 @handle_errors
 def convert_command(
     src: Path, dst: Path, to: Optional[str], preset: Optional[str], block_size: Optional[int],
-    accuracy_level: Optional[int], asymmetric: bool, exact_mins: bool, imatrix: Optional[Path], dtype: Optional[str],
+    accuracy_level: Optional[int], asymmetric: bool, exact_mins: bool, imatrix: Optional[Path],
+    allow_requantize: bool, dtype: Optional[str],
     max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
@@ -208,7 +212,14 @@ def convert_command(
 
         linear_weights = LinearWeights(block_size=block_size or 32, accuracy_level=accuracy_level or 0,
                                        symmetric=not asymmetric, separate_min=exact_mins)
-    result = convert(src, dst, to=to, quant=preset, imatrix=imatrix, dtype=dtype,
+    quant: Any = preset
+    if allow_requantize:
+        if preset is None:
+            raise UsageError("--allow-requantize needs --quant PRESET")
+        from .presets import QuantOptions
+
+        quant = QuantOptions(preset, allow_requantize=True)
+    result = convert(src, dst, to=to, quant=quant, imatrix=imatrix, dtype=dtype,
                      max_shard_size=parse_size(max_shard_size),
                      split_max_size=parse_size(split_max_size) if split_max_size else None,
                      threads=threads, progress=False if quiet else None, linear_weights=linear_weights)
@@ -327,10 +338,11 @@ def _store(registry: Optional[str], endpoint_url: Optional[str]):
 @click.option("--force", is_flag=True, help="Replace this target's artifact if the version already has a different one.")
 @_registry_option
 @_endpoint_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
 def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[str, ...], force: bool,
-                 registry: Optional[str], endpoint_url: Optional[str], as_json: bool) -> None:
+                 registry: Optional[str], endpoint_url: Optional[str], quiet: bool, as_json: bool) -> None:
     """Publish a file or directory as NAME:VERSION for one hardware target, signed."""
     from .registry import push
     from .signing import KeySigner
@@ -338,8 +350,10 @@ def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[s
 
     get_target(target)
     quant, bpw = _artifact_quant(artifact)
-    result = push(_store(registry, endpoint_url), ref, artifact, target, KeySigner(key),
-                  quant=quant, bits_per_weight=bpw, tags=tags, force=force)
+    files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
+    with ProgressBar(sum(p.stat().st_size for p in files), "push", enabled=False if quiet or as_json else None) as bar:
+        result = push(_store(registry, endpoint_url), ref, artifact, target, KeySigner(key),
+                      quant=quant, bits_per_weight=bpw, tags=tags, force=force, progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
     else:
@@ -370,10 +384,11 @@ def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_registry_option
 @_endpoint_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
 def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Optional[str], overwrite: bool,
-                 registry: Optional[str], endpoint_url: Optional[str], as_json: bool) -> None:
+                 registry: Optional[str], endpoint_url: Optional[str], quiet: bool, as_json: bool) -> None:
     """Fetch the artifact made for this host (or --target), verify every signature and digest, install it."""
     from .registry import pull
     from .signing import KeyVerifier
@@ -385,12 +400,14 @@ def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Option
         target = _auto_target(store, ref, verifier, max_memory)
     else:
         get_target(target)
-    result = pull(store, ref, target, out, verifier, overwrite=overwrite)
+    with ProgressBar(None, "pull", enabled=False if quiet or as_json else None) as bar:
+        result = pull(store, ref, target, out, verifier, overwrite=overwrite, progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
     else:
         click.echo(f"{result.name}:{result.release} [{result.target}] → {result.out_dir} "
-                   f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.cached_bytes / 1e6:.1f} MB from cache)")
+                   f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.resumed_bytes / 1e6:.1f} MB resumed, "
+                   f"{result.cached_bytes / 1e6:.1f} MB from cache)")
 
 
 def _auto_target(store, ref: str, verifier, max_memory: Optional[str]) -> str:

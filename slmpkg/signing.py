@@ -761,6 +761,36 @@ def _diff(root: Path, signed: Manifest, actual: Manifest, sig_path: Path) -> str
     return f"{root}: does not match signature {sig_path}: {shown}"
 
 
+def stale_signature(path: PathLike, actual: Manifest, signature_path: PathLike | None = None) -> str | None:
+    """What no longer matches between ``path``'s signature and ``actual`` (its files as hashed now),
+    or None when the signature still describes them.
+
+    The signature is read without checking who signed it: this answers "was the artifact changed
+    after signing?" before it is published, not "can it be trusted?" (that is :func:`verify`).
+    Files the signature ignores and the signature file itself are left out of ``actual``.
+
+    Example:
+        >>> stale_signature("out/tiny", hash_artifact("out/tiny"))             # doctest: +SKIP
+        'out/tiny: does not match signature out/tiny/model.sig: model.gguf: digest mismatch (...)'
+    """
+    root = Path(path)
+    sig_path = Path(signature_path) if signature_path is not None else default_signature_path(root)
+    bundle = _read_bundle(sig_path)
+
+    def bad(what: str) -> SignatureError:
+        return SignatureError(f"{sig_path}: malformed signature bundle: {what}")
+
+    env = bundle.get("dsseEnvelope")
+    if not isinstance(env, dict):
+        raise bad("dsseEnvelope is missing")
+    signed = Manifest.from_payload(_b64(env.get("payload"), "dsseEnvelope.payload", bad), str(sig_path))
+    skip = set(signed.ignore_paths)
+    if sig_path.parent.resolve() == root.resolve():
+        skip.add(sig_path.name)
+    current = Manifest(actual.model_name, tuple(r for r in actual.resources if not _is_ignored(r.name, skip)))
+    return _diff(root, signed, current, sig_path)
+
+
 def verify(
     path: PathLike,
     public_key: PathLike | Verifier,

@@ -188,3 +188,22 @@ def test_pull_auto_picks_the_best_target_that_fits_the_memory_budget(tmp_path, m
     none = run("pull", "m:1", "-o", tmp_path / "c", "--pub", f"{key}.pub.pem", "--max-memory", "100")
     assert none.exit_code == 1 and none.output.startswith("slmpkg: error: ") and "cpu-x86_64" in none.output
     assert not (tmp_path / "c").exists()
+
+
+def test_progress_bar_counts_bytes_from_worker_threads():
+    """Pulls and pushes advance one bar from several download threads; a pull's total is unknown."""
+    import io
+    import threading
+
+    from slmpkg._progress import ProgressBar
+
+    stream = io.StringIO()
+    with ProgressBar(None, "pull", enabled=True, stream=stream) as bar:
+        workers = [threading.Thread(target=lambda: [bar.advance(1000) for _ in range(1000)]) for _ in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert bar.done == 8_000_000
+    assert stream.getvalue().rstrip().endswith("MB/s") or "8.0 MB" in stream.getvalue()
+    assert "8.0 MB" in stream.getvalue().split("\r")[-1]

@@ -316,3 +316,37 @@ def test_gc(env, keys):
     push(env.store, "tiny:1.1", env.art, "cpu", keys["signer"])
     env.pull(ref="tiny:1.1", target="cpu", out="o2")
     assert same_tree(env.art, env.tmp / "o2")
+
+
+def test_push_refuses_an_artifact_changed_after_signing(env, keys, tmp_path):
+    """A model.sig that travels with the artifact must still describe it: devices that check it with
+    model_signing would refuse what the push publishes. Another signer's key is fine (the digests are
+    what is checked); ignored paths stay ignored; nothing is published on refusal."""
+    art = make_artifact(tmp_path / "signed-art")
+    (art / "notes.txt").write_text("not signed")
+    signing.sign(art, keys["other_signer"], ignore_paths=["notes.txt"])
+    push(env.store, "m:1", art, "cpu-x86_64", keys["signer"])  # signed by another key, unchanged: accepted
+
+    (art / "model.gguf").write_bytes(b"retrained")
+    with pytest.raises(RegistryError, match=r"model.gguf: digest mismatch.*re-run `slmpkg sign`"):
+        push(env.store, "m:2", art, "cpu-x86_64", keys["signer"])
+    signing.sign(art, keys["signer"], ignore_paths=["notes.txt"])
+    (art / "extra.bin").write_bytes(b"x")
+    with pytest.raises(RegistryError, match="extra.bin: file added"):
+        push(env.store, "m:2", art, "cpu-x86_64", keys["signer"])
+    assert list(ls(env.store, "m")["versions"]) == ["1"]
+
+
+def test_pull_reports_progress_of_every_downloaded_byte(env, keys, tmp_path):
+    art = make_artifact(tmp_path / "progress-art", size=3 << 20)
+    push(env.store, "p:1", art, "cpu-x86_64", keys["signer"])
+    moved = []
+    lock = threading.Lock()
+
+    def progress(n):
+        with lock:
+            moved.append(n)
+
+    result = pull(env.store, "p:1", "cpu-x86_64", tmp_path / "out", keys["verifier"], cache_dir=tmp_path / "cache",
+                  progress=progress)
+    assert sum(moved) == result.downloaded_bytes > 3 << 20
