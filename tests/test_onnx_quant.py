@@ -215,3 +215,26 @@ def test_bad_block_options_are_refused(llama_dir, tmp_path):
         assert not (tmp_path / "x").exists()
     result = runner.invoke(main, ["convert", str(llama_dir), "-o", str(tmp_path / "x.gguf"), "--block-size", "64"])
     assert result.exit_code == 1 and "apply to --to onnx" in result.output
+
+
+def test_int4_onnx_to_another_gguf_preset_needs_allow_requantize(llama_dir, tmp_path):
+    runner = CliRunner()
+    onnx_dir = tmp_path / "onnx"
+    assert runner.invoke(main, ["convert", str(llama_dir), "-o", str(onnx_dir), "--to", "onnx", "--quant", "int4"]).exit_code == 0
+    refused = runner.invoke(main, ["convert", str(onnx_dir), "-o", str(tmp_path / "q.gguf"), "--quant", "Q4_K_M"])
+    assert refused.exit_code == 1 and "requantize" in refused.output and not (tmp_path / "q.gguf").exists()
+    done = runner.invoke(main, ["convert", str(onnx_dir), "-o", str(tmp_path / "q.gguf"), "--quant", "Q4_K_M",
+                                "--allow-requantize", "-q"])
+    assert done.exit_code == 0, done.output
+    kept = tmp_path / "kept.gguf"  # no preset: the int4 blocks come back as Q4_0, unrounded
+    assert runner.invoke(main, ["convert", str(onnx_dir), "-o", str(kept), "-q"]).exit_code == 0
+    before = {t.name: t for t in gguf_format.read(kept).tensors}
+    after = {t.name: t for t in gguf_format.read(tmp_path / "q.gguf").tensors}
+    # the linears come back as Q4_0; the embedding was never quantized (a float Gather in the graph)
+    assert {t.qtype.name for n, t in before.items() if len(t.shape) == 2 and n != "token_embd.weight"} == {"Q4_0"}
+    assert "Q4_K" in {t.qtype.name for t in after.values()}
+    for name, t in after.items():
+        if len(t.shape) == 2:  # rounded again: close to the int4 weights, not equal
+            a, b = t.float32(), before[name].float32()
+            assert np.abs(a - b).max() <= 0.1 * np.abs(b).max(), name
+    assert np.isfinite(_llama_logits(tmp_path / "q.gguf", _ids(llama_dir, PROMPT))).all()
