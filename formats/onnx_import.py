@@ -20,14 +20,22 @@ Three layouts of the same decoder are understood, told apart by what the graph h
   cannot hold (16-value blocks, slmpkg's separate min term) becomes F32 with exactly the values
   onnxruntime computes with, never rounded a second time.
 
-Families: Llama/Mistral, Qwen2, Qwen3 and Gemma (others give a FormatError naming the family). An
-``lm_head`` equal to the embedding (the builder's shared initializer, or slmpkg's copy) is tied: one
-matrix in GGUF, ``tie_word_embeddings`` in config.json.
+Families: every one slmpkg's writer exports (Llama/Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 1/2/3,
+Granite; others give a FormatError naming the family). An ``lm_head`` equal to the embedding (the
+builder's shared initializer, or slmpkg's copy) is tied: one matrix in GGUF, ``tie_word_embeddings``
+in config.json. Mixtral's ``com.microsoft.MoE`` fused SwiGLU experts (gate and up rows interleaved)
+come apart into ``ffn_gate_exps``/``ffn_up_exps``; Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` stay
+fused, as llama.cpp's phi3 graph reads them.
 
 Metadata comes from ``config.json`` when it is beside the model (optimum writes it), else from
-``genai_config.json`` and the graph itself (head counts and rotary flag from ``GroupQueryAttention``,
-epsilon from the norm nodes, rope base and context from ``cos_cache``/``sin_cache``); the tokenizer
-files beside the model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
+``genai_config.json`` and the graph itself: head counts, rotary layout, per-layer sliding windows, the
+attention scale (Gemma's query_pre_attn_scalar, Granite's multiplier) and soft-cap from
+``GroupQueryAttention``; epsilon from the norm nodes; the rope base and a linear factor from
+``cos_cache``/``sin_cache`` (Gemma 3's sliding layers' base from their own pair; Phi-3 LongRoPE's
+short/long factors and attention factor from the two pairs its ``If`` chooses between, with Phi-3's
+base 10000, which those caches cannot separate from the factors); Granite's embedding/residual/logit
+multipliers and Gemma 2's final soft-cap from the constants of their ``Mul``/``Div``/``Tanh`` nodes;
+the expert count and top-k from ``MoE``. The tokenizer files beside the model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
 of the external data file when a writer asks for it (a transposed weight is transposed then, one tensor
 in memory at a time). External data is checked before anything is returned: a location outside the
 model directory (``../x``, an absolute path, a symlink out), a missing file or one shorter than the
@@ -54,7 +62,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .._io import read_range
-from ..checkpoint import Checkpoint, LazyTensor, MetaValue
+from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, SlmpkgError
 from ..quant import QuantType
 
@@ -67,8 +75,20 @@ _GENAI_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
-SUPPORTED_CLASSES = tuple(_GENAI_TYPES.values())
+# the HF model_type of each class this reads
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+                "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "GraniteForCausalLM": "granite",
+                "MixtralForCausalLM": "mixtral"}
+_GEMMAS = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+SUPPORTED_CLASSES = tuple(_MODEL_TYPES)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "chat_template.jinja", "generation_config.json")
 
@@ -77,11 +97,14 @@ _PROJECTIONS = {
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
     "qkv_proj": None, "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
     "gate_up_proj": None, "lm_head": "output",
+    "gate": "ffn_gate_inp",  # an MoE router (slmpkg's moe.gate, optimum's block_sparse_moe.gate)
 }
 # norm weights by a component of their name (HF's, slmpkg's and the builder's all contain these)
 _NORMS = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "final_norm_layernorm": "output_norm",
+    # Gemma 2/3's norms after each branch (slmpkg's names)
+    "post_attention_norm": "post_attention_norm", "post_feedforward_norm": "post_ffw_norm",
 }
 # ops whose weight input is the scale as applied (no Gemma offset left to add)
 _APPLIED_NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
@@ -552,59 +575,150 @@ def _nice(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_base(cos: np.ndarray, sin: np.ndarray, eps: float, source: str) -> float:
-    """The rope base behind cos/sin caches [positions, dim/2] of ``position × base^(-2j/dim)``.
+def _shortest(value: float, accept: Callable[[float], bool]) -> Optional[float]:
+    """The decimal with the fewest significant digits (up to 7) near ``value`` that ``accept`` takes."""
+    digits = int(math.floor(math.log10(value)))
+    for significant in range(1, 8):
+        candidate = float(round(value, significant - 1 - digits))
+        if candidate > 0 and accept(candidate):
+            return candidate
+    return None
 
-    A first estimate comes from the phase of each frequency unwrapped along the positions (its slope
-    is the frequency; the steps are below π since frequencies are at most 1), fitted in log space
-    across frequencies. Caches stored in float16 (or short ones) pin the base only to a few digits, so
-    the answer is the shortest decimal (10000, 500000, 1e6, ...) whose recomputed caches match the
-    stored ones within ``eps`` (the caches' rounding plus a float32 writer's accumulated error); no
-    match means the caches carry a rope scaling this cannot name.
+
+def _frequencies(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Each column's angular step per position, from the phase unwrapped along the positions (steps
+    are below π since rotary frequencies are at most 1), least squares through the origin."""
+    phase = np.unwrap(np.arctan2(sin, cos), axis=0)  # [positions, half]
+    p = np.arange(cos.shape[0], dtype=np.float64)
+    return (phase * p[:, None]).sum(axis=0) / (p * p).sum()
+
+
+def _rope_base(cos: np.ndarray, sin: np.ndarray, eps: float, source: str) -> tuple[float, float]:
+    """(rope base, linear scaling factor) behind cos/sin caches [positions, dim/2] of
+    ``position × base^(-2j/dim) / factor``.
+
+    The first frequency is ``1 / factor`` (1 unscaled); the base is fitted in log space across the
+    others, each weighted by its total angle (its precision). Caches stored in float16 (or short ones)
+    pin them only to a few digits, so the answer is the shortest decimals (10000, 500000, 1e6; 8, 4)
+    whose recomputed caches match the stored ones within ``eps`` (the caches' rounding plus a float32
+    writer's accumulated error); no match means a rope scaling this cannot name (per-frequency
+    factors: Llama 3's, LongRoPE without its two caches).
     """
     positions, half = cos.shape
     if positions < 2 or half < 2:
         raise FormatError(f"{source}: cos/sin caches too small to read the rope base from")
     dim = 2 * half
-    phase = np.unwrap(np.arctan2(sin, cos), axis=0)  # [positions, half]
     p = np.arange(positions, dtype=np.float64)
-    inv_freq = (phase * p[:, None]).sum(axis=0) / (p * p).sum()  # least squares through the origin
-    j = np.arange(1, half)
-    ok = inv_freq[1:] > 0
-    if not ok.any():
+    inv_freq = _frequencies(cos, sin)
+    if not (inv_freq > 0).all():
         raise FormatError(f"{source}: cos/sin caches do not look like rotary embeddings")
-    # log inv_freq[j] = -(2j/dim) log base: weight each frequency by its total angle (its precision)
-    x = 2 * j[ok] / dim
-    weights = inv_freq[1:][ok] * (positions - 1)
-    estimate = float(np.exp(-(weights * x * np.log(inv_freq[1:][ok])).sum() / (weights * x * x).sum()))
+    j = np.arange(1, half)
+    x = 2 * j / dim
 
-    def matches(base: float) -> bool:
-        freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    def matches(base: float, factor: float) -> bool:
+        freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim) / factor
         angles = np.outer(p, freqs)
         return bool(np.abs(np.cos(angles) - cos).max() <= eps and np.abs(np.sin(angles) - sin).max() <= eps)
 
-    digits = int(math.floor(math.log10(estimate)))
-    for significant in range(1, 8):
-        candidate = float(round(estimate, significant - 1 - digits))
-        if candidate > 0 and matches(candidate):
-            return candidate
-    if matches(estimate):
-        return float(np.float32(estimate))
+    factors = [1.0] if abs(inv_freq[0] - 1.0) < 1e-4 else []
+    factors += [f for f in [_shortest(1.0 / inv_freq[0], lambda f: True)] if f is not None and f not in factors]
+    for factor in factors:
+        scaled = inv_freq[1:] * factor
+        weights = scaled * (positions - 1)
+        estimate = float(np.exp(-(weights * x * np.log(scaled)).sum() / (weights * x * x).sum()))
+        base = _shortest(estimate, lambda b, f=factor: matches(b, f))
+        if base is None and matches(estimate, factor):
+            base = float(np.float32(estimate))
+        if base is None:
+            continue
+        # the factor too, to the fewest digits that still match
+        return base, _shortest(factor, lambda f, b=base: matches(b, f)) or factor
     raise FormatError(
-        f"{source}: cos_cache/sin_cache are not plain rotary embeddings of any base (a rope scaling?); put the "
-        "model's config.json beside the ONNX file to say which"
+        f"{source}: cos_cache/sin_cache are not plain rotary embeddings of any base (a per-frequency rope scaling?); "
+        "put the model's config.json beside the ONNX file to say which"
     )
 
 
+def _writer_inv_freq(base: float, dim: int) -> np.ndarray:
+    """Rotary inverse frequencies as float32 the way slmpkg's writer (and transformers) computes them."""
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+
+
+def _longrope_factors(cos: np.ndarray, sin: np.ndarray, base: float, source: str) -> tuple[np.ndarray, float]:
+    """(per-frequency divisors, cos/sin magnitude) of one LongRoPE cache pair (float32 arrays as stored).
+
+    Caches are ``cos(position × inv_freq / factor) × magnitude``; the magnitude is position 0's cosine.
+    Each factor is first estimated from its column's phase slope, then made exact where the caches
+    allow: the float32 neighbours of the estimated frequency are recomputed as the writer computes
+    them and the one reproducing the stored column bit for bit is taken, then the float32 factor that
+    divides the base frequency into exactly that value (the nearest to the estimate when several do).
+    Caches that reproduce no candidate (float16 caches, another writer) keep the float32 estimate.
+    """
+    half = cos.shape[1]
+    magnitude = np.float32(cos[0, 0])
+    if not magnitude > 0:
+        raise FormatError(f"{source}: LongRoPE caches with a non-positive magnitude")
+    c64, s64 = cos.astype(np.float64), sin.astype(np.float64)
+    estimate = _frequencies(c64, s64)
+    base_inv = _writer_inv_freq(base, 2 * half)
+    positions = np.arange(cos.shape[0], dtype=np.float32)
+    out = np.empty(half, np.float32)
+    for j in range(half):
+        guess = np.float32(estimate[j])
+        if not guess > 0:
+            raise FormatError(f"{source}: LongRoPE caches do not look like rotary embeddings (column {j})")
+        found = None
+        if cos.dtype == np.float32:
+            steps = np.arange(-96, 97)
+            candidates = (guess.view(np.int32) + steps).astype(np.int32).view(np.float32)
+            for inv in candidates[np.argsort(np.abs(steps))]:
+                angles = (positions * inv).astype(np.float32).astype(np.float64)
+                if (np.array_equal(np.cos(angles).astype(np.float32) * magnitude, cos[:, j])
+                        and np.array_equal(np.sin(angles).astype(np.float32) * magnitude, sin[:, j])):
+                    found = np.float32(inv)
+                    break
+        if found is None:
+            out[j] = np.float32(float(base_inv[j]) / float(guess))
+            continue
+        f_guess = np.float32(float(base_inv[j]) / float(found))
+        steps = np.arange(-8, 9)
+        options = (f_guess.view(np.int32) + steps).astype(np.int32).view(np.float32)
+        exact = [f for f in options[np.argsort(np.abs(steps))] if np.float32(base_inv[j] / f) == found]
+        out[j] = exact[0] if exact else f_guess
+    return out, float(magnitude)
+
+
 class _Facts:
-    """What the graph says about the model's dimensions."""
+    """What the graph says about the model beyond its weights: head counts, epsilon, rotary caches and
+    layout, per-layer windows and attention settings, experts, and the constants of the scaling nodes."""
 
     def __init__(self, g: _Graph):
         self.n_head = self.n_head_kv = None
         self.eps: Optional[float] = None
         self.interleaved: Optional[bool] = None
         self.caches: Optional[tuple[_Stored, _Stored]] = None
+        self.layer_caches: dict[int, tuple[str, str]] = {}  # GQA's cos/sin inputs by layer
+        self.windows: dict[int, int] = {}  # GQA local_window_size by layer (-1: global)
+        self.scale: Optional[float] = None  # GQA's scale (1/sqrt(head size) unless a family changes it)
+        self.softcap: Optional[float] = None
+        self.moe: dict[int, Any] = {}  # com.microsoft.MoE nodes by layer
         for node in g.nodes:
+            if node.op_type == "GroupQueryAttention":
+                layer = _layer_of(node.name)
+                if layer is not None:
+                    self.windows[layer] = int(_attr(node, "local_window_size", -1))
+                    if len(node.input) > 8:
+                        self.layer_caches[layer] = (node.input[7], node.input[8])
+                if self.scale is None and _attr(node, "scale"):
+                    self.scale = float(_attr(node, "scale"))
+                if self.softcap is None and _attr(node, "softcap"):
+                    self.softcap = float(_attr(node, "softcap"))
+            if node.op_type == "MoE":
+                layer = _layer_of(node.name)
+                if layer is None:
+                    raise FormatError(f"{g.where(node)}: an MoE node in no layer (no layers.N in its name)")
+                self.moe[layer] = node
             if node.op_type in ("GroupQueryAttention", "PagedAttention") and self.n_head is None:
                 self.n_head, self.n_head_kv = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
                 if _attr(node, "do_rotary", 0) and len(node.input) > 8:
@@ -623,6 +737,83 @@ class _Facts:
                 eps = _attr(node, "epsilon")
                 if eps is not None:
                     self.eps = _nice(eps)
+        self.embed_scale = self._embed_scale(g)
+        self.residual_scale = self._residual_scale(g)
+        self.logit_scale, self.final_softcap = self._logit_steps(g)
+
+    @staticmethod
+    def _embed_scale(g: _Graph) -> Optional[float]:
+        """The constant the embedding is multiplied by (Gemma's sqrt(hidden), Granite's multiplier)."""
+        for node in g.nodes:
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids":
+                for c in g.consumers.get(node.output[0], []):
+                    if c.op_type == "Mul":
+                        return _scalar(g, next(i for i in c.input if i != node.output[0]))
+        return None
+
+    @staticmethod
+    def _residual_scale(g: _Graph) -> Optional[float]:
+        """Granite's multiplier of each residual branch: a ``Mul`` by a constant right before the
+        residual add (``SkipSimplifiedLayerNormalization``'s first input)."""
+        for node in g.nodes:
+            if node.op_type == "SkipSimplifiedLayerNormalization":
+                producer = g.producer.get(node.input[0])
+                if producer is not None and producer.op_type == "Mul":
+                    value = next((_scalar(g, i) for i in producer.input if _scalar(g, i) is not None), None)
+                    if value is not None:
+                        return value
+        return None
+
+    @staticmethod
+    def _logit_steps(g: _Graph) -> tuple[Optional[float], Optional[float]]:
+        """(Granite's logit divisor, Gemma 2's final soft-cap) from the nodes between lm_head's MatMul and
+        ``logits``: ``Div(scale)``, then ``Div(cap) → Tanh → Mul(cap)``."""
+        steps: list[tuple[str, Optional[float]]] = []
+        node = g.producer.get("logits")
+        while node is not None and node.op_type in ("Div", "Tanh", "Mul"):
+            value = _scalar(g, node.input[1]) if len(node.input) > 1 else None
+            steps.insert(0, (node.op_type, value))
+            node = g.producer.get(node.input[0])
+        cap = None
+        if [op for op, _ in steps[-3:]] == ["Div", "Tanh", "Mul"] and steps[-3][1] == steps[-1][1]:
+            cap = steps[-1][1]
+            steps = steps[:-3]
+        scale = steps[0][1] if [op for op, _ in steps] == ["Div"] else None
+        return scale, cap
+
+
+def _scalar(g: _Graph, name: str) -> Optional[float]:
+    """A one-value constant (a ``Constant`` node or an initializer) as the shortest decimal its stored
+    type rounds to (0.22, not 0.2199999988079071), or None."""
+    from onnx import numpy_helper
+
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        value = _attr(node, "value")
+        array = numpy_helper.to_array(value) if value is not None else None
+    elif name in g.inits and g.inits[name].qtype in (QuantType.F32, QuantType.F16):
+        array = g.inits[name].array().view({QuantType.F32: np.float32, QuantType.F16: np.float16}[g.inits[name].qtype])
+    else:
+        return None
+    if array is None or array.size != 1 or array.dtype.kind not in "fiu":
+        return None
+    return float(str(array.reshape(-1)[0]))
+
+
+def _family_class(g: _Graph, facts: _Facts, kind: Any) -> str:
+    """The HF class from genai_config.json's ``type`` and what the graph holds: slmpkg writes Mistral as
+    ``llama`` (one GGUF architecture) and Mixtral as the generic ``decoder``; experts and windows tell."""
+    if facts.moe:
+        return "MixtralForCausalLM"
+    if kind == "llama" and any(w > 0 for w in facts.windows.values()):
+        return "MistralForCausalLM"
+    if kind not in _GENAI_TYPES:
+        known = ", ".join(_GENAI_TYPES)
+        raise FormatError(
+            f"{g.file}: cannot tell the model family: no config.json beside it and genai_config.json "
+            f"{'has type ' + repr(kind) if kind else 'is missing'} (ONNX import knows {known})"
+        )
+    return _GENAI_TYPES[kind]
 
 
 def _hf_config(
@@ -634,16 +825,10 @@ def _hf_config(
     decoder = model.get("decoder", {}) if isinstance(model, dict) else {}
     cfg: dict[str, Any] = dict(config or {})
     if not cfg.get("architectures"):
-        kind = model.get("type") if isinstance(model, dict) else None
-        if kind not in _GENAI_TYPES:
-            known = ", ".join(_GENAI_TYPES)
-            raise FormatError(
-                f"{g.file}: cannot tell the model family: no config.json beside it and genai_config.json "
-                f"{'has type ' + repr(kind) if kind else 'is missing'} (ONNX import knows {known})"
-            )
-        cfg["architectures"] = [_GENAI_TYPES[kind]]
-    if cfg["architectures"][0] not in SUPPORTED_CLASSES:
-        raise FormatError(f"{g.file}: ONNX import supports {', '.join(SUPPORTED_CLASSES)}, not {cfg['architectures'][0]}")
+        cfg["architectures"] = [_family_class(g, facts, model.get("type") if isinstance(model, dict) else None)]
+    family = cfg["architectures"][0]
+    if family not in SUPPORTED_CLASSES:
+        raise FormatError(f"{g.file}: ONNX import supports {', '.join(SUPPORTED_CLASSES)}, not {family}")
 
     def fill(key: str, *values: Any) -> None:
         if cfg.get(key) is None:
@@ -659,7 +844,10 @@ def _hf_config(
     q_rows = shapes.get("blk.0.attn_q.weight", (None,))[0]
     n_head = int(cfg["num_attention_heads"])
     fill("head_dim", decoder.get("head_size"), q_rows // n_head if q_rows else None, hidden // n_head)
-    fill("intermediate_size", shapes.get("blk.0.ffn_gate.weight", (None,))[0])
+    fill("intermediate_size", shapes.get("blk.0.ffn_gate.weight", (None,))[0],
+         shapes.get("blk.0.ffn_gate_exps.weight", (None, None))[1])
+    if family == "MixtralForCausalLM":
+        fill("num_local_experts", shapes.get("blk.0.ffn_gate_exps.weight", (None,))[0])
     fill("rms_norm_eps", facts.eps)
     fill("vocab_size", vocab)
     fill("tie_word_embeddings", tied)
@@ -670,23 +858,148 @@ def _hf_config(
         if context is None and facts.caches is not None:
             context = facts.caches[0].shape[0]
         fill("max_position_embeddings", context)
-    if config is None:  # rope settings come from the caches only when no config.json says them
-        if facts.caches is not None:
-            cos, sin = (_as_f64(c) for c in facts.caches)
-            # the caches' own rounding, and a float32 writer's (the builder's) error growing with position
-            eps = {QuantType.F16: 2e-3, QuantType.BF16: 1.6e-2}.get(facts.caches[0].qtype, 1e-6)
-            eps += cos.shape[0] * 2.5e-7
-            base = _rope_base(cos, sin, eps, f"{g.file}: {facts.caches[0].name}")
-            cfg["rope_theta"] = base
-            if 2 * cos.shape[1] != cfg["head_dim"]:
-                cfg["partial_rotary_factor"] = 2 * cos.shape[1] / cfg["head_dim"]
-        else:
-            raise FormatError(f"{g.file}: no config.json beside it and no cos_cache/sin_cache to read the rope base from")
-    family = cfg["architectures"][0]
-    cfg.setdefault("model_type", {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                                  "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma"}[family])
-    cfg.setdefault("hidden_act", "gelu_pytorch_tanh" if family == "GemmaForCausalLM" else "silu")
+    if config is None:  # settings the graph holds, when no config.json says them
+        _rope_config(g, facts, cfg)
+        _graph_config(facts, cfg, n_layer)
+    cfg.setdefault("model_type", _MODEL_TYPES[family])
+    if family in _GEMMAS:
+        cfg.setdefault("hidden_activation" if family != "GemmaForCausalLM" else "hidden_act", "gelu_pytorch_tanh")
+    else:
+        cfg.setdefault("hidden_act", "silu")
     return cfg
+
+
+def _graph_config(facts: _Facts, cfg: dict[str, Any], n_layer: int) -> None:
+    """config.json entries of the family settings the graph computes with: windows, soft-caps, query
+    scale, multipliers, experts."""
+    family = cfg["architectures"][0]
+    windows = [facts.windows.get(i, -1) for i in range(n_layer)]
+    sliding = [w > 0 for w in windows]
+    if any(sliding):
+        cfg["sliding_window"] = max(windows)
+        if family in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+            cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    elif family in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        cfg["sliding_window"] = None
+        cfg["layer_types"] = ["full_attention"] * n_layer
+    elif family in ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
+        cfg["sliding_window"] = None
+    if family in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        cfg["attn_logit_softcapping"] = facts.softcap
+        cfg["final_logit_softcapping"] = facts.final_softcap
+        if facts.scale:  # GQA's scale is 1/sqrt(query_pre_attn_scalar)
+            cfg["query_pre_attn_scalar"] = int(round(1.0 / facts.scale**2))
+    if family == "GraniteForCausalLM":
+        # each multiplier as the graph applies it; HF's default (1) where the writer left the node out
+        cfg["embedding_multiplier"] = facts.embed_scale or 1.0
+        cfg["residual_multiplier"] = facts.residual_scale or 1.0
+        cfg["attention_multiplier"] = _nice(facts.scale) if facts.scale else 1.0
+        cfg["logits_scaling"] = facts.logit_scale or 1.0
+    if family == "MixtralForCausalLM":
+        node = next(iter(facts.moe.values()))
+        cfg["num_experts_per_tok"] = int(_attr(node, "k", 1))
+
+
+def _rope_config(g: _Graph, facts: _Facts, cfg: dict[str, Any]) -> None:
+    """Rope settings from the cos/sin caches GQA rotates with: the base and a linear factor, Gemma 3's
+    second (sliding layers') base, partial rotary from the caches' width, Phi-3's LongRoPE factors
+    from the two cache pairs its ``If`` chooses between."""
+    family = cfg["architectures"][0]
+    pairs = {i: names for i, names in facts.layer_caches.items()}
+    if not pairs and facts.caches is None:
+        raise FormatError(f"{g.file}: no config.json beside it and no cos_cache/sin_cache to read the rope base from")
+    if facts.caches is not None and not pairs:
+        pairs = {0: (facts.caches[0].name, facts.caches[1].name)}
+    global_names = {names for i, names in pairs.items() if facts.windows.get(i, -1) <= 0} or set(pairs.values())
+    local_names = {names for i, names in pairs.items() if facts.windows.get(i, -1) > 0} - global_names
+    if len(global_names) != 1 or len(local_names) > 1:
+        raise FormatError(f"{g.file}: the layers rotate with {len(global_names | local_names)} different cos/sin caches")
+    cos_name, sin_name = next(iter(global_names))
+    producer = g.producer.get(cos_name)
+    if cos_name not in g.inits and producer is not None and producer.op_type == "If":
+        _longrope_config(g, producer, cfg)
+        return
+    if cos_name not in g.inits or sin_name not in g.inits:
+        raise FormatError(f"{g.file}: GroupQueryAttention's cos/sin caches {cos_name}, {sin_name} are not initializers")
+    if cos_name.endswith("_short"):
+        raise FormatError(f"{g.file}: LongRoPE caches without the long pair (context within the original) cannot "
+                          "give the long factors; put the model's config.json beside the ONNX file")
+    base, factor, width = _fit(g, g.inits[cos_name], g.inits[sin_name])
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": base}
+    if factor != 1.0:
+        rope = {"rope_type": "linear", "factor": factor, "rope_theta": base}
+    if 2 * width != cfg["head_dim"]:
+        cfg["partial_rotary_factor"] = 2 * width / cfg["head_dim"]
+    if local_names:
+        (lcos, lsin), = local_names
+        local_base, local_factor, _ = _fit(g, g.inits[lcos], g.inits[lsin])
+        if local_factor != 1.0:
+            raise FormatError(f"{g.file}: {lcos}: sliding layers' rope is scaled (x{local_factor}); llama.cpp scales none")
+        if family != "Gemma3ForCausalLM":
+            raise FormatError(f"{g.file}: sliding layers rotate with their own caches ({lcos}), which only Gemma 3 does")
+        cfg["rope_parameters"] = {"full_attention": rope,
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": local_base}}
+        return
+    if family == "Phi3ForCausalLM":  # the writer records Phi-3's original context only with LongRoPE
+        cfg.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+    if rope["rope_type"] == "default":
+        cfg["rope_theta"] = base
+    else:
+        cfg["rope_parameters"] = rope
+
+
+def _fit(g: _Graph, cos: _Stored, sin: _Stored) -> tuple[float, float, int]:
+    """(base, linear factor, cache width) of one cache pair, within what its stored type can say."""
+    c, s = _as_f64(cos), _as_f64(sin)
+    # the caches' own rounding, and a float32 writer's (the builder's) error growing with position
+    eps = {QuantType.F16: 2e-3, QuantType.BF16: 1.6e-2}.get(cos.qtype, 1e-6) + c.shape[0] * 2.5e-7
+    base, factor = _rope_base(c, s, eps, f"{g.file}: {cos.name}")
+    return base, factor, c.shape[1]
+
+
+def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
+    """Phi-3 LongRoPE from slmpkg's ``If(total length > original context)``: the then branch returns
+    the long caches, the else branch the short ones (each an ``Identity`` of an outer initializer).
+
+    The caches fix each frequency (``base^(-2j/d) / factor_j``) and the attention factor (their
+    magnitude), not the base and the factors apart: the base is config.json's when there is one, else
+    Phi-3's 10000 (every Phi-3 / 3.5 / 4 release); a writer that records it lets this read any.
+    """
+    greater = g.producer.get(choice.input[0])
+    original = _scalar(g, greater.input[1]) if greater is not None and greater.op_type == "Greater" else None
+    if original is None:
+        raise FormatError(f"{g.where(choice)}: an If choosing rotary caches by something other than the total length")
+    caches = {}
+    for kind, attr in (("long", "then_branch"), ("short", "else_branch")):
+        branch = _attr(choice, attr)
+        sources = [n.input[0] for n in branch.node if n.op_type == "Identity"]
+        stored = [g.inits.get(name) for name in sources]
+        if len(stored) != 2 or any(t is None or t.qtype is None for t in stored):
+            raise FormatError(f"{g.where(choice)}: the {kind} branch does not return two cache initializers")
+        caches[kind] = stored
+    base = float(cfg.get("rope_theta") or 10000.0)
+    rope: dict[str, Any] = {"rope_type": "longrope", "rope_theta": base}
+    magnitudes = {}
+    for kind, (cos, sin) in caches.items():
+        as_stored = lambda t: t.array().view({QuantType.F32: np.float32, QuantType.F16: np.float16}.get(t.qtype, np.float32))  # noqa: E731
+        if cos.qtype is QuantType.BF16:
+            as_stored = lambda t: _as_f64(t).astype(np.float32)  # noqa: E731
+        factors, magnitudes[kind] = _longrope_factors(as_stored(cos), as_stored(sin), base, f"{g.file}: {cos.name}")
+        rope[f"{kind}_factor"] = [float(f) for f in factors]
+    width = caches["long"][0].shape[1]
+    context = caches["long"][0].shape[0]
+    original = int(original)
+    # transformers' default attention factor (the LongRoPE paper's) is left implicit, as a source would
+    factor = context / original
+    default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    if np.float32(default) != np.float32(magnitudes["long"]):
+        rope["attention_factor"] = float(str(np.float32(magnitudes["long"])))
+    rope["original_max_position_embeddings"] = original
+    cfg["original_max_position_embeddings"] = original
+    cfg["max_position_embeddings"] = context
+    if 2 * width != cfg["head_dim"]:
+        rope["partial_rotary_factor"] = 2 * width / cfg["head_dim"]
+    cfg["rope_parameters"] = rope
 
 
 def _as_f64(s: _Stored) -> np.ndarray:
@@ -694,42 +1007,6 @@ def _as_f64(s: _Stored) -> np.ndarray:
     if s.qtype is QuantType.BF16:
         return (s.array().astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return s.array().astype(np.float64)
-
-
-def _metadata(cfg: dict[str, Any], sidecar: dict[str, bytes], name: str) -> tuple[dict[str, MetaValue], list[LazyTensor]]:
-    """GGUF metadata (and hook tensors such as rope_freqs) of ``cfg``, as architectures.from_hf computes them.
-
-    from_hf insists on a tokenizer; an ONNX directory may come without one, so the parameter mapping is
-    run here through the same family tables and the tokenizer keys added only when its files are there.
-    """
-    from gguf import GGUFValueType as V
-
-    from .. import architectures as arch_mod
-    from ..tokenizer import gguf_tokenizer_metadata
-
-    family = arch_mod.family_for_hf(cfg)
-    arch_mod._check_activation(family, cfg)
-    dims = arch_mod._dims_from_config(cfg, family)
-    arch = family.gguf_arch
-    has_tokenizer = "tokenizer.json" in sidecar or "tokenizer.model" in sidecar
-    tok = gguf_tokenizer_metadata(sidecar, cfg) if has_tokenizer else {}
-    metadata: dict[str, MetaValue] = {
-        "general.architecture": MetaValue(V.STRING, arch),
-        "general.type": MetaValue(V.STRING, "model"),
-        "general.name": MetaValue(V.STRING, name),
-    }
-    for p in family.params:
-        metadata[f"{arch}.{p.key}"] = arch_mod._param_forward(p, cfg)
-    n_vocab = len(tok["tokenizer.ggml.tokens"].value) if "tokenizer.ggml.tokens" in tok else cfg.get("vocab_size", 0)
-    forward = arch_mod._Forward(cfg, dims, arch, sidecar, n_vocab, metadata, [])
-    for hook in family.hooks:
-        hook.forward(forward)
-    if not has_tokenizer:  # special ids for the GGUF (and to_hf's config) even without tokenizer files
-        for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
-            if isinstance(cfg.get(key), int):
-                metadata[f"tokenizer.ggml.{gguf_key}"] = MetaValue(V.UINT32, cfg[key])
-    metadata.update(tok)
-    return metadata, list(forward.tensors)
 
 
 # ---- reading -----------------------------------------------------------------------------------------
@@ -836,8 +1113,8 @@ def _norms(g: _Graph) -> dict[str, tuple[LazyTensor, bool]]:
 def read(path: PathLike) -> Checkpoint:
     """Read an ONNX decoder (a model directory or a ``.onnx`` file) as a canonical, GGUF-named checkpoint.
 
-    Supports Llama/Mistral, Qwen2, Qwen3 and Gemma graphs written by slmpkg, onnxruntime-genai's builder
-    or optimum; ``MatMulNBits`` weights become GGUF blocks (see :mod:`slmpkg.formats.onnx_nbits`).
+    Supports every family slmpkg's writer exports (Llama/Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma
+    1/2/3, Granite) and the Llama/Qwen/Gemma graphs of onnxruntime-genai's builder and optimum; ``MatMulNBits`` weights become GGUF blocks (see :mod:`slmpkg.formats.onnx_nbits`).
     Raises :class:`FormatError` (one line naming the file) for a file that is not ONNX, external data
     that is outside the directory, missing or short, and a graph whose weights cannot be mapped.
 
@@ -895,8 +1172,11 @@ def read(path: PathLike) -> Checkpoint:
     norms = _norms(g)
     for name, (t, _) in norms.items():
         put(name, t, t.name)
+    for layer, node in facts.moe.items():
+        for name, t in _experts(g, node, layer).items():
+            put(name, t, t.name)
 
-    layers = sorted({lin.layer for lin in linears if lin.layer is not None})
+    layers = sorted({lin.layer for lin in linears if lin.layer is not None} | set(facts.moe))
     n_layer = len(layers)
     if layers != list(range(n_layer)):
         raise FormatError(f"{g.file}: layers {layers} are not numbered 0..{n_layer - 1}")
@@ -913,13 +1193,20 @@ def read(path: PathLike) -> Checkpoint:
     if int(cfg["num_hidden_layers"]) != n_layer:
         raise FormatError(f"{g.file}: the graph has {n_layer} layers but its configuration says {cfg['num_hidden_layers']}")
     sidecar["config.json"] = json.dumps(cfg).encode()
-    metadata, extra = _metadata(cfg, sidecar, beside.name if model_file.name == "model.onnx" or beside != directory else model_file.stem)
-    family = arch_mod.family_for_hf(cfg)
-    dims = arch_mod._dims_from_config(cfg, family)
+    name = beside.name if model_file.name == "model.onnx" or beside != directory else model_file.stem
+    metadata, extra = arch_mod.hf_metadata(cfg, sidecar, name)
+    family, dims = arch_mod.hf_dims(cfg)
     q_size, kv_size = dims.n_head * dims.head_dim, dims.n_head_kv * dims.head_dim
 
+    kept = {r.gguf for r in family.layer_tensors}
     for lin in fused:
         stem = f"blk.{lin.layer}"
+        whole = "attn_qkv" if lin.fused == "qkv" else "ffn_up"
+        if whole in kept and "attn_q" not in kept:  # llama.cpp's phi3 keeps both fused (gate rows, then up)
+            put(f"{stem}.{whole}.weight", lin.weight, lin.weight.name)
+            if lin.bias is not None:
+                put(f"{stem}.{whole}.bias", lin.bias, lin.bias.name)
+            continue
         if lin.fused == "qkv":
             sizes = (("attn_q", q_size), ("attn_k", kv_size), ("attn_v", kv_size))
         else:
@@ -969,6 +1256,40 @@ def read(path: PathLike) -> Checkpoint:
     return Checkpoint(metadata, ordered, sidecar={})
 
 
+def _experts(g: _Graph, node: Any, layer: int) -> dict[str, LazyTensor]:
+    """ffn_gate_exps / ffn_up_exps / ffn_down_exps of one ``com.microsoft.MoE`` node: its fused SwiGLU
+    weight [experts, 2 × ff, hidden] holds gate and up rows interleaved (``swiglu_fusion=1``: gate row,
+    up row, ...), taken apart here one expert at a time; the down weight is stored as GGUF keeps it."""
+    activation = _attr(node, "activation_type", b"")
+    if (activation.decode() if isinstance(activation, bytes) else activation) != "swiglu" or int(_attr(node, "swiglu_fusion", 0) or 0) != 1:
+        raise FormatError(f"{g.where(node)}: only SwiGLU experts with interleaved gate/up rows (swiglu_fusion=1) are imported")
+    names = list(node.input) + [""] * 5
+    fc1, fc2 = g.inits.get(names[2]), g.inits.get(names[4])
+    if fc1 is None or fc2 is None or fc1.qtype is None or fc2.qtype is None or len(fc1.shape) != 3 or len(fc2.shape) != 3:
+        raise FormatError(f"{g.where(node)}: MoE expert weights are not 3-D float initializers")
+    if names[3] or names[5]:
+        raise FormatError(f"{g.where(node)}: MoE expert biases have no place in llama.cpp's graph")
+    n_expert, rows, hidden = fc1.shape
+    ff = rows // 2
+    per_expert = rows * hidden * fc1.dtype.itemsize
+
+    def half(parity: int) -> Callable[[], np.ndarray]:
+        def raw() -> np.ndarray:
+            out = np.empty((n_expert, ff, hidden), fc1.dtype)
+            for e in range(n_expert):
+                both = fc1.read(e * per_expert, per_expert).view(fc1.dtype).reshape(rows, hidden)
+                out[e] = both[parity::2]
+            return out.reshape(-1).view(np.uint8)
+        return raw
+
+    stem = f"blk.{layer}"
+    return {
+        f"{stem}.ffn_gate_exps.weight": LazyTensor(fc1.name, (n_expert, ff, hidden), fc1.qtype, half(0)),  # type: ignore[arg-type]
+        f"{stem}.ffn_up_exps.weight": LazyTensor(f"{fc1.name}[up]", (n_expert, ff, hidden), fc1.qtype, half(1)),  # type: ignore[arg-type]
+        f"{stem}.ffn_down_exps.weight": _plain(fc2.name, fc2),
+    }
+
+
 def _same_values(a: LazyTensor, b: LazyTensor, rows: int = 4096) -> bool:
     """Whether two float tensors hold the same bytes. Their first rows decide for almost every untied
     pair (a cheap ranged read); only a tied-looking pair is compared whole, ``b`` computed once and
@@ -1004,7 +1325,7 @@ def _check_complete(
         t = tensors.get(name)
         if t is None:
             raise FormatError(f"{g.file}: found no weight for {name} (the graph's names and scopes do not lead to it)")
-        want = arch_mod._expected_shape(rule, dims, False)
+        want = arch_mod.expected_shape(rule, dims)
         if want is not None and tuple(t.shape) != want:
             raise FormatError(f"{g.file}: tensor {origin[name]} for {name} has shape {list(t.shape)}, the configuration implies {list(want)}")
 

@@ -1041,28 +1041,57 @@ def _stacked(name: str, parts: list[LazyTensor]) -> LazyTensor:
     return LazyTensor(name, (len(parts), *parts[0].shape), qtype, load)
 
 
-def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
-    """A checkpoint read from a Hugging Face directory → llama.cpp's names, metadata and tokenizer.
+def hf_dims(config: Mapping[str, Any]) -> tuple[Family, Dims]:
+    """The family of a config.json (``architectures``) and the dimensions llama.cpp's graph takes from it.
 
-    Tensors keep their stored float type (1-D tensors become F32, as llama.cpp's converter writes
-    them); choose output types afterwards (:func:`cast_checkpoint`, quantization).
+    Example:
+        >>> family, dims = hf_dims({"architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+        ...     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512})
+        >>> family.gguf_arch, dims.head_dim
+        ('llama', 64)
+    """
+    family = family_for_hf(config)
+    return family, _dims_from_config(config, family)
+
+
+def expected_shape(rule: Rule, dims: Dims) -> Optional[tuple[int, ...]]:
+    """The shape of a weight (not a bias) of ``rule`` that ``dims`` imply, or None when they do not fix it.
+
+    Example:
+        >>> family, dims = hf_dims({"architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+        ...     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512})
+        >>> expected_shape(family.layer_tensors[-1], dims)
+        (256, 512)
+    """
+    return _expected_shape(rule, dims, False)
+
+
+def hf_metadata(
+    config: Mapping[str, Any], sidecar: Mapping[str, bytes], name: Optional[str] = None, *,
+    tokenizer_required: bool = False,
+) -> tuple[dict[str, MetaValue], list[LazyTensor]]:
+    """GGUF metadata of a config.json and the tensors its settings add (``rope_freqs``, LongRoPE factors).
+
+    ``sidecar`` holds the tokenizer files (``tokenizer.json`` or ``tokenizer.model`` and their
+    configs); without them, and unless ``tokenizer_required`` (what :func:`from_hf` asks), the
+    ``tokenizer.*`` keys are left out except the special token ids config.json names, so a model that
+    travelled without its tokenizer (an ONNX export) still gets the ids llama.cpp and to_hf need.
+
+    Example:
+        >>> config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "num_hidden_layers": 2,
+        ...           "num_attention_heads": 4, "intermediate_size": 512, "eos_token_id": 2}
+        >>> metadata, extra = hf_metadata(config, {})
+        >>> metadata["llama.block_count"].value, metadata["tokenizer.ggml.eos_token_id"].value, extra
+        (2, 2, [])
     """
     from .tokenizer import gguf_tokenizer_metadata
 
-    if "config.json" not in ckpt.sidecar:
-        raise FormatError("config.json is missing: not a Hugging Face model directory")
-    try:
-        config = json.loads(ckpt.sidecar["config.json"])
-    except ValueError as e:
-        raise FormatError(f"config.json: not valid JSON ({e})") from None
-    if "text_config" in config:  # multimodal wrappers keep the language model's settings here
-        config = {**config, **config["text_config"]}
     family = family_for_hf(config)
     _check_activation(family, config)
     dims = _dims_from_config(config, family)
     arch = family.gguf_arch
-
-    tok = gguf_tokenizer_metadata(ckpt.sidecar, config)
+    has_tokenizer = "tokenizer.json" in sidecar or "tokenizer.model" in sidecar
+    tok = gguf_tokenizer_metadata(sidecar, config) if has_tokenizer or tokenizer_required else {}
     metadata: dict[str, MetaValue] = {
         "general.architecture": MetaValue(V.STRING, arch),
         "general.type": MetaValue(V.STRING, "model"),
@@ -1072,13 +1101,38 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
     for p in family.params:
         metadata[f"{arch}.{p.key}"] = _param_forward(p, config)
     n_vocab = len(tok["tokenizer.ggml.tokens"].value) if "tokenizer.ggml.tokens" in tok else config.get("vocab_size", 0)
-    forward = _Forward(config, dims, arch, ckpt.sidecar, n_vocab, metadata, [])
+    forward = _Forward(config, dims, arch, sidecar, n_vocab, metadata, [])
     for hook in family.hooks:
         hook.forward(forward)
+    if not tok:  # the special ids config.json names (the GGUF, and to_hf's config, keep them)
+        for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                              ("pad_token_id", "padding_token_id")):
+            if isinstance(config.get(key), int):
+                metadata[f"tokenizer.ggml.{gguf_key}"] = _u32(config[key])
     metadata.update(tok)
+    return metadata, list(forward.tensors)
+
+
+def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
+    """A checkpoint read from a Hugging Face directory → llama.cpp's names, metadata and tokenizer.
+
+    Tensors keep their stored float type (1-D tensors become F32, as llama.cpp's converter writes
+    them); choose output types afterwards (:func:`cast_checkpoint`, quantization).
+    """
+    if "config.json" not in ckpt.sidecar:
+        raise FormatError("config.json is missing: not a Hugging Face model directory")
+    try:
+        config = json.loads(ckpt.sidecar["config.json"])
+    except ValueError as e:
+        raise FormatError(f"config.json: not valid JSON ({e})") from None
+    if "text_config" in config:  # multimodal wrappers keep the language model's settings here
+        config = {**config, **config["text_config"]}
+    metadata, extra = hf_metadata(config, ckpt.sidecar, name, tokenizer_required=True)
+    family, dims = hf_dims(config)
+    arch = family.gguf_arch
 
     plan = _hf_plan(family, dims)
-    tensors: list[LazyTensor] = list(forward.tensors)
+    tensors: list[LazyTensor] = list(extra)
     groups: dict[str, list[Optional[LazyTensor]]] = {}
     tied = config.get("tie_word_embeddings", True)
     for t in ckpt.tensors:

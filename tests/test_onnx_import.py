@@ -41,8 +41,12 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from test_convert import PROMPTS, _hf_model, _hf_outputs, _ids  # noqa: E402
 
-FAMILIES = ["llama", "qwen2", "qwen3"]  # what slmpkg's ONNX writer exports
+FAMILIES = ["llama", "qwen2", "qwen3"]  # what slmpkg's ONNX writer exports, checked every way below
 IMPORTED = FAMILIES + ["gemma"]  # what the import reads (Gemma: the builder's and optimum's graphs)
+# the other families slmpkg's writer exports, each with what makes it differ recovered from the graph:
+# Mistral (llama in GGUF), Mixtral's MoE node, Phi-3's fused projections and LongRoPE's two cache pairs,
+# Gemma 2/3's windows, soft-caps, post norms and local rope base, Granite's multipliers
+MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "gemma", "gemma2", "gemma3", "granite"]
 
 
 def run(*args) -> "click.testing.Result":  # noqa: F821
@@ -71,12 +75,18 @@ def _canonical(hf: Path):
 
 
 def _assert_same_weights(ckpt, reference) -> None:
-    """The same tensors as the reference (a tied lm_head stays tied), each with the same type, shape and bytes."""
+    """The same tensors as the reference (a tied lm_head stays tied), each with the same type, shape and bytes.
+
+    LongRoPE's factors are the one exception: the graph holds them only inside cos/sin caches, where a
+    few float32 neighbours of a factor give bit-identical caches; those come back within one ulp."""
     ours = {t.name: t for t in ckpt.tensors}
     ref = {t.name: t for t in reference.tensors}
     assert set(ours) == set(ref), (set(ref) - set(ours), set(ours) - set(ref))
     for name, t in ref.items():
         assert ours[name].shape == t.shape and ours[name].qtype == t.qtype, name
+        if name.startswith("rope_factors_"):
+            np.testing.assert_array_max_ulp(ours[name].float32(), t.float32(), maxulp=1)
+            continue
         assert np.array_equal(ours[name].float32(), t.float32()), name
 
 
@@ -89,6 +99,8 @@ def _assert_same_model_metadata(ckpt, reference) -> None:
         ours = ckpt.metadata[key].value
         if isinstance(item.value, (list, np.ndarray)):
             assert np.array_equal(np.asarray(ours, dtype=object), np.asarray(item.value, dtype=object)), key
+        elif item.type.name == "FLOAT32":  # a GGUF file holds float32; so does llama.cpp
+            assert np.float32(ours) == np.float32(item.value), key
         else:
             assert ours == item.value, key
 
@@ -156,10 +168,11 @@ def test_f16_onnx_gives_f16_weights_equal_to_the_source_rounded_once(source, tmp
 @pytest.mark.parametrize("precision", ["f32", "f16"])
 @pytest.mark.parametrize("base", [500000.0, 1000000.0])
 def test_rope_base_is_read_back_from_the_rotary_caches(source, tmp_path, base, precision):
-    """Without config.json the base comes from cos_cache/sin_cache; a scaled rope is refused by name."""
+    """Without config.json the base and a linear scaling come from cos_cache/sin_cache; per-frequency
+    factors (Llama 3's rope_freqs), which the caches cannot tell from the base, are refused by name."""
     from gguf import GGUFValueType
 
-    from slmpkg.checkpoint import MetaValue
+    from slmpkg.checkpoint import LazyTensor, MetaValue
     from slmpkg.errors import FormatError
     from slmpkg.formats import onnx as onnx_format
 
@@ -174,8 +187,19 @@ def test_rope_base_is_read_back_from_the_rotary_caches(source, tmp_path, base, p
     canonical.metadata[f"{arch}.rope.scaling.factor"] = MetaValue(GGUFValueType.FLOAT32, 4.0)
     scaled = tmp_path / "scaled"
     onnx_format.write(scaled, canonical, precision)
+    back = onnx_import.read(scaled)
+    assert back.get(f"{arch}.rope.freq_base") == base
+    assert back.get(f"{arch}.rope.scaling.type") == "linear" and back.get(f"{arch}.rope.scaling.factor") == 4.0
+    del canonical.metadata[f"{arch}.rope.scaling.type"], canonical.metadata[f"{arch}.rope.scaling.factor"]
+    head_dim = canonical.get(f"{arch}.embedding_length") // canonical.get(f"{arch}.attention.head_count")
+    factors = architectures.llama3_rope_factors({"rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32, "rope_theta": base}}, head_dim)
+    canonical.tensors.append(LazyTensor.from_array("rope_freqs.weight", factors))
+    per_frequency = tmp_path / "per-frequency"
+    onnx_format.write(per_frequency, canonical, precision)
     with pytest.raises(FormatError, match="cos_cache"):
-        onnx_import.read(scaled)
+        onnx_import.read(per_frequency)
 
 
 def test_onnx_gguf_onnx_keeps_every_initializer(source, tmp_path):
@@ -212,6 +236,87 @@ def test_onnx_to_gguf_runs_in_llama_cpp_like_the_hf_source(source, tmp_path):
     ours = {t.name: t for t in gguf_format.read(gguf).tensors}
     for t in gguf_format.read(direct).tensors:
         assert t.qtype == ours[t.name].qtype and np.array_equal(t.raw(), ours[t.name].raw()), t.name
+
+
+# ---- every family slmpkg's writer exports -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=MORE_FAMILIES)
+def family_source(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(family, HF directory, slmpkg's f32 ONNX export of it): the directory holds no config.json, so
+    every setting comes from the graph (and genai_config.json)."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    hf = _hf_model(root / "hf", family)
+    onnx_dir = root / "onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Phi-3's window longer than the context
+        convert(hf, onnx_dir, to="onnx", progress=False)
+    assert not (onnx_dir / "config.json").exists()
+    return family, hf, onnx_dir
+
+
+def test_every_family_imports_to_the_source_weights_and_metadata(family_source):
+    family, hf, onnx_dir = family_source
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt, reference = onnx_import.read(onnx_dir), _canonical(hf)
+    _assert_same_weights(ckpt, reference)
+    _assert_same_model_metadata(ckpt, reference)
+    # what makes each family differ, named (the comparison above holds them, this says they are there)
+    md = {k: v.value for k, v in ckpt.metadata.items()}
+    if family == "mixtral":
+        assert md["llama.expert_count"] == 4 and md["llama.expert_used_count"] == 2
+    elif family == "phi3":
+        assert md["phi3.rope.dimension_count"] == 48 and md["phi3.attention.sliding_window"] == 2047
+    elif family == "phi3-longrope":
+        assert md["phi3.rope.scaling.original_context_length"] == 256 and "phi3.rope.scaling.attn_factor" in md
+    elif family == "gemma2":
+        assert md["gemma2.attn_logit_softcapping"] == 5.0 and md["gemma2.final_logit_softcapping"] == 8.0
+        assert list(md["gemma2.attention.sliding_window_pattern"]) == [True, False]
+    elif family == "gemma3":
+        assert md["gemma3.rope.freq_base_swa"] == 1e4 and md["gemma3.rope.scaling.factor"] == 8.0
+    elif family == "granite":
+        assert md["granite.residual_scale"] == 0.22 and md["granite.logit_scale"] == 8.0
+
+
+def test_every_family_onnx_to_safetensors_computes_the_source_logits(family_source, tmp_path):
+    family, hf, onnx_dir = family_source
+    out = tmp_path / "hf-again"
+    result = run("convert", onnx_dir, "-o", out, "--to", "safetensors", "-q")
+    assert result.exit_code == 0, result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).state_dict()
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        assert ours[name].dtype == torch.float32 and torch.equal(ours[name], value), name
+    ids = _ids(hf, PROMPTS[0])
+    ref, got = _hf_outputs(hf, ids, family), _hf_outputs(out, ids, family)
+    if family == "phi3-longrope":  # factors within an ulp (see _assert_same_weights): float32 noise at most
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * (ref.max() - ref.min()))
+    else:
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_every_family_onnx_to_f32_gguf_runs_in_llama_cpp_like_transformers(family_source, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")  # noqa: F841
+    from test_convert import _llama_logits
+
+    family, hf, onnx_dir = family_source
+    gguf = tmp_path / "f32.gguf"
+    result = run("convert", onnx_dir, "-o", gguf, "--quant", "F32", "-q")
+    assert result.exit_code == 0, result.output
+    written = gguf_format.read(gguf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = _canonical(hf)  # an f32 source: F32 throughout, as the GGUF
+    _assert_same_weights(written, reference)
+    _assert_same_model_metadata(written, reference)
+    ids = _ids(hf, PROMPTS[0])
+    ref, ours = _hf_outputs(hf, ids, family), _llama_logits(gguf, ids)
+    assert np.abs(ours - ref).max() <= 1e-3 * (ref.max() - ref.min()), family
 
 
 # ---- onnxruntime-genai's builder -------------------------------------------------------------------
