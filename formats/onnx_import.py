@@ -27,7 +27,8 @@ in config.json. Mixtral's ``com.microsoft.MoE`` fused SwiGLU experts (gate and u
 come apart into ``ffn_gate_exps``/``ffn_up_exps``; Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` stay
 fused, as llama.cpp's phi3 graph reads them.
 
-Metadata comes from ``config.json`` when it is beside the model (optimum writes it), else from
+Metadata comes from ``config.json`` when it is beside the model (optimum writes it) or stored in the
+model's ``metadata_props`` under ``slmpkg.config.json`` (:data:`CONFIG_PROPERTY`), else from
 ``genai_config.json`` and the graph itself: head counts, rotary layout, per-layer sliding windows, the
 attention scale (Gemma's query_pre_attn_scalar, Granite's multiplier) and soft-cap from
 ``GroupQueryAttention``; epsilon from the norm nodes; the rope base and a linear factor from
@@ -984,7 +985,9 @@ def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
         as_stored = lambda t: t.array().view({QuantType.F32: np.float32, QuantType.F16: np.float16}.get(t.qtype, np.float32))  # noqa: E731
         if cos.qtype is QuantType.BF16:
             as_stored = lambda t: _as_f64(t).astype(np.float32)  # noqa: E731
-        factors, magnitudes[kind] = _longrope_factors(as_stored(cos), as_stored(sin), base, f"{g.file}: {cos.name}")
+        stored_cos = as_stored(cos)
+        factors, magnitudes[kind] = _longrope_factors(stored_cos, as_stored(sin), base, f"{g.file}: {cos.name}")
+        stored_type = stored_cos.dtype.type
         rope[f"{kind}_factor"] = [float(f) for f in factors]
     width = caches["long"][0].shape[1]
     context = caches["long"][0].shape[0]
@@ -992,14 +995,37 @@ def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
     # transformers' default attention factor (the LongRoPE paper's) is left implicit, as a source would
     factor = context / original
     default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    if np.float32(default) != np.float32(magnitudes["long"]):
-        rope["attention_factor"] = float(str(np.float32(magnitudes["long"])))
+    if stored_type(default) != stored_type(magnitudes["long"]):  # as exact as the caches' type says
+        rope["attention_factor"] = float(str(stored_type(magnitudes["long"])))
     rope["original_max_position_embeddings"] = original
     cfg["original_max_position_embeddings"] = original
     cfg["max_position_embeddings"] = context
     if 2 * width != cfg["head_dim"]:
         rope["partial_rotary_factor"] = 2 * width / cfg["head_dim"]
     cfg["rope_parameters"] = rope
+
+
+# a model property holding the model's Hugging Face config.json (the runtimes ignore model properties;
+# onnxruntime-genai refuses keys it does not know in genai_config.json, so settings travel here)
+CONFIG_PROPERTY = "slmpkg.config.json"
+
+
+def _embedded_config(g: _Graph) -> Optional[dict[str, Any]]:
+    """The config.json a writer stored in the model's ``metadata_props`` (:data:`CONFIG_PROPERTY`), or None.
+
+    It says what the graph cannot (LongRoPE's base and exact factors, Phi-3's original context), so
+    with it nothing is inferred from the graph but what config.json leaves out.
+    """
+    entry = next((p.value for p in g.model.metadata_props if p.key == CONFIG_PROPERTY), None)
+    if entry is None:
+        return None
+    try:
+        data = json.loads(entry)
+    except ValueError as e:
+        raise FormatError(f"{g.file}: model property {CONFIG_PROPERTY} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{g.file}: model property {CONFIG_PROPERTY} is not a JSON object")
+    return data
 
 
 def _as_f64(s: _Stored) -> np.ndarray:
@@ -1129,7 +1155,7 @@ def read(path: PathLike) -> Checkpoint:
     g = _Graph(_parse(model_file), model_file, directory)
     facts = _Facts(g)
     beside = _beside(directory)
-    config = _json_file(beside / "config.json")
+    config = _json_file(beside / "config.json") or _embedded_config(g)
     genai = _json_file(beside / "genai_config.json")
 
     embd, embd_init = _embedding(g)

@@ -319,6 +319,78 @@ def test_every_family_onnx_to_f32_gguf_runs_in_llama_cpp_like_transformers(famil
     assert np.abs(ours - ref).max() <= 1e-3 * (ref.max() - ref.min()), family
 
 
+def test_every_family_f16_onnx_imports_to_the_source_rounded_once(family_source, tmp_path):
+    """float16 graphs: the multipliers and caps (float16 constants), windows, rope bases and factors come
+    back as the source says them; weights are the source's rounded to float16 once. LongRoPE factors
+    are only as precise as float16 caches (about 3e-4)."""
+    family, hf, _ = family_source
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = _canonical(hf)
+        half = tmp_path / "onnx-f16"
+        convert(hf, half, to="onnx", quant="f16", progress=False)
+        ckpt = onnx_import.read(half)
+    _assert_same_model_metadata(ckpt, reference)
+    ours = {t.name: t for t in ckpt.tensors}
+    assert set(ours) == {t.name for t in reference.tensors}
+    for t in reference.tensors:
+        expected = t.float32().astype(np.float16).astype(np.float32)
+        if t.name.startswith("rope_factors_"):
+            np.testing.assert_allclose(ours[t.name].float32(), t.float32(), rtol=5e-4)
+        else:
+            assert np.array_equal(ours[t.name].float32(), expected), t.name
+
+
+def test_mistral_window_comes_back_from_the_attention_nodes(tmp_path):
+    """slmpkg writes Mistral as llama; GroupQueryAttention's local_window_size carries the window back
+    (llama.cpp's llama graph ignores it; runtimes that honour it find it in the GGUF)."""
+    from gguf import GGUFValueType
+
+    from slmpkg.checkpoint import MetaValue
+    from slmpkg.formats import onnx as onnx_format
+
+    canonical = _canonical(_hf_model(tmp_path / "hf", "mistral"))
+    assert canonical.get("llama.attention.sliding_window") is None
+    canonical.metadata["llama.attention.sliding_window"] = MetaValue(GGUFValueType.UINT32, 4)
+    onnx_format.write(tmp_path / "onnx", canonical)
+    with pytest.warns(UserWarning, match="sliding_window=4"):  # from_hf's warning: llama.cpp attends to all
+        ckpt = onnx_import.read(tmp_path / "onnx")
+    assert ckpt.get("llama.attention.sliding_window") == 4
+
+
+def test_longrope_base_and_exact_factors_from_the_config_the_writer_embeds(tmp_path):
+    """LongRoPE's caches fix base^(-2j/d) / factor_j, not the base and factors apart: without help the
+    import assumes Phi-3's base 10000 (wrong here) and gets factors within an ulp; the model's config.json
+    stored as a model property (what the writer is asked to add) gives both exactly."""
+    from gguf import GGUFValueType
+
+    from slmpkg.checkpoint import MetaValue
+    from slmpkg.formats import onnx as onnx_format
+
+    hf = _hf_model(tmp_path / "hf", "phi3-longrope")
+    canonical = _canonical(hf)
+    canonical.metadata["phi3.rope.freq_base"] = MetaValue(GGUFValueType.FLOAT32, 20000.0)
+    onnx_dir = tmp_path / "onnx"
+    onnx_format.write(onnx_dir, canonical)
+    guessed = onnx_import.read(onnx_dir)
+    assert guessed.get("phi3.rope.freq_base") == 10000.0  # the graph alone cannot say 20000
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    config = architectures.to_hf(canonical).sidecar["config.json"]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = onnx_import.CONFIG_PROPERTY, config.decode() if isinstance(config, bytes) else config
+    onnx.save_model(model, str(onnx_dir / "model.onnx"))
+    ckpt = onnx_import.read(onnx_dir)
+    assert ckpt.get("phi3.rope.freq_base") == 20000.0
+    ours, ref = ({t.name: t for t in c.tensors} for c in (ckpt, canonical))
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert np.array_equal(ours[name].float32(), ref[name].float32()), name
+    for key, item in canonical.metadata.items():  # this directory has no tokenizer files: the model's keys
+        if key.startswith("phi3.") or key == "slmpkg.rope_scaling":
+            same = np.float32 if item.type.name == "FLOAT32" else (lambda v: v)
+            assert same(ckpt.get(key)) == same(item.value), key
+
+
 # ---- onnxruntime-genai's builder -------------------------------------------------------------------
 
 
