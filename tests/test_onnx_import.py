@@ -7,7 +7,10 @@ and as optimum-style graphs built here (anonymous ``onnx::MatMul_N`` weights nam
 scope, HF norm names, ``Add`` biases; also as a merged decoder inside ``If`` branches). Each import must
 give back every source weight bit for bit (int4: the weights onnxruntime computes with, up to the fp16
 rounding of scales); transformers loads the safetensors result and computes the source's logits;
-llama.cpp runs the GGUF result; ONNX → GGUF → ONNX keeps every initializer. Bad input (external data
+llama.cpp runs the GGUF result; ONNX → GGUF → ONNX keeps every initializer. Every other family the
+writer exports (Mistral, Mixtral, Phi-3 with and without LongRoPE, Gemma 1/2/3, Granite) is imported from
+the graph alone (no config.json): the source's weights and GGUF metadata, transformers' logits from the
+safetensors result, llama.cpp's from the F32 GGUF; f16 and int4 graphs too. Bad input (external data
 outside the directory, missing, short; a file that is not ONNX) fails with one line, exit 1 and nothing
 at the output.
 """
@@ -339,6 +342,54 @@ def test_every_family_f16_onnx_imports_to_the_source_rounded_once(family_source,
             np.testing.assert_allclose(ours[t.name].float32(), t.float32(), rtol=5e-4)
         else:
             assert np.array_equal(ours[t.name].float32(), expected), t.name
+
+
+def _ort_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    """onnxruntime's logits for ``ids`` with an empty cache (f32 graph)."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    return session.run(["logits"], feed)[0][0]
+
+
+def test_every_family_int4_onnx_runs_in_llama_cpp_like_onnxruntime(family_source, tmp_path):
+    """MatMulNBits linears (Phi-3's fused ones too; Mixtral's router and experts stay float) come back as
+    Q4_0 blocks of exactly the weights onnxruntime computes with: dequantized to F32 (so llama.cpp does
+    not round activations to Q8_0), llama.cpp's logits are onnxruntime's on the int4 graph.
+
+    Gemma 1/2 are the exception by design: llama.cpp's graph reads the embedding as the output matrix,
+    so the float embedding is the head, not the graph's int4 copy of it (about 3% of the logit span apart)."""
+    pytest.importorskip("llama_cpp")
+    from test_convert import _llama_logits
+
+    from slmpkg.checkpoint import Checkpoint
+    from slmpkg.quant import QuantType
+
+    family, hf, _ = family_source
+    int4 = tmp_path / "onnx-int4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(hf, int4, to="onnx", quant="int4", progress=False)
+        ckpt = onnx_import.read(int4)
+    types = {t.name: t.qtype for t in ckpt.tensors}
+    fused = "blk.0.attn_qkv.weight" if family.startswith("phi3") else "blk.0.attn_q.weight"
+    assert types[fused] is QuantType.Q4_0 and types["blk.0.attn_norm.weight"] is QuantType.F32
+    if family == "mixtral":
+        assert types["blk.0.ffn_gate_exps.weight"] is QuantType.F32 and types["blk.0.ffn_gate_inp.weight"] is QuantType.F32
+    if family in ("gemma", "gemma2"):
+        assert "output.weight" not in types and types["token_embd.weight"] is QuantType.F32
+        return
+    dequantized = Checkpoint(ckpt.metadata, [t if t.qtype is QuantType.F32 else t.converted(QuantType.F32)
+                                             for t in ckpt.tensors], sidecar={})
+    gguf = tmp_path / "from-int4-F32.gguf"
+    gguf_format.write(gguf, dequantized)
+    ids = _ids(hf, PROMPTS[0])
+    ref, ours = _ort_logits(int4, ids), _llama_logits(gguf, ids)
+    assert np.abs(ours - ref).max() <= 2e-3 * (ref.max() - ref.min()), family
 
 
 def test_mistral_window_comes_back_from_the_attention_nodes(tmp_path):
