@@ -862,6 +862,8 @@ def _hf_config(
     if config is None:  # settings the graph holds, when no config.json says them
         _rope_config(g, facts, cfg)
         _graph_config(facts, cfg, n_layer)
+        if family == "MixtralForCausalLM" and cfg["head_dim"] == hidden // n_head:
+            del cfg["head_dim"]  # transformers' Mixtral saves none when it is the default (no key_length in GGUF)
     cfg.setdefault("model_type", _MODEL_TYPES[family])
     if family in _GEMMAS:
         cfg.setdefault("hidden_activation" if family != "GemmaForCausalLM" else "hidden_act", "gelu_pytorch_tanh")
@@ -982,11 +984,8 @@ def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
     rope: dict[str, Any] = {"rope_type": "longrope", "rope_theta": base}
     magnitudes = {}
     for kind, (cos, sin) in caches.items():
-        as_stored = lambda t: t.array().view({QuantType.F32: np.float32, QuantType.F16: np.float16}.get(t.qtype, np.float32))  # noqa: E731
-        if cos.qtype is QuantType.BF16:
-            as_stored = lambda t: _as_f64(t).astype(np.float32)  # noqa: E731
-        stored_cos = as_stored(cos)
-        factors, magnitudes[kind] = _longrope_factors(stored_cos, as_stored(sin), base, f"{g.file}: {cos.name}")
+        stored_cos = _as_stored_floats(cos)
+        factors, magnitudes[kind] = _longrope_factors(stored_cos, _as_stored_floats(sin), base, f"{g.file}: {cos.name}")
         stored_type = stored_cos.dtype.type
         rope[f"{kind}_factor"] = [float(f) for f in factors]
     width = caches["long"][0].shape[1]
@@ -1026,6 +1025,15 @@ def _embedded_config(g: _Graph) -> Optional[dict[str, Any]]:
     if not isinstance(data, dict):
         raise FormatError(f"{g.file}: model property {CONFIG_PROPERTY} is not a JSON object")
     return data
+
+
+def _as_stored_floats(s: _Stored) -> np.ndarray:
+    """A small float initializer in its own float type (bf16, which numpy lacks, as float32: exact)."""
+    if s.qtype is QuantType.F16:
+        return s.array().view(np.float16)
+    if s.qtype is QuantType.F32:
+        return s.array().view(np.float32)
+    return _as_f64(s).astype(np.float32)
 
 
 def _as_f64(s: _Stored) -> np.ndarray:

@@ -266,6 +266,9 @@ def test_every_family_imports_to_the_source_weights_and_metadata(family_source):
         ckpt, reference = onnx_import.read(onnx_dir), _canonical(hf)
     _assert_same_weights(ckpt, reference)
     _assert_same_model_metadata(ckpt, reference)
+    # nothing the source lacks, but the special ids genai_config.json always records (pad = eos)
+    extra = set(ckpt.metadata) - set(reference.metadata)
+    assert extra <= {"general.name", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id"}, extra
     # what makes each family differ, named (the comparison above holds them, this says they are there)
     md = {k: v.value for k, v in ckpt.metadata.items()}
     if family == "mixtral":
