@@ -25,7 +25,9 @@ Granite; others give a FormatError naming the family). An ``lm_head`` equal to t
 builder's shared initializer, or slmpkg's copy) is tied: one matrix in GGUF, ``tie_word_embeddings``
 in config.json. Mixtral's ``com.microsoft.MoE`` fused SwiGLU experts (gate and up rows interleaved)
 come apart into ``ffn_gate_exps``/``ffn_up_exps``; Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` stay
-fused, as llama.cpp's phi3 graph reads them.
+fused, as llama.cpp's phi3 graph reads them (separate projections, as the builder writes gate and up,
+are fused). The builder's Mistral, Phi-3, Gemma 2 (HF's sandwich-norm names) and Granite graphs
+(multipliers on the skip input, logits × 1/scale) are read too.
 
 Metadata comes from ``config.json`` when it is beside the model (optimum writes it) or stored in the
 model's ``metadata_props`` under ``slmpkg.config.json`` (:data:`CONFIG_PROPERTY`), else from
@@ -104,8 +106,9 @@ _PROJECTIONS = {
 _NORMS = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "final_norm_layernorm": "output_norm",
-    # Gemma 2/3's norms after each branch (slmpkg's names)
+    # Gemma 2/3's norms after each branch (slmpkg's names; HF's, which the builder keeps, below)
     "post_attention_norm": "post_attention_norm", "post_feedforward_norm": "post_ffw_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
 }
 # ops whose weight input is the scale as applied (no Gemma offset left to add)
 _APPLIED_NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
@@ -757,12 +760,18 @@ class _Facts:
         """Granite's multiplier of each residual branch: a ``Mul`` by a constant right before the
         residual add (``SkipSimplifiedLayerNormalization``'s first input)."""
         for node in g.nodes:
-            if node.op_type == "SkipSimplifiedLayerNormalization":
-                producer = g.producer.get(node.input[0])
-                if producer is not None and producer.op_type == "Mul":
-                    value = next((_scalar(g, i) for i in producer.input if _scalar(g, i) is not None), None)
-                    if value is not None:
-                        return value
+            if node.op_type != "SkipSimplifiedLayerNormalization":
+                continue
+            for value_name in node.input[:2]:  # slmpkg multiplies the branch (input 0), the builder the skip (1)
+                producer = g.producer.get(value_name)
+                if producer is None or producer.op_type != "Mul":
+                    continue
+                data = [g.producer.get(i) for i in producer.input if _scalar(g, i) is None]
+                if any(d is not None and d.op_type == "Gather" for d in data):
+                    continue  # the embedding's multiplier
+                value = next((_scalar(g, i) for i in producer.input if _scalar(g, i) is not None), None)
+                if value is not None:
+                    return value
         return None
 
     @staticmethod
@@ -779,7 +788,11 @@ class _Facts:
         if [op for op, _ in steps[-3:]] == ["Div", "Tanh", "Mul"] and steps[-3][1] == steps[-1][1]:
             cap = steps[-1][1]
             steps = steps[:-3]
-        scale = steps[0][1] if [op for op, _ in steps] == ["Div"] else None
+        scale = None
+        if [op for op, _ in steps] == ["Div"]:
+            scale = steps[0][1]
+        elif [op for op, _ in steps] == ["Mul"] and steps[0][1]:  # the builder multiplies by 1 / scale
+            scale = float(str(np.float32(1.0 / steps[0][1])))
         return scale, cap
 
 
@@ -1121,11 +1134,15 @@ def _embedding(g: _Graph) -> tuple[Optional[LazyTensor], Optional[_Stored]]:
 def _norms(g: _Graph) -> dict[str, tuple[LazyTensor, bool]]:
     """Norm weights by GGUF name, with whether the graph applies them as stored (fused norm ops)."""
     out: dict[str, tuple[LazyTensor, bool]] = {}
+    # Gemma 2/3 in HF's names: with a pre_feedforward_layernorm, post_attention_layernorm is the norm
+    # after attention (llama.cpp's post_attention_norm), not the one before the MLP
+    sandwich = any("pre_feedforward_layernorm" in name for name in g.inits)
+    names = dict(_NORMS, post_attention_layernorm="post_attention_norm") if sandwich else _NORMS
     for name, init in g.inits.items():
         if init.qtype is None or len(init.shape) != 1:
             continue
         parts = _parts(name)
-        stem = next((_NORMS[p] for p in reversed(parts) if p in _NORMS), None)
+        stem = next((names[p] for p in reversed(parts) if p in names), None)
         layer = _layer_of(name)
         if stem is None and name in ("model.norm.weight", "norm.weight"):
             stem = "output_norm"
@@ -1258,6 +1275,16 @@ def read(path: PathLike) -> Checkpoint:
                     put(f"{stem}.{part}.{suffix}", _rows(src, start, start + size), src.name)
             start += size
 
+    if "attn_qkv" in kept and "attn_q" not in kept:  # Phi-3 from a graph with separate projections
+        for i in range(n_layer):
+            for whole, parts in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_up", ("ffn_gate", "ffn_up"))):
+                for suffix in ("weight", "bias"):
+                    names = [f"blk.{i}.{p}.{suffix}" for p in parts]
+                    if all(n in tensors for n in names):
+                        pieces = [tensors.pop(n) for n in names]
+                        target = f"blk.{i}.{whole}.{suffix}"
+                        tensors[target], origin[target] = _concat_rows(target, pieces), "+".join(t.name for t in pieces)
+
     # rotary layout: llama.cpp's llama graph wants q/k rows pair-adjacent; the graph's GQA says which it has
     wants_pairs = any(isinstance(r.transform, arch_mod.PermuteHeads) for r in family.layer_tensors)
     has_pairs = bool(facts.interleaved)
@@ -1288,6 +1315,18 @@ def read(path: PathLike) -> Checkpoint:
         ordered += [t for name, t in tensors.items() if name.startswith(f"blk.{i}.")]
     ordered += [tensors[n] for n in ("output_norm.weight", "output.weight") if n in tensors]
     return Checkpoint(metadata, ordered, sidecar={})
+
+
+def _concat_rows(name: str, parts: list[LazyTensor]) -> LazyTensor:
+    """``parts`` stacked row-wise (Phi-3's fused q/k/v or gate/up), one part in memory besides the result."""
+    qtype = parts[0].qtype
+    if any(p.qtype is not qtype or p.shape[1:] != parts[0].shape[1:] for p in parts):
+        raise FormatError(f"{name}: the projections to fuse differ in type or width")
+
+    def raw() -> np.ndarray:
+        return np.concatenate([np.asarray(p.raw()).reshape(-1).view(np.uint8) for p in parts])
+
+    return LazyTensor(name, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), qtype, raw)
 
 
 def _experts(g: _Graph, node: Any, layer: int) -> dict[str, LazyTensor]:

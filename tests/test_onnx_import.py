@@ -478,6 +478,23 @@ def test_genai_builder_graph_imports_to_the_source_weights(hf_source, tmp_path):
     np.testing.assert_array_equal(_hf_outputs(out, ids, family), _hf_outputs(hf, ids, family))
 
 
+@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2", "granite"])
+def test_genai_builder_graphs_of_more_families_import_to_the_source(family, tmp_path):
+    """The builder's own layout of these families: Phi-3 with separate gate/up (fused back for llama.cpp),
+    Gemma 2 with HF's sandwich-norm names, Granite's residual multiplier on the skip input and its logits
+    multiplied by 1/scale. Phi-3's window is left out: the builder writes none for a window longer than
+    the context (llama.cpp's phi3 ignores it anyway)."""
+    hf = _hf_model(tmp_path / "hf", family)
+    built = _genai_build(hf, tmp_path / "genai")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt, reference = onnx_import.read(built), _canonical(hf)
+    _assert_same_weights(ckpt, reference)
+    if family == "phi3":
+        del reference.metadata["phi3.attention.sliding_window"]
+    _assert_same_model_metadata(ckpt, reference)
+
+
 def _nbits_weight(graph, node) -> np.ndarray:
     """The float W [N, K] onnxruntime computes with for one MatMulNBits node: identity input, exact
     arithmetic (accuracy_level 0), the node's own initializers."""
