@@ -17,6 +17,7 @@ artifacts that work. The goal (issue 4): slmpkg ≤ 0.5× the builder's time and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -35,11 +36,12 @@ def logits(model_dir: Path, ids: list[int]) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]  # the builder leaves them symbolic
     feeds: dict[str, np.ndarray] = {"input_ids": np.array([ids], np.int64),
                                     "attention_mask": np.ones((1, len(ids)), np.int64)}
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values."):
-            heads, head_dim = inp.shape[1], inp.shape[3]
             dtype = np.float16 if "float16" in inp.type else np.float32
             feeds[inp.name] = np.zeros((1, heads, 0, head_dim), dtype)
     return sess.run(["logits"], feeds)[0][0].astype(np.float32)

@@ -77,6 +77,8 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -315,43 +317,53 @@ def quantize_float(
         x = np.pad(x, ((0, 0), (0, kb * block_size - k)))
     xb = x.reshape(n, kb, block_size)
     top = F32((1 << bits) - 1)
-    hi = xb.max(axis=2)  # maximum.reduce: SIMD, twice fmax's speed (weights are finite)
-    lo = xb.min(axis=2)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    q = np.empty((n, kb, block_size), np.uint8)
+    scales = np.empty((n, kb), scale_dtype)
+    zp_int = np.empty((n, kb), np.int16)
+
+    def slab(rows: slice) -> Any:
+        """Scales, zero points and levels of some rows, and their largest error."""
+        x_rows = xb[rows]
+        hi = x_rows.max(axis=2)  # maximum.reduce: SIMD, twice fmax's speed (weights are finite)
+        lo = x_rows.min(axis=2)
         if symmetric:
             # the larger magnitude maps to level 0 (-2**(bits-1)); a tie picks the minimum, as MLAS
             extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-            scales = (-extreme / F32(default_zero_point(bits))).astype(scale_dtype)
-            zp_int = np.full((n, kb), default_zero_point(bits), np.int16)
+            scales[rows] = -extreme / F32(default_zero_point(bits))
+            zp_int[rows] = default_zero_point(bits)
         else:
             lo0 = np.minimum(lo, F32(0.0))
             hi0 = np.maximum(hi, F32(0.0))
             scale_f = (hi0 - lo0) / top
             zp_f = np.where(scale_f != 0, F32(0.0) - lo0 / scale_f, lo0).astype(F32)
-            zp_int = np.clip(_roundf(np.nan_to_num(zp_f)), 0, top).astype(np.int16)
-            scales = scale_f.astype(scale_dtype)
+            zp_int[rows] = np.clip(_roundf(np.nan_to_num(zp_f)), 0, top)
+            scales[rows] = scale_f
         # levels use the scale as stored (MLAS reads back a float16 scale before dividing by it)
-        s32 = scales.astype(F32)
+        s32 = scales[rows].astype(F32)[:, :, None]
         inv = np.where(s32 != 0, F32(1.0) / s32, F32(0.0)).astype(F32)
-        zpf = zp_int.astype(F32)
-        q = np.empty((n, kb, block_size), np.uint8)
-        error = F32(0.0)
-        # rows in cache-sized slabs: the passes below are memory-bound on whole tensors
-        step = max(1, _SLAB_ELEMENTS // (kb * block_size))
-        for r in range(0, n, step):
-            rows = slice(r, r + step)
-            v = xb[rows] * inv[rows, :, None]
-            v += zpf[rows, :, None]
-            v = _roundf(v)
-            np.clip(v, F32(0.0), top, out=v)
-            q[rows] = v
-            # dequantize()'s arithmetic: level - zp is exact in float32, then one rounding by the
-            # scale; padding (x = 0 at level zp) adds no error
-            v -= zpf[rows, :, None]
-            v *= s32[rows, :, None]
-            v -= xb[rows]
-            if v.size:
-                error = max(error, np.fmax.reduce(np.abs(v), axis=None))
+        zpf = zp_int[rows].astype(F32)[:, :, None]
+        v = x_rows * inv
+        v += zpf
+        v = _roundf(v)
+        np.clip(v, F32(0.0), top, out=v)
+        q[rows] = v
+        # dequantize()'s arithmetic: level - zp is exact in float32, then one rounding by the
+        # scale; padding (x = 0 at level zp) adds no error
+        v -= zpf
+        v *= s32
+        v -= x_rows
+        return np.fmax.reduce(np.abs(v), axis=None) if v.size else F32(0.0)
+
+    # rows in cache-sized slabs, on every core (numpy releases the GIL): each pass over a whole
+    # tensor would be memory-bound
+    step = max(1, _SLAB_ELEMENTS // (kb * block_size))
+    slabs = [slice(r, r + step) for r in range(0, n, step)]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if len(slabs) > 1 and _WORKERS > 1:
+            with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+                error = max(pool.map(slab, slabs), default=F32(0.0))
+        else:
+            error = max(map(slab, slabs), default=F32(0.0))
     packed = pack_levels(q, bits)
     zero_points = None if symmetric else _pack_zero_points(zp_int, bits)
     return NBitsWeight(bits, block_size, n, k, packed, scales, zero_points), float(error)
@@ -359,6 +371,7 @@ def quantize_float(
 
 # float32 elements per slab of from_float's rounding passes (1 MiB: stays in L2)
 _SLAB_ELEMENTS = 1 << 18
+_WORKERS = os.cpu_count() or 1
 
 
 def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
