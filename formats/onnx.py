@@ -380,20 +380,17 @@ class _Builder:
         t = self.tensors.get(name)
         if t is None:
             raise FormatError(f"ONNX export: the checkpoint lacks tensor {name}")
-        opts, scale_dtype = self.linear_weights, self.dtype
-        quantized = t.qtype.name not in ("F32", "F16", "BF16")
-        bits = opts.bits
-        if quantized and opts.carry_quantized:
-            if t.qtype in LINEAR_TYPES:
-                packed, carry = from_gguf(t, scale_dtype=scale_dtype, separate_min=opts.separate_min)
-                bits = None
-            elif bits is None:
-                bits = 4  # IQ types have no linear form: re-quantized (the report says so) rather than inflated
-        if bits is not None:
-            packed, error = quantize_float(t.float32(), bits, opts.block_size, opts.symmetric, scale_dtype)
+        opts = self.linear_weights
+        carried = opts.carry_quantized and t.qtype.name not in ("F32", "F16", "BF16")
+        if carried and t.qtype in LINEAR_TYPES:
+            packed, carry = from_gguf(t, scale_dtype=self.dtype, separate_min=opts.separate_min)
+        else:
+            # IQ types have no linear form: re-quantized (the report says so) rather than inflated to float
+            bits = opts.bits if opts.bits is not None or not carried else 4
+            if bits is None:
+                return None
+            packed, error = quantize_float(t.float32(), bits, opts.block_size, opts.symmetric, self.dtype)
             carry = Carry(t.name, t.qtype.name, REQUANTIZED, error)
-        elif not (quantized and opts.carry_quantized):
-            return None
         if self.on_tensor is not None:
             self.on_tensor(t)
         if self.on_carry is not None:
