@@ -1,9 +1,9 @@
 """Where a build's input comes from: a local file or directory, or a Hugging Face Hub repo (``hf://``), and
 the sha256 of every file in it (the provenance's resolved dependencies and the build's cache key).
 
-Hub sources are fetched with ``huggingface_hub.snapshot_download`` into a folder of the build
+Hub sources are fetched through huggingface_hub's HTTP session into a folder of the build
 (``HF_ENDPOINT`` and ``HF_TOKEN`` apply); an interrupted download keeps its partial files and the next
-run continues them. Digests are remembered by file identity (size, mtime, inode), so a rebuild with
+run continues them with range requests. Digests are remembered by file identity (size, mtime, inode), so a rebuild with
 unchanged inputs reads no source bytes.
 
 Example:
@@ -22,7 +22,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from ._io import atomic_writes
 from .errors import SlmpkgError, UsageError
@@ -121,13 +121,14 @@ def file_digest(path: PathLike) -> str:
 
 
 def _listing(root: Path) -> list[tuple[str, Path]]:
-    """Files of a source directory, hidden entries (.git, .cache, .gitattributes) left out."""
+    """Files of a source directory; hidden entries (.git, .cache, .gitattributes) and the partial
+    files of an interrupted download left out."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
         for name in sorted(filenames):
-            if not name.startswith("."):
+            if not name.startswith(".") and not name.endswith(".partial"):
                 out.append(((rel / name).as_posix(), Path(dirpath) / name))
     return out
 
@@ -162,36 +163,112 @@ def resolve_source(
     return Source(resolved, path, tuple(entries), revision)
 
 
-def fetch_hub(url: str, download_dir: Path) -> tuple[Path, str]:
-    """Download ``hf://org/repo[@rev]`` into ``download_dir/org--repo`` (resuming partial files);
-    return the folder and the commit it holds."""
+_FETCH_RECORD = ".slmpkg-fetch.json"
+
+
+def fetch_hub(url: str, download_dir: Path, progress: Optional[Callable[[int], None]] = None) -> tuple[Path, str]:
+    """Download ``hf://org/repo[@rev]`` into ``download_dir/org--repo``; return the folder and the commit.
+
+    The revision is resolved to a commit once and every file is read at that commit. Each file is
+    fetched with huggingface_hub's HTTP session (``HF_ENDPOINT``, ``HF_TOKEN``, the Hub's redirects to
+    its storage) into ``NAME.partial``; a partial file left by an interrupted run is continued with a
+    ``Range`` request, so a rerun downloads only what is missing. huggingface_hub's own downloader
+    (2.x) deletes its partial files when a download fails, hence this loop. LFS files are checked
+    against the sha256 the Hub lists, every file against its size; files already complete at the same
+    commit are not fetched again.
+    """
     repo_id, revision = parse_hub_url(url)
     try:
-        from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub import HfApi, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.hf_api import RepoFile
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise SourceError(f"{url}: needs huggingface_hub") from None
     target = download_dir / repo_id.replace("/", "--")
+    api = HfApi()
     try:
-        commit = HfApi().model_info(repo_id, revision=revision).sha
+        commit = api.model_info(repo_id, revision=revision).sha
         if not commit:
             raise SourceError(f"{url}: the Hub did not say which commit {revision or 'main'} is")
-        path = Path(snapshot_download(repo_id, revision=commit, local_dir=target))
+        entries = [e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)]
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise SourceError(f"{url}: {type(e).__name__.replace('Error', '').lower()} ({_first_line(e)})") from None
-    except LocalEntryNotFoundError as e:
-        raise SourceError(f"{url}: cannot reach the Hub and no local copy ({_first_line(e)})") from None
-    except (HfHubHTTPError, OSError) as e:
-        kept = sum(p.stat().st_size for p in target.rglob("*.incomplete")) if target.exists() else 0
-        hint = f"; {kept / 1e6:.1f} MB kept, rerun to resume" if kept else ""
-        raise SourceError(f"{url}: download failed ({_first_line(e)}){hint}") from None
-    except Exception as e:  # requests/httpx transport errors have no common base the hub re-exports
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"):
+        raise SourceError(f"{url}: {_first_line(e)}") from None
+    except HfHubHTTPError as e:
+        raise SourceError(f"{url}: the Hub refused the request ({_first_line(e)})") from None
+    except OSError as e:
+        raise SourceError(f"{url}: cannot reach the Hub ({_first_line(e)})") from None
+    files = {e.path: e for e in entries if not any(part.startswith(".") for part in e.path.split("/"))}
+    if not files:
+        raise SourceError(f"{url}: the repo holds no files at {commit}")
+    target.mkdir(parents=True, exist_ok=True)
+    record_path = target / _FETCH_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    done: dict[str, Any] = record.get("files", {}) if record.get("commit") == commit else {}
+    for name, entry in sorted(files.items()):
+        dest = target / name
+        want = {"size": entry.size, "blob": entry.blob_id, "sha256": entry.lfs.sha256 if entry.lfs else None}
+        if done.get(name) == want and dest.is_file() and dest.stat().st_size == entry.size:
+            continue
+        _download(hf_hub_url(repo_id, name, revision=commit), dest, entry.size, want["sha256"], f"{url}/{name}",
+                  progress)
+        done[name] = want
+        with atomic_writes([record_path]) as (f,):
+            f.write(json.dumps({"commit": commit, "files": done}, indent=1).encode())
+    # files of an earlier revision that this commit does not have
+    for p in list(target.rglob("*")):
+        rel = p.relative_to(target).as_posix()
+        if p.is_file() and rel not in files and not rel.startswith(".") and not rel.endswith(".partial"):
+            p.unlink()
+    return target, commit
+
+
+def _download(url: str, dest: Path, size: int, sha256: Optional[str], what: str,
+              progress: Optional[Callable[[int], None]]) -> None:
+    """One file into ``dest`` through ``dest.partial``, resuming it; checked, then renamed."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    partial = dest.with_name(dest.name + ".partial")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > size:
+        partial.unlink()
+        have = 0
+    headers = build_hf_headers()
+    if 0 < have < size:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        if have < size or size == 0:
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=30) as r:
+                if r.status_code == 200:
+                    have = 0  # the server sent the whole file
+                elif r.status_code != 206 or not headers.get("Range"):
+                    r.read()
+                    raise SourceError(f"{what}: the Hub answered HTTP {r.status_code}")
+                with open(partial, "r+b" if have else "wb") as f:
+                    f.seek(have)
+                    f.truncate()
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+    except SourceError:
+        raise
+    except Exception as e:  # the session's transport errors (httpx) have no base class huggingface_hub exports
+        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
             raise
-        kept = sum(p.stat().st_size for p in target.rglob("*.incomplete")) if target.exists() else 0
-        hint = f"; {kept / 1e6:.1f} MB kept, rerun to resume" if kept else ""
-        raise SourceError(f"{url}: download failed ({_first_line(e)}){hint}") from None
-    return path, commit
+        kept = partial.stat().st_size if partial.exists() else 0
+        hint = f"; {kept / 1e6:.1f} of {size / 1e6:.1f} MB kept, rerun to resume" if kept else ""
+        raise SourceError(f"{what}: download failed ({_first_line(e)}){hint}") from None
+    got = partial.stat().st_size
+    if got != size:
+        raise SourceError(f"{what}: the Hub sent {got} bytes, {size} expected; {got / 1e6:.1f} MB kept, rerun to resume")
+    if sha256 is not None and file_digest(partial) != sha256:
+        partial.unlink()
+        raise SourceError(f"{what}: downloaded bytes do not match the sha256 the Hub lists; removed, rerun to fetch again")
+    os.replace(partial, dest)
 
 
 def _first_line(e: BaseException) -> str:
