@@ -521,7 +521,8 @@ class Builder:
             self._save_state(i, {"key": self.node_key(i), "files": self._files_of(self.output(node)),
                                  "commands": made_from + [step.command]})
             result.steps.append(StepResult(i, "built", time.monotonic() - t))
-        jobs = [self.plan.nodes[i] for i in ids if self.plan.nodes[i].published]
+        # with --only, what the job needs is built but measured, signed and published by its own job
+        jobs = [self.plan.job(only)] if only else [self.plan.nodes[i] for i in ids if self.plan.nodes[i].published]
         for node in jobs:
             result.artifacts[node.id] = self.artifact_dir(node)
 
@@ -646,8 +647,8 @@ class Builder:
         from .sources import file_digest
 
         directory = self.artifact_dir(node)
-        key = _digest_json({"artifact": self.node_key(node.id), "signer": signer.key_hint,
-                            "recipe": self.recipe.document, "targets": list(node.targets),
+        parameters = self._external_parameters(node)
+        key = _digest_json({"artifact": self.node_key(node.id), "signer": signer.key_hint, "parameters": parameters,
                             "quality": report_digest(report) if report is not None else None})
         if self._up_to_date(f"sign-{node.id}", key, directory, signatures=True):
             result.steps.append(StepResult(f"sign {node.id}", "up to date"))
@@ -667,10 +668,8 @@ class Builder:
             byproducts.append({"name": "quality.json", "digest": {"sha256": report_digest(report)},
                                "annotations": report.summary()})
         statement = provenance.make_statement(
-            files,
-            {"recipe": self.recipe.document, "name": self.recipe.name, "version": self.recipe.version,
-             "source": self._source_uri_base(), "sourceDigest": src.digest, "artifact": node.spec.to_dict(),
-             "targets": list(node.targets), "commands": (self._load_state(node.id) or {}).get("commands", [])},
+            files, {**parameters, "sourceDigest": src.digest,
+                    "commands": (self._load_state(node.id) or {}).get("commands", [])},
             deps, started=started, byproducts=byproducts,
         )
         for stale in (directory / provenance.PROVENANCE_FILE, directory / signing.DEFAULT_SIGNATURE_NAME):
@@ -681,6 +680,17 @@ class Builder:
         self._save_state(f"sign-{node.id}", {"key": key, "files": self._files_of(directory, signatures=True)})
         result.steps.append(StepResult(f"sign {node.id}", "built", time.monotonic() - t))
         self.log(f"sign {node.id}: provenance.sigstore.json, model.sig")
+
+    def _external_parameters(self, node: Node) -> dict[str, Any]:
+        """What of the recipe shaped this artifact (another target's settings do not: changing them
+        leaves this artifact's provenance, signature and published manifest alone)."""
+        gates = {t: dict(zip(("max_kld", "min_top1"), self.recipe.gate(t))) for t in node.targets}
+        q = self.recipe.quality
+        return {"recipe": self.recipe.path.name if self.recipe.path else None, "name": self.recipe.name,
+                "version": self.recipe.version, "source": self._source_uri_base(), "artifact": node.spec.to_dict(),
+                "targets": list(node.targets),
+                "quality": {"gates": gates, "context": q.context, "chunks": q.chunks,
+                            "text": q.text.name if q.text else None}}
 
     def _source_uri_base(self) -> str:
         """How provenance names the source: its Hub commit, or the path the recipe gives."""
@@ -701,7 +711,7 @@ class Builder:
 
     def _publish(self, jobs: list[Node], signer: Any, result: BuildResult) -> None:
         from .registry import ls, push, tag
-        from .registry.errors import NotFoundError
+        from .registry.errors import ConflictError, NotFoundError
         from .signing import KeyVerifier
 
         store = self.store()
@@ -724,11 +734,17 @@ class Builder:
                     continue
                 t = time.monotonic()
                 quant, bpw = self._manifest_quant(node)
-                pushed = push(store, ref, self.artifact_dir(node), target, signer, verifier=verifier,
-                              format=node.spec.format, quant=quant, bits_per_weight=bpw,
-                              source_digest=f"sha256:{self.source().digest}",
-                              options={"artifact": node.id, **node.spec.to_dict()["options"]},
-                              expires_in=expires)
+                try:
+                    pushed = push(store, ref, self.artifact_dir(node), target, signer, verifier=verifier,
+                                  format=node.spec.format, quant=quant, bits_per_weight=bpw,
+                                  source_digest=f"sha256:{self.source().digest}",
+                                  options={"artifact": node.id, **node.spec.to_dict()["options"]},
+                                  expires_in=expires)
+                except ConflictError as e:
+                    if "other content" not in str(e):
+                        raise
+                    raise ConflictError(f"{ref} is already published with other content for {target} ({node.id} "
+                                        f"changed); raise the version in {self.recipe.path}") from None
                 self._save_state(what, {"sign": sign_state.get("key"), "registry": store.url,
                                         "manifest": pushed.manifest_digest})
                 result.published.append({"target": target, "artifact": node.id, "manifest": pushed.manifest_digest,

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -737,7 +738,13 @@ def write_report(reports: Sequence[QualityReport], out_dir: PathLike, *, title: 
     if gate is not None:
         document["gate"] = gate
     paths = {"json": out / "quality.json", "markdown": out / "quality.md", "html": out / "quality.html"}
-    paths["json"].write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+    text = json.dumps(document, indent=2, default=_json_default) + "\n"
+    with contextlib.suppress(OSError):
+        if paths["json"].read_text() == text and all(p.exists() for p in paths.values()):
+            # the same report again (a build with nothing to do): leave the files as they are
+            paths.update({p.stem: p for p in out.glob("*.png")})
+            return paths
+    paths["json"].write_text(text)
     md = _markdown(reports, title, gate)
     paths["markdown"].write_text(md)
     images = _plots(reports, out)

@@ -262,13 +262,13 @@ def parse_recipe(document: Mapping[str, Any], path: Optional[PathLike] = None) -
         unknown(set(own), _TARGET_KEYS, f"target.{t}.")
         merged = {**defaults, **own}
 
-        def where(key: str) -> str:
+        def key_of(key: str) -> str:
             return f"target.{t}.{key}" if key in own else f"defaults.{key}"
 
         entry = TARGETS_BY_NAME[t]
-        fmt = string(merged.get("format", entry.format), where("format")).lower()
+        fmt = string(merged.get("format", entry.format), key_of("format")).lower()
         if fmt not in FORMATS:
-            raise bad(where("format"), f"{fmt!r} is not one of {', '.join(FORMATS)}")
+            raise bad(key_of("format"), f"{fmt!r} is not one of {', '.join(FORMATS)}")
         # A default quantization applies to the targets whose format it fits; a target's own must fit.
         quant = None
         for value, key_where in ((own.get("quant"), f"target.{t}.quant"), (defaults.get("quant"), "defaults.quant")):
@@ -294,13 +294,13 @@ def parse_recipe(document: Mapping[str, Any], path: Optional[PathLike] = None) -
                 applies = False  # the GGUF's blocks are carried as they are
             if not applies:
                 if key in own:
-                    raise bad(where(key), f"does not apply to {fmt} {quant} artifacts")
+                    raise bad(key_of(key), f"does not apply to {fmt} {quant} artifacts")
                 continue  # a default for other formats
-            options[key] = _option(key, value, local_path, bad, where(key))
+            options[key] = _option(key, value, local_path, bad, key_of(key))
         settings: dict[str, Any] = {"format": fmt, "quant": quant, "options": tuple(sorted(options.items()))}
         for key in _GATE_KEYS:
             if key in merged:
-                settings[key] = _fraction_or_float(merged[key], bad, where(key), key)
+                settings[key] = _fraction_or_float(merged[key], bad, key_of(key), key)
         targets[t] = settings
 
     q = table(document.get("quality"), "quality")

@@ -83,6 +83,7 @@ class DigestCache:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._entries: dict[str, list] = {}
+        self._dirty = False
         if self.path is not None:
             with contextlib.suppress(OSError, ValueError):
                 loaded = json.loads(self.path.read_text())
@@ -100,14 +101,17 @@ class DigestCache:
         digest = file_digest(path)
         with self._lock:
             self._entries[key] = [*ident, digest]
+            self._dirty = True
         return digest, st.st_size
 
     def save(self) -> None:
-        if self.path is None:
+        """Write the file if anything was hashed since it was read."""
+        if self.path is None or not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, atomic_writes([self.path]) as (f,):
             f.write(json.dumps(self._entries, indent=0, sort_keys=True).encode())
+            self._dirty = False
 
 
 def file_digest(path: PathLike) -> str:
@@ -167,7 +171,7 @@ _FETCH_RECORD = ".slmpkg-fetch.json"
 
 
 def fetch_hub(url: str, download_dir: Path, progress: Optional[Callable[[int], None]] = None) -> tuple[Path, str]:
-    """Download ``hf://org/repo[@rev]`` into ``download_dir/org--repo``; return the folder and the commit.
+    """Download ``hf://org/repo[@rev]`` into ``download_dir/repo``; return the folder and the commit.
 
     The revision is resolved to a commit once and every file is read at that commit. Each file is
     fetched with huggingface_hub's HTTP session (``HF_ENDPOINT``, ``HF_TOKEN``, the Hub's redirects to
@@ -184,8 +188,11 @@ def fetch_hub(url: str, download_dir: Path, progress: Optional[Callable[[int], N
         from huggingface_hub.hf_api import RepoFile
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise SourceError(f"{url}: needs huggingface_hub") from None
-    target = download_dir / repo_id.replace("/", "--")
-    api = HfApi()
+    # named as the repo (a build has one source), as a clone would be: converters name models after it
+    target = download_dir / repo_id.split("/")[1]
+    # the endpoint as the environment says now (huggingface_hub reads HF_ENDPOINT once, at import)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    api = HfApi(endpoint=endpoint)
     try:
         commit = api.model_info(repo_id, revision=revision).sha
         if not commit:
@@ -195,8 +202,10 @@ def fetch_hub(url: str, download_dir: Path, progress: Optional[Callable[[int], N
         raise SourceError(f"{url}: {_first_line(e)}") from None
     except HfHubHTTPError as e:
         raise SourceError(f"{url}: the Hub refused the request ({_first_line(e)})") from None
-    except OSError as e:
-        raise SourceError(f"{url}: cannot reach the Hub ({_first_line(e)})") from None
+    except Exception as e:
+        if not _transport_error(e):
+            raise
+        raise SourceError(f"{url}: cannot reach the Hub at {api.endpoint} ({_first_line(e)})") from None
     files = {e.path: e for e in entries if not any(part.startswith(".") for part in e.path.split("/"))}
     if not files:
         raise SourceError(f"{url}: the repo holds no files at {commit}")
@@ -212,8 +221,8 @@ def fetch_hub(url: str, download_dir: Path, progress: Optional[Callable[[int], N
         want = {"size": entry.size, "blob": entry.blob_id, "sha256": entry.lfs.sha256 if entry.lfs else None}
         if done.get(name) == want and dest.is_file() and dest.stat().st_size == entry.size:
             continue
-        _download(hf_hub_url(repo_id, name, revision=commit), dest, entry.size, want["sha256"], f"{url}/{name}",
-                  progress)
+        _download(hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint), dest, entry.size, want["sha256"],
+                  f"{url}/{name}", progress)
         done[name] = want
         with atomic_writes([record_path]) as (f,):
             f.write(json.dumps({"commit": commit, "files": done}, indent=1).encode())
@@ -256,8 +265,8 @@ def _download(url: str, dest: Path, size: int, sha256: Optional[str], what: str,
                             progress(len(chunk))
     except SourceError:
         raise
-    except Exception as e:  # the session's transport errors (httpx) have no base class huggingface_hub exports
-        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
+    except Exception as e:
+        if not _transport_error(e):
             raise
         kept = partial.stat().st_size if partial.exists() else 0
         hint = f"; {kept / 1e6:.1f} of {size / 1e6:.1f} MB kept, rerun to resume" if kept else ""
@@ -269,6 +278,12 @@ def _download(url: str, dest: Path, size: int, sha256: Optional[str], what: str,
         partial.unlink()
         raise SourceError(f"{what}: downloaded bytes do not match the sha256 the Hub lists; removed, rerun to fetch again")
     os.replace(partial, dest)
+
+
+def _transport_error(e: BaseException) -> bool:
+    """A network failure: an OSError, or one of the HTTP client's own errors (huggingface_hub's
+    session is httpx's, whose errors have no base class huggingface_hub exports)."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
 
 
 def _first_line(e: BaseException) -> str:
