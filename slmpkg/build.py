@@ -721,7 +721,7 @@ class Builder:
         try:
             index = ls(store, ref, verifier=verifier)
         except NotFoundError:
-            index = {"targets": {}}
+            index = {"targets": {}, "manifests": {}}
         for node in jobs:
             sign_state = self._load_state(f"sign-{node.id}") or {}
             for target in node.targets:
@@ -731,6 +731,13 @@ class Builder:
                 if state and state.get("sign") == sign_state.get("key") and state.get("registry") == store.url \
                         and state.get("manifest") == published:
                     result.steps.append(StepResult(f"push {target}", "up to date"))
+                    continue
+                if published and self._same_model_files(node, index["manifests"].get(target, {})):
+                    # made again from scratch (a rerun CI job): the same model, signed again at another
+                    # time; what is published stays, with its own provenance and signature
+                    result.steps.append(StepResult(f"push {target}", "up to date",
+                                                   detail="published earlier with the same model files"))
+                    self.log(f"push {target}: {ref} already holds these model files")
                     continue
                 t = time.monotonic()
                 quant, bpw = self._manifest_quant(node)
@@ -743,8 +750,8 @@ class Builder:
                 except ConflictError as e:
                     if "other content" not in str(e):
                         raise
-                    raise ConflictError(f"{ref} is already published with other content for {target} ({node.id} "
-                                        f"changed); raise the version in {self.recipe.path}") from None
+                    raise ConflictError(f"{ref} is already published for {target} with other model files than "
+                                        f"{node.id} has now; raise the version in {self.recipe.path}") from None
                 self._save_state(what, {"sign": sign_state.get("key"), "registry": store.url,
                                         "manifest": pushed.manifest_digest})
                 result.published.append({"target": target, "artifact": node.id, "manifest": pushed.manifest_digest,
@@ -764,6 +771,16 @@ class Builder:
                     tag(store, f"{self.recipe.name}:{t}", self.recipe.version, signer, verifier=verifier,
                         expires_in=expires)
                     result.tags.append(t)
+
+    def _same_model_files(self, node: Node, manifest: dict[str, Any]) -> bool:
+        """Whether a published manifest holds exactly this artifact's model files (signatures aside)."""
+        from . import provenance
+        from .sources import file_digest
+
+        skip = ("model.sig", provenance.PROVENANCE_FILE)
+        theirs = {f["path"]: f["digest"].removeprefix("sha256:") for f in manifest.get("files", []) if f["path"] not in skip}
+        local = provenance.artifact_files(self.artifact_dir(node))
+        return bool(theirs) and len(theirs) == len(local) and all(theirs.get(n) == file_digest(p) for n, p in local)
 
     def _manifest_quant(self, node: Node) -> tuple[Optional[str], Optional[float]]:
         if node.spec.format != "gguf":

@@ -225,9 +225,22 @@ def test_republishing_other_bytes_under_the_same_version_is_refused(built, tmp_p
     changed.write_text(recipe.read_text().replace("[quality]", '[target.cpu-arm64]\nquant = "Q5_0"\n\n[quality]'))
     done = run_cli("build", changed, "-o", copy, "-q", cwd=work, env=env)
     assert done.returncode == 1
-    assert done.stderr.startswith("slmpkg: error: tiny:1.0 is already published with other content for cpu-arm64")
+    assert done.stderr.startswith("slmpkg: error: tiny:1.0 is already published for cpu-arm64 with other model files")
     assert "raise the version" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_a_build_from_scratch_of_a_published_version_publishes_nothing_new(built, tmp_path):
+    """A rerun CI job (a fresh machine) makes the same model files with a new provenance: the version
+    already holds them, so nothing is pushed and nothing fails."""
+    family, work, recipe, result, env = built
+    index = sorted((work / "registry").rglob("indexes/**/*.json"))
+    before = [p.read_bytes() for p in index]
+    again = Builder(load_recipe(recipe), tmp_path / "fresh").run(evaluate=False)
+    pushes = {s.id: (s.status, s.detail) for s in again.steps if s.id.startswith("push ")}
+    assert set(pushes) == {f"push {t}" for t in TARGETS}
+    assert all(status == "up to date" and "same model files" in detail for status, detail in pushes.values())
+    assert [p.read_bytes() for p in index] == before
 
 
 # ---- signatures and provenance ------------------------------------------------------------------
