@@ -169,7 +169,6 @@ class Step:
     id: str
     argv: tuple[str, ...]
     run: Callable[[], Any] = field(repr=False, compare=False)
-    outputs: tuple[Path, ...] = ()
 
     @property
     def command(self) -> str:
@@ -313,9 +312,6 @@ class Builder:
                                           cache=DigestCache(self.state_dir / "digests.json"))
         return self._source
 
-    def source_path(self) -> Path:
-        return self.source().path
-
     # -- steps ----------------------------------------------------------------------------------
 
     def _quant_options(self, spec: ArtifactSpec):
@@ -340,8 +336,7 @@ class Builder:
         if node.spec is None:  # the float GGUF
             ftype = self._float_type or (_float_type(src, self.plan.source_kind) if source is not None else None)
             argv = ["slmpkg", "convert", src_arg, "-o", _shown(out)] + (["--quant", ftype] if ftype else []) + ["-q"]
-            return Step(node.id, tuple(argv), lambda: convert(src, out, quant=ftype, threads=threads, progress=False),
-                        (out,))
+            return Step(node.id, tuple(argv), lambda: convert(src, out, quant=ftype, threads=threads, progress=False))
         spec = node.spec
         if spec.format == "gguf":
             imatrix = spec.option("imatrix")
@@ -364,7 +359,7 @@ class Builder:
             else:
                 argv = ["slmpkg", "convert", src_arg, "-o", _shown(out), "--quant", spec.quant, *extra, "-q"]
                 run = lambda: convert(src, out, quant=options, imatrix=imatrix, threads=threads, progress=False)  # noqa: E731
-            return Step(node.id, tuple(argv), lambda: (out.parent.mkdir(parents=True, exist_ok=True), run()), (out,))
+            return Step(node.id, tuple(argv), lambda: (out.parent.mkdir(parents=True, exist_ok=True), run()))
         if spec.format == "onnx":
             from .formats.onnx import LinearWeights
 
@@ -394,11 +389,11 @@ class Builder:
                 argv = ["slmpkg", "convert", src_arg, "-o", _shown(out), "--to", "onnx", "--quant", spec.quant, *extra, "-q"]
                 run = lambda: convert(src, out, to="onnx", quant=spec.quant, dtype=dtype, linear_weights=linear,  # noqa: E731
                                       threads=threads, progress=False)
-            return Step(node.id, tuple(argv), run, (out,))
+            return Step(node.id, tuple(argv), run)
         dtype = spec.quant.lower()
         argv = ["slmpkg", "convert", src_arg, "-o", _shown(out), "--to", "safetensors", "--dtype", dtype, "-q"]
         return Step(node.id, tuple(argv),
-                    lambda: convert(src, out, to="safetensors", dtype=dtype, threads=threads, progress=False), (out,))
+                    lambda: convert(src, out, to="safetensors", dtype=dtype, threads=threads, progress=False))
 
     def _uses_float(self, ids: Sequence[str]) -> bool:
         """Whether the float GGUF pays off for building ``ids``: two or more GGUFs from one HF/ONNX source."""
@@ -590,7 +585,7 @@ class Builder:
             text = q.text.read_text("utf-8") if q.text is not None else None
             t = time.monotonic()
             self.log(f"eval: {', '.join(n.id for n in todo)} against {self.recipe.source}")
-            made = evaluate_many([self.artifact_dir(n) for n in todo], self.source_path(), text=text,
+            made = evaluate_many([self.artifact_dir(n) for n in todo], self.source().path, text=text,
                                  context=q.context, max_chunks=q.chunks, runtime=self._runtime_wanted(),
                                  labels=[n.id for n in todo])
             per = (time.monotonic() - t) / len(todo)
