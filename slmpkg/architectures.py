@@ -185,6 +185,55 @@ class Rule:
         return "{x}" in self.hf
 
 
+@dataclass(frozen=True)
+class Fused:
+    """One tensor of another layout that holds several of the family's own (inside a layer).
+
+    transformers 5 saves MoE experts fused (``save_pretrained(save_original_format=False)``):
+    ``mlp.experts.gate_up_proj`` [experts, 2·ff, hidden] holds every expert's gate rows then up rows.
+    ``parts`` are the family's own names (with suffix) in row order; with ``{x}`` the leading axis is
+    the expert and each expert's rows are split equally among the parts.
+
+    Example:
+        >>> Fused("mlp.experts.down_proj", ("block_sparse_moe.experts.{x}.w2.weight",)).parts[0]
+        'block_sparse_moe.experts.{x}.w2.weight'
+    """
+
+    hf: str
+    parts: tuple[str, ...]
+
+    def split(self, t: LazyTensor, prefix: str) -> list[LazyTensor]:
+        """``t`` (named ``prefix + hf``) as lazy views of its parts, each a byte range of ``t``."""
+        per_expert = "{x}" in self.parts[0]
+        experts = t.shape[0] if per_expert else 1
+        rows = t.shape[1] if per_expert else t.shape[0]
+        tail = tuple(t.shape[2:] if per_expert else t.shape[1:])
+        if rows % len(self.parts):
+            raise FormatError(f"tensor {t.name}: {rows} rows do not split into {len(self.parts)} equal parts")
+        part_rows = rows // len(self.parts)
+        row_bytes = t.nbytes // (experts * rows)
+        out = []
+        for x in range(experts):
+            for i, name in enumerate(self.parts):
+                offset = (x * rows + i * part_rows) * row_bytes
+                size = part_rows * row_bytes
+                out.append(LazyTensor(prefix + name.format(x=x), (part_rows, *tail), t.qtype,
+                                      lambda o=offset, n=size: np.asarray(t.byte_range(o, n)).reshape(-1).view(np.uint8).copy()))
+        return out
+
+
+@dataclass(frozen=True)
+class Multimodal:
+    """A multimodal checkpoint whose language model is a supported family: the HF name prefixes of its
+    language model (mapped to the text class's) and of the other towers (left out, with a warning)."""
+
+    hf_class: str
+    text_class: str
+    prefixes: tuple[tuple[str, str], ...]
+    dropped: tuple[str, ...]
+    note: str
+
+
 # ---- hyperparameters ----------------------------------------------------------------------------
 
 
@@ -282,6 +331,8 @@ class Family:
     # among families sharing gguf_arch, this one is chosen when {arch}.<selector> is non-zero
     gguf_selector: Optional[str] = None
     encoder: bool = False
+    # other layouts transformers saves the same tensors in (read by from_hf; to_hf writes the family's own)
+    saved_as: tuple["Fused", ...] = ()
 
     @property
     def name(self) -> str:
@@ -791,6 +842,11 @@ FAMILIES: tuple[Family, ...] = (
         hooks=(_VOCAB_SIZE, _HEAD_DIM, _rope(dimension_count=True), _IGNORED_WINDOW),
         hf_config={"hidden_act": "silu"},
         gguf_selector="expert_count",
+        saved_as=(  # transformers 5's own layout
+            Fused("mlp.gate.weight", ("block_sparse_moe.gate.weight",)),
+            Fused("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{x}.w1.weight", "block_sparse_moe.experts.{x}.w3.weight")),
+            Fused("mlp.experts.down_proj", ("block_sparse_moe.experts.{x}.w2.weight",)),
+        ),
     ),
     Family(
         "llama", ("LlamaForCausalLM", "MistralForCausalLM"), "llama",
@@ -904,9 +960,59 @@ FAMILIES: tuple[Family, ...] = (
 # buffers transformers recomputes and some checkpoints still carry
 _BUFFERS = ("rotary_emb.inv_freq", "position_ids")
 
+MULTIMODAL: tuple[Multimodal, ...] = (
+    Multimodal(
+        "Gemma3ForConditionalGeneration", "Gemma3ForCausalLM",
+        # transformers' original layout (save_pretrained's default), then its own (save_original_format=False)
+        prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model.")),
+        dropped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+        note="llama.cpp reads the vision tower from a separate mmproj GGUF, which slmpkg does not write",
+    ),
+)
+
 
 def supported_hf_classes() -> list[str]:
-    return [c for f in FAMILIES for c in f.hf_classes]
+    return [c for f in FAMILIES for c in f.hf_classes] + [m.hf_class for m in MULTIMODAL]
+
+
+def _multimodal(config: Mapping[str, Any]) -> Optional[Multimodal]:
+    classes = config.get("architectures") or []
+    return next((m for m in MULTIMODAL if m.hf_class in classes), None)
+
+
+def _language_model(tensors: Sequence[LazyTensor], wrapper: Multimodal) -> list[LazyTensor]:
+    """The language model's tensors of a multimodal checkpoint under the text class's names; the other
+    towers are left out with one warning."""
+    kept, dropped = [], 0
+    for t in tensors:
+        new = next((to + t.name[len(frm):] for frm, to in wrapper.prefixes if t.name.startswith(frm)), None)
+        if new is not None:
+            kept.append(t.renamed(new))
+        elif t.name.startswith(wrapper.dropped):
+            dropped += 1
+        else:
+            raise FormatError(f"tensor {t.name} belongs to neither the language model nor a known tower of {wrapper.hf_class}")
+    if dropped:
+        warnings.warn(f"{wrapper.hf_class}: converting the language model only; the vision tower and projector "
+                      f"({dropped} tensors) are left out: {wrapper.note}", stacklevel=3)
+    return kept
+
+
+def _own_layout(family: Family, tensors: Sequence[LazyTensor]) -> list[LazyTensor]:
+    """Tensors saved in another layout (:attr:`Family.saved_as`) as lazy views in the family's own names."""
+    if not family.saved_as:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        head, _, rest = t.name.partition(f"{family.layer_prefix}.")
+        layer, _, inner = rest.partition(".")
+        fused = next((f for f in family.saved_as if f.hf == inner), None) if not head and layer.isdigit() else None
+        if fused is None:
+            out.append(t)
+        else:
+            out += fused.split(t, f"{family.layer_prefix}.{layer}.")
+    return out
 
 
 def family_for_hf(config: Mapping[str, Any], source: str = "config.json") -> Family:
@@ -1125,17 +1231,23 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         config = json.loads(ckpt.sidecar["config.json"])
     except ValueError as e:
         raise FormatError(f"config.json: not valid JSON ({e})") from None
+    wrapper = _multimodal(config)
+    source = list(ckpt.tensors)
     if "text_config" in config:  # multimodal wrappers keep the language model's settings here
         config = {**config, **config["text_config"]}
+    if wrapper is not None:
+        config["architectures"] = [wrapper.text_class]
+        source = _language_model(source, wrapper)
     metadata, extra = hf_metadata(config, ckpt.sidecar, name, tokenizer_required=True)
     family, dims = hf_dims(config)
     arch = family.gguf_arch
+    source = _own_layout(family, source)
 
     plan = _hf_plan(family, dims)
     tensors: list[LazyTensor] = list(extra)
     groups: dict[str, list[Optional[LazyTensor]]] = {}
     tied = config.get("tie_word_embeddings", True)
-    for t in ckpt.tensors:
+    for t in source:
         if t.name.endswith(_BUFFERS) or t.name in family.dropped:
             continue
         entry = plan.get(t.name)
