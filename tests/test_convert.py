@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from llama_ref import llama_quantize  # noqa: E402
-from test_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, byte_level_bpe, spm_bpe, wordpiece  # noqa: E402
+from test_tokenizer import GPT4O_REGEX, LLAMA3_REGEX, QWEN2_REGEX, byte_level_bpe, spm_bpe, wordpiece  # noqa: E402
 
 PROMPTS = ["Hello world, the quick brown fox", "numbers 1234 and café 🦙"]
 # LongRoPE's switch: transformers uses the long factors for sequences longer than this, llama.cpp for
@@ -76,6 +76,14 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
         return transformers.Phi3Config(
             **dict(decoder, max_position_embeddings=4 * LONGROPE_ORIGINAL), original_max_position_embeddings=LONGROPE_ORIGINAL,
             rope_parameters=rope, tie_word_embeddings=False, sliding_window=None, pad_token_id=tokenizer.eos_token_id,
+        )
+    if family == "phi4-mini":
+        # Phi-4-mini's shape: GQA, tied embeddings, partial rotary (0.75) with LongRoPE, a byte-level BPE
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": np.linspace(1.0, 1.2, 24).tolist(), "long_factor": np.linspace(1.0, 12.0, 24).tolist()}
+        return transformers.Phi3Config(
+            **dict(decoder, max_position_embeddings=4 * LONGROPE_ORIGINAL), original_max_position_embeddings=LONGROPE_ORIGINAL,
+            rope_parameters=rope, tie_word_embeddings=True, sliding_window=None, pad_token_id=tokenizer.eos_token_id,
         )
     gemma = dict(decoder, head_dim=64, rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id)
     if family == "gemma":  # Gemma 2B: multi-query attention, tied embeddings
@@ -123,7 +131,7 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
 
 
 FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama3-rope",
-            "phi3", "phi3-longrope", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral", "mixtral-fused",
+            "phi3", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral", "mixtral-fused",
             "bert"]
 # checkpoints saved in another layout than the one to_hf writes: transformers 5's fused experts
 # (save_original_format=False), a multimodal wrapper around the language model
@@ -132,7 +140,12 @@ MULTIMODAL = {"gemma3-mm"}
 
 
 def _tokenizer(path: Path, family: str) -> None:
-    if family.startswith("phi3"):
+    if family == "phi4-mini":  # GPT2Tokenizer with o200k's split regex, <|endoftext|> as bos/eos
+        byte_level_bpe(path, GPT4O_REGEX, llama3_style=False)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        tok.save_pretrained(path)
+    elif family.startswith("phi3"):
         spm_bpe(path)
         # Phi-3's vocabulary has <|endoftext|>; llama.cpp looks it up (token_to_id.at) in any model whose
         # general.name contains "phi3" or "phi-3", and fails to load without it
@@ -378,6 +391,10 @@ def test_family_metadata_reaches_llama_cpp(hf_dir, f32_gguf):
         assert md["phi3.rope.scaling.original_context_length"] == LONGROPE_ORIGINAL
         expected = (1 + np.log(4.0) / np.log(LONGROPE_ORIGINAL)) ** 0.5  # transformers' default for factor 4
         assert abs(md["phi3.rope.scaling.attn_factor"] - expected) < 1e-6
+    elif family == "phi4-mini":
+        assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-4o"
+        assert md["phi3.attention.head_count_kv"] == 2 and md["phi3.rope.dimension_count"] == 48
+        assert "output.weight" not in names and {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
     elif family == "gemma2":
         assert md["gemma2.attn_logit_softcapping"] == 5.0 and md["gemma2.final_logit_softcapping"] == 8.0
         assert md["gemma2.attention.sliding_window"] == 4

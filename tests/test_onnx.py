@@ -42,11 +42,11 @@ VARIANTS = {
     "phi3-window": ("phi3", {"sliding_window": WINDOW}),
 }
 FAMILIES = ["llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
-            "phi3-window", "phi3-longrope", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral",
+            "phi3-window", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral",
             "mixtral-fused"]
 # families whose q/k rows are GGUF-permuted (llama.cpp's llama graph) → GQA rotary_interleaved=1
 INTERLEAVED = {"llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "granite", "mixtral", "mixtral-fused"}
-GENAI_TYPES = {"mixtral": "decoder", "mixtral-fused": "decoder", "gemma3": "gemma3_text", "gemma3-mm": "gemma3_text"}
+GENAI_TYPES = {"phi4-mini": "phi3", "mixtral": "decoder", "mixtral-fused": "decoder", "gemma3": "gemma3_text", "gemma3-mm": "gemma3_text"}
 TOLERANCE = {"f32": 1e-4, "f16": 5e-3}  # × the reference logits' range (measured: ~1e-6 at f32, ~1e-3 at f16)
 
 

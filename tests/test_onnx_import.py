@@ -49,7 +49,7 @@ IMPORTED = FAMILIES + ["gemma"]  # what the import reads (Gemma: the builder's a
 # the other families slmpkg's writer exports, each with what makes it differ recovered from the graph:
 # Mistral (llama in GGUF), Mixtral's MoE node, Phi-3's fused projections and LongRoPE's two cache pairs,
 # Gemma 2/3's windows, soft-caps, post norms and local rope base, Granite's multipliers
-MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "gemma", "gemma2", "gemma3", "granite"]
+MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "granite"]
 
 
 def run(*args) -> "click.testing.Result":  # noqa: F821
@@ -379,7 +379,7 @@ def test_every_family_int4_onnx_runs_in_llama_cpp_like_onnxruntime(family_source
         convert(hf, int4, to="onnx", quant="int4", progress=False)
         ckpt = onnx_import.read(int4)
     types = {t.name: t.qtype for t in ckpt.tensors}
-    fused = "blk.0.attn_qkv.weight" if family.startswith("phi3") else "blk.0.attn_q.weight"
+    fused = "blk.0.attn_qkv.weight" if family.startswith(("phi3", "phi4")) else "blk.0.attn_q.weight"
     assert types[fused] is QuantType.Q4_0 and types["blk.0.attn_norm.weight"] is QuantType.F32
     if family == "mixtral":
         assert types["blk.0.ffn_gate_exps.weight"] is QuantType.F32 and types["blk.0.ffn_gate_inp.weight"] is QuantType.F32
