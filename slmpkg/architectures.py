@@ -325,7 +325,8 @@ class Family:
     layer_prefix: str = "model.layers"
     activations: tuple[str, ...] = ("silu",)  # hidden_act values llama.cpp's graph computes
     # llama.cpp's output matrix: "optional" (absent = tied to token_embd), "tied" (the graph always
-    # reads token_embd: an untied lm_head cannot be expressed), "none" (no output matrix: encoders)
+    # reads token_embd: an untied lm_head cannot be expressed), "required" (a tied one cannot be
+    # expressed), "none" (no output matrix: encoders)
     output: str = "optional"
     dropped: tuple[str, ...] = ()  # HF tensors with no place in llama.cpp's graph, left out
     # among families sharing gguf_arch, this one is chosen when {arch}.<selector> is non-zero
@@ -759,6 +760,26 @@ def _bert_backward(ctx: _Backward) -> None:
 _BERT = Hook("bert", lambda ctx: None, _bert_backward)
 
 
+def _refuse_forward(key: str, why: str) -> Callable[[_Forward], None]:
+    def forward(ctx: _Forward) -> None:
+        if ctx.config.get(key):
+            raise FormatError(f"config.json: {key}={ctx.config[key]!r}, but llama.cpp's {ctx.arch} graph {why}")
+    return forward
+
+
+def _require_forward(key: str, why: str) -> Callable[[_Forward], None]:
+    def forward(ctx: _Forward) -> None:
+        if ctx.config.get(key, True) is False:
+            raise FormatError(f"config.json: {key}=false, but llama.cpp's {ctx.arch} graph {why}")
+    return forward
+
+
+# Phi-1/2 optionally normalize q and k per head (LayerNorm); llama.cpp's phi2 graph does not
+_NO_QK_LAYERNORM = Hook("qk_layernorm", _refuse_forward("qk_layernorm", "has no q/k LayerNorm"), lambda ctx: None)
+# StarCoder2 without biases: llama.cpp's starcoder2 loader requires the output and down-projection biases
+_USE_BIAS = Hook("use_bias", _require_forward("use_bias", "requires the attention output and MLP biases"), lambda ctx: None)
+
+
 # ---- the families -------------------------------------------------------------------------------
 
 
@@ -770,6 +791,11 @@ _DECODER_PARAMS = (
     Param("attention.head_count", "num_attention_heads"),
     Param("attention.head_count_kv", "num_key_value_heads", fallback="num_attention_heads"),
     Param("attention.layer_norm_rms_epsilon", "rms_norm_eps", V.FLOAT32, default=1e-6),
+)
+
+# decoders with LayerNorm (weight and bias) instead of RMS norm: Phi-2, StarCoder2
+_LAYERNORM_PARAMS = _DECODER_PARAMS[:-1] + (
+    Param("attention.layer_norm_epsilon", "layer_norm_eps", V.FLOAT32, default=1e-5),
 )
 
 _ATTENTION = (
@@ -885,6 +911,49 @@ FAMILIES: tuple[Family, ...] = (
         global_tensors=_DECODER_GLOBALS, params=_DECODER_PARAMS,
         hooks=(_rope(dimension_count=True, original_context=True), _IGNORED_WINDOW),
         hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        # Phi-1/1.5/2: one LayerNorm feeds attention and the MLP in parallel; partial rotary (NeoX
+        # halves, as HF keeps them); a plain GELU MLP; biases everywhere, the output matrix's too
+        "phi2", ("PhiForCausalLM",), "phi",
+        layer_tensors=(
+            Rule("attn_norm", "input_layernorm", ("hidden",)),
+            Rule("attn_q", "self_attn.q_proj", ("q", "hidden")),
+            Rule("attn_k", "self_attn.k_proj", ("kv", "hidden")),
+            Rule("attn_v", "self_attn.v_proj", ("kv", "hidden")),
+            Rule("attn_output", "self_attn.dense", ("hidden", "q")),
+            Rule("ffn_up", "mlp.fc1", ("ff", "hidden")),
+            Rule("ffn_down", "mlp.fc2", ("hidden", "ff")),
+        ),
+        global_tensors=(
+            Rule("token_embd", "model.embed_tokens", ("*", "hidden")),
+            Rule("output_norm", "model.final_layernorm", ("hidden",)),
+            Rule("output", "lm_head", ("*", "hidden")),
+        ),
+        params=_LAYERNORM_PARAMS,
+        hooks=(_rope(dimension_count=True), _NO_QK_LAYERNORM),
+        hf_config={"hidden_act": "gelu_new", "qk_layernorm": False},
+        activations=("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # llama.cpp's GELU is the tanh approximation
+        output="required",
+    ),
+    Family(
+        # StarCoder2: LayerNorms with biases, biased projections, a plain GELU MLP (c_fc, c_proj)
+        "starcoder2", ("Starcoder2ForCausalLM",), "starcoder2",
+        layer_tensors=(
+            Rule("attn_norm", "input_layernorm", ("hidden",)),
+            Rule("attn_q", "self_attn.q_proj", ("q", "hidden")),
+            Rule("attn_k", "self_attn.k_proj", ("kv", "hidden")),
+            Rule("attn_v", "self_attn.v_proj", ("kv", "hidden")),
+            Rule("attn_output", "self_attn.o_proj", ("hidden", "q")),
+            Rule("ffn_norm", "post_attention_layernorm", ("hidden",)),
+            Rule("ffn_up", "mlp.c_fc", ("ff", "hidden")),
+            Rule("ffn_down", "mlp.c_proj", ("hidden", "ff")),
+        ),
+        global_tensors=_DECODER_GLOBALS,
+        params=_DECODER_PARAMS[:-1] + (Param("attention.layer_norm_epsilon", "norm_epsilon", V.FLOAT32, default=1e-5),),
+        hooks=(_rope(), _IGNORED_WINDOW, _USE_BIAS),
+        hf_config={"hidden_act": "gelu_pytorch_tanh", "use_bias": True},
+        activations=("gelu_pytorch_tanh", "gelu_new"),
     ),
     Family(
         "gemma", ("GemmaForCausalLM",), "gemma",
@@ -1254,7 +1323,7 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         if entry is None:
             raise FormatError(f"tensor {t.name} does not belong to a {family.name} checkpoint")
         rule, target, expert = entry
-        if family.output != "optional" and rule.gguf == "output":
+        if family.output in ("tied", "none") and rule.gguf == "output":
             if family.output == "tied" and tied:
                 continue  # the same matrix as the embedding; llama.cpp reads token_embd
             raise FormatError(f"tensor {t.name}: llama.cpp's {arch} has no separate output matrix (untied lm_head)")
@@ -1272,6 +1341,8 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         if rule.transform is not None:
             mapped = rule.transform.forward(mapped, dims)
         tensors.append(_as_type(mapped, QuantType.F32) if len(t.shape) == 1 else mapped)
+    if family.output == "required" and not any(t.name == "output.weight" for t in tensors):
+        raise FormatError(f"llama.cpp's {arch} graph needs its own output matrix; the checkpoint ties lm_head to the embedding")
     if groups:
         target, group = next(iter(groups.items()))
         missing = [i for i, p in enumerate(group) if p is None]

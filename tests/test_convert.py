@@ -77,6 +77,18 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
             **dict(decoder, max_position_embeddings=4 * LONGROPE_ORIGINAL), original_max_position_embeddings=LONGROPE_ORIGINAL,
             rope_parameters=rope, tie_word_embeddings=False, sliding_window=None, pad_token_id=tokenizer.eos_token_id,
         )
+    if family == "phi2":  # Phi-2's layout: parallel attention and MLP, partial rotary, biases, untied head
+        return transformers.PhiConfig(
+            vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, layer_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="gelu_new",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    if family == "starcoder2":  # starcoder2-3b's layout: GQA, biases, LayerNorm, tied embeddings
+        return transformers.Starcoder2Config(
+            **common, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True, sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        )
     if family == "phi4-mini":
         # Phi-4-mini's shape: GQA, tied embeddings, partial rotary (0.75) with LongRoPE, a byte-level BPE
         rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
@@ -131,7 +143,7 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
 
 
 FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama3-rope",
-            "phi3", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral", "mixtral-fused",
+            "phi2", "phi3", "phi3-longrope", "phi4-mini", "starcoder2", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral", "mixtral-fused",
             "bert"]
 # checkpoints saved in another layout than the one to_hf writes: transformers 5's fused experts
 # (save_original_format=False), a multimodal wrapper around the language model
@@ -145,6 +157,10 @@ def _tokenizer(path: Path, family: str) -> None:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
         tok.save_pretrained(path)
+    elif family == "phi2":  # CodeGen's byte-level BPE (GPT-2's splitting)
+        byte_level_bpe(path, None, llama3_style=False)
+    elif family == "starcoder2":  # StarCoder's: single digits apart, then GPT-2's splitting
+        byte_level_bpe(path, None, llama3_style=False, digits=True)
     elif family.startswith("phi3"):
         spm_bpe(path)
         # Phi-3's vocabulary has <|endoftext|>; llama.cpp looks it up (token_to_id.at) in any model whose
@@ -391,6 +407,16 @@ def test_family_metadata_reaches_llama_cpp(hf_dir, f32_gguf):
         assert md["phi3.rope.scaling.original_context_length"] == LONGROPE_ORIGINAL
         expected = (1 + np.log(4.0) / np.log(LONGROPE_ORIGINAL)) ** 0.5  # transformers' default for factor 4
         assert abs(md["phi3.rope.scaling.attn_factor"] - expected) < 1e-6
+    elif family == "phi2":
+        assert md["general.architecture"] == "phi2" and md["phi2.rope.dimension_count"] == 32
+        assert md["phi2.attention.layer_norm_epsilon"] == np.float32(1e-5) and md["tokenizer.ggml.pre"] == "gpt-2"
+        assert {"output.bias", "output_norm.bias", "blk.0.attn_q.bias", "blk.0.ffn_up.bias"} <= names
+        assert "blk.0.ffn_norm.weight" not in names  # one norm feeds attention and MLP
+    elif family == "starcoder2":
+        assert md["general.architecture"] == "starcoder2" and md["tokenizer.ggml.pre"] == "starcoder"
+        assert md["starcoder2.attention.head_count_kv"] == 2 and md["starcoder2.rope.freq_base"] == 100000.0
+        assert {"blk.0.ffn_norm.bias", "blk.0.attn_output.bias", "blk.0.ffn_down.bias"} <= names
+        assert "output.weight" not in names  # tied
     elif family == "phi4-mini":
         assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-4o"
         assert md["phi3.attention.head_count_kv"] == 2 and md["phi3.rope.dimension_count"] == 48
@@ -532,11 +558,23 @@ def test_gemma2_without_softcapping_is_refused(gemma2_dir, tmp_path):
         convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
 
 
+@pytest.mark.parametrize("family,change,message", [
+    ("phi2", {"qk_layernorm": True}, "qk_layernorm=True.*no q/k LayerNorm"),
+    ("starcoder2", {"use_bias": False}, "use_bias=false.*requires the attention output and MLP biases"),
+])
+def test_settings_llama_cpp_lacks_are_refused(tmp_path, family, change, message):
+    src = _edit_config(_hf_model(tmp_path / "hf", family), tmp_path / "m", **change)
+    with pytest.raises(FormatError, match=message):
+        convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_unknown_architecture_lists_the_supported(gemma2_dir, tmp_path):
     src = _edit_config(gemma2_dir, tmp_path / "m", architectures=["FalconForCausalLM"])
     with pytest.raises(FormatError) as e:
         convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
-    for name in ("FalconForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "BertModel"):
+    for name in ("FalconForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "BertModel",
+                 "PhiForCausalLM", "Starcoder2ForCausalLM", "Gemma3ForConditionalGeneration"):
         assert name in str(e.value)
 
 

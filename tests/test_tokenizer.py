@@ -16,7 +16,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
@@ -177,18 +177,25 @@ def _save(tok: Tokenizer, path: Path, **specials: str) -> Path:
     return path
 
 
-def byte_level_bpe(path: Path, regex: str, *, llama3_style: bool) -> Path:
-    """A byte-level BPE like Llama 3 (bos template, ignore_merges) or Qwen2 (no bos, NFC normalizer)."""
+def byte_level_bpe(path: Path, regex: Optional[str], *, llama3_style: bool, digits: bool = False) -> Path:
+    """A byte-level BPE like Llama 3 (bos template, ignore_merges) or Qwen2 (no bos, NFC normalizer).
+
+    ``regex`` None: GPT-2's own ByteLevel splitting (Phi-2's CodeGen tokenizer), after single digits
+    apart when ``digits`` (StarCoder's)."""
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(ignore_merges=llama3_style))
     if not llama3_style:
         tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    if regex is None:
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        tok.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=700,
