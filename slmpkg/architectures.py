@@ -399,13 +399,22 @@ def _llama3_factors(rope: Mapping[str, Any], base: float, head_dim: int) -> np.n
     return np.array(factors, dtype=np.float32)
 
 
-def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dict[str, Any]:
-    """Llama 3 rope parameters that reproduce ``factors`` (a GGUF made elsewhere, without our key).
+def llama3_rope_parameters(factors: np.ndarray, base: float, head_dim: int, source: str = "GGUF → HF",
+                           check: bool = True) -> dict[str, Any]:
+    """Llama 3 rope parameters that reproduce ``factors`` (a GGUF's ``rope_freqs`` made elsewhere,
+    without our key; or the divisors an ONNX graph's rotary caches hold).
 
     Between the two wavelength bounds, ``smooth = (1/f - 1/factor) / (1 - 1/factor)`` is linear in
     ``1/wavelength``: ``a / wavelength + b`` with ``a = original_ctx / (high - low)`` and
     ``b = -low / (high - low)``. Scaling all three leaves the factors unchanged, so the convention
-    ``low_freq_factor = 1`` (every Llama 3.x release) fixes the rest.
+    ``low_freq_factor = 1`` (every Llama 3.x release) fixes the rest. ``check``: recompute the factors
+    and refuse parameters that do not give them (off for a caller that checks another way).
+
+    Example:
+        >>> rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        ...         "original_max_position_embeddings": 8192}
+        >>> llama3_rope_parameters(_llama3_factors(rope, 500000.0, 64), 500000.0, 64) == rope
+        True
     """
     factors = np.asarray(factors, dtype=np.float64)
     factor = float(factors.max())
@@ -415,8 +424,8 @@ def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dic
                if not (math.isclose(f, 1.0, rel_tol=1e-6) or math.isclose(f, factor, rel_tol=1e-6))]
     if factor <= 1.0 or len(between) < 2:
         raise FormatError(
-            "GGUF → HF: rope_freqs does not determine the Llama 3 rope scaling (fewer than two factors between 1 "
-            f"and the maximum) and the GGUF lacks {ROPE_SCALING_KEY}"
+            f"{source}: the rope factors do not determine the Llama 3 rope scaling (fewer than two between 1 "
+            f"and the maximum) and nothing records it ({ROPE_SCALING_KEY})"
         )
     smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
     a, b = np.polyfit(inv_wavelen[between], smooth, 1)
@@ -426,8 +435,8 @@ def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dic
         "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
         "high_freq_factor": float(round(high, 4)), "original_max_position_embeddings": int(round(-a / b * low)),
     }
-    if not np.allclose(_llama3_factors(rope, base, head_dim), factors, rtol=1e-4, atol=0):
-        raise FormatError("GGUF → HF: rope_freqs is not a Llama 3 rope scaling that config.json can describe")
+    if check and not np.allclose(_llama3_factors(rope, base, head_dim), factors, rtol=1e-4, atol=0):
+        raise FormatError(f"{source}: the rope factors are not a Llama 3 rope scaling that config.json can describe")
     return rope
 
 
@@ -512,7 +521,7 @@ def _rope_backward(ctx: _Backward, *, per_layer_type: bool, original_context: bo
         if stored.get("rope_type") == "llama3":
             full.update(stored)
         else:
-            full.update(_llama3_from_factors(tensor("rope_freqs.weight"), full["rope_theta"], dims.head_dim))
+            full.update(llama3_rope_parameters(tensor("rope_freqs.weight"), full["rope_theta"], dims.head_dim))
     if "rope_factors_long.weight" in ctx.names and "rope_factors_short.weight" in ctx.names:
         ctx.skip.update(("rope_factors_long.weight", "rope_factors_short.weight"))
         full.update(
@@ -644,10 +653,17 @@ def _ignored_window_backward(ctx: _Backward) -> None:
     ctx.config["sliding_window"] = int(window) if window else None
 
 
+def _recorded_window_backward(ctx: _Backward) -> None:
+    """The window a GGUF records for runtimes that honour it, kept in config.json only when there is one."""
+    window = ctx.get("attention.sliding_window")
+    if window:
+        ctx.config["sliding_window"] = int(window)
+
+
 _IGNORED_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), _ignored_window_backward)
 # Mistral's window: recorded for runtimes that honour it (ONNX's GroupQueryAttention); to_hf writes
 # LlamaForCausalLM, which has no such setting
-_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), lambda c: None)
+_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), _recorded_window_backward)
 
 
 def _softcap_forward(ctx: _Forward, attn: bool, final_required: bool) -> None:
@@ -1387,14 +1403,9 @@ def _split_expert(t: LazyTensor, name: str, x: int) -> LazyTensor:
     return LazyTensor(name, shape, t.qtype, lambda: np.asarray(t.raw()).reshape(-1)[x * per : (x + 1) * per])
 
 
-def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
-    """A llama.cpp-style checkpoint → HF names, ``config.json``, ``generation_config.json`` and tokenizer files.
-
-    Quantized tensors are dequantized; every tensor is stored as ``dtype`` (norms included, as
-    transformers saves them).
-    """
-    from .tokenizer import hf_tokenizer_files
-
+def _backward(ckpt: Checkpoint, dtype: Optional[QuantType]) -> tuple[Family, _Backward]:
+    """The family of a llama.cpp-style checkpoint and its config.json, built by the family's hooks
+    (which also name the GGUF tensors config.json holds and the extra sidecar files)."""
     arch = ckpt.architecture
     family = family_for_gguf(arch, metadata=ckpt.metadata)
     dims = _dims_from_gguf(ckpt, arch)
@@ -1413,7 +1424,8 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
     if family.output != "none":
         config["tie_word_embeddings"] = "output.weight" not in names
     config.update(family.hf_config)
-    config["dtype"] = {QuantType.F32: "float32", QuantType.F16: "float16", QuantType.BF16: "bfloat16"}[dtype]
+    if dtype is not None:
+        config["dtype"] = {QuantType.F32: "float32", QuantType.F16: "float16", QuantType.BF16: "bfloat16"}[dtype]
     if not family.encoder:
         config["bos_token_id"] = bos
         config["eos_token_id"] = eos
@@ -1422,6 +1434,31 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
     backward = _Backward(ckpt, dims, arch, config, {}, set(), names)
     for hook in family.hooks:
         hook.backward(backward)
+    return family, backward
+
+
+def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """The Hugging Face config.json of a llama.cpp-style checkpoint (what :func:`to_hf` writes, without
+    ``dtype``); it needs no tokenizer, so a writer can store it beside weights of any format.
+
+    Example:
+        >>> hf_config(canonical)["architectures"]        # doctest: +SKIP
+        ['LlamaForCausalLM']
+    """
+    return _backward(ckpt, None)[1].config
+
+
+def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
+    """A llama.cpp-style checkpoint → HF names, ``config.json``, ``generation_config.json`` and tokenizer files.
+
+    Quantized tensors are dequantized; every tensor is stored as ``dtype`` (norms included, as
+    transformers saves them).
+    """
+    from .tokenizer import hf_tokenizer_files
+
+    family, backward = _backward(ckpt, dtype)
+    dims, config = backward.dims, backward.config
+    bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
 
     plan: dict[str, tuple[Rule, str]] = {}
     for rule in family.global_tensors:

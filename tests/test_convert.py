@@ -580,12 +580,12 @@ def test_unknown_architecture_lists_the_supported(gemma2_dir, tmp_path):
 
 def test_llama3_rope_recovered_without_our_key(tmp_path):
     """A GGUF made elsewhere has rope_freqs but not slmpkg.rope_scaling: config.json is derived from the factors."""
-    from slmpkg.architectures import _llama3_factors, _llama3_from_factors
+    from slmpkg.architectures import _llama3_factors, llama3_rope_parameters
 
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192}
     factors = _llama3_factors(rope, 500000.0, 128)
-    assert _llama3_from_factors(factors, 500000.0, 128) == rope
+    assert llama3_rope_parameters(factors, 500000.0, 128) == rope
 
 
 # ---- the real all-MiniLM-L6-v2 --------------------------------------------------------------------

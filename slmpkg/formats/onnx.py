@@ -49,7 +49,10 @@ Weights go to one external data file, ``model.onnx.data``, written tensor by ten
 built (one tensor in memory at a time; an MoE layer's gate and up experts are both held while their
 interleaved fusion is written expert by expert); the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
 shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
-``genai_config.json`` is written beside.
+``genai_config.json`` is written beside. The model's Hugging Face config.json
+(:func:`slmpkg.architectures.hf_config`) is stored as the model property ``slmpkg.config.json``: it
+says what the graph cannot say exactly (Llama 3's and LongRoPE's rope parameters, the original
+context), so :mod:`slmpkg.formats.onnx_import` reads the model back without a config.json beside it.
 
 Example:
     >>> from slmpkg.formats import onnx as onnx_format
@@ -72,10 +75,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from .._io import atomic_directory, write_synced
+from .. import architectures
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
 from .onnx_graph import (  # noqa: F401  (the layout constants are this module's public names too)
-    ALIGN_THRESHOLD, ALIGNMENT, DATA_FILE, INLINE_BYTES, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET, PRECISIONS, Graph,
+    ALIGN_THRESHOLD, ALIGNMENT, CONFIG_PROPERTY, DATA_FILE, INLINE_BYTES, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET,
+    PRECISIONS, Graph,
 )
 
 if TYPE_CHECKING:
@@ -675,6 +680,9 @@ def write(
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
             ir_version=IR_VERSION, producer_name="slmpkg",
         )
+        # what the graph cannot say exactly (Llama 3's and LongRoPE's rope parameters, the original
+        # context) travels as config.json, for slmpkg's import
+        helper.set_model_props(model, {CONFIG_PROPERTY: json.dumps(architectures.hf_config(checkpoint), sort_keys=True)})
         write_synced(tmp / MODEL_FILE, model.SerializeToString())
         config = json.dumps(_genai_config(spec), indent=4) + "\n"
         write_synced(tmp / CONFIG_FILE, config.encode("utf-8"))

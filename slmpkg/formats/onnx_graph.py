@@ -29,6 +29,9 @@ ALIGNMENT = 4096
 OPSET = 21
 IR_VERSION = 10  # opset 21's IR; older runtimes reject newer IR versions
 MS_DOMAIN = "com.microsoft"
+# a model property holding the model's Hugging Face config.json (the runtimes ignore model properties;
+# onnxruntime-genai refuses keys it does not know in genai_config.json, so settings travel here)
+CONFIG_PROPERTY = "slmpkg.config.json"
 
 
 class Graph:

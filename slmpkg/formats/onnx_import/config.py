@@ -13,8 +13,9 @@ import numpy as np
 
 from ...errors import FormatError
 from ...quant import QuantType
+from ..onnx_graph import CONFIG_PROPERTY
 from .graph import _Graph, _attr, _layer_of, _scalar
-from .rope import _longrope_factors, _nice, _rope_base
+from .rope import _llama3_rope, _longrope_factors, _nice, _rope_base
 from .stored import _Stored, _as_f64, _as_stored_floats
 
 
@@ -291,7 +292,15 @@ def _rope_config(g: _Graph, facts: _Facts, cfg: dict[str, Any]) -> None:
     if cos_name.endswith("_short"):
         raise FormatError(f"{g.file}: LongRoPE caches without the long pair (context within the original) cannot "
                           "give the long factors; put the model's config.json beside the ONNX file")
-    base, factor, width = _fit(g, g.inits[cos_name], g.inits[sin_name])
+    try:
+        base, factor, width = _fit(g, g.inits[cos_name], g.inits[sin_name])
+    except FormatError:
+        if family not in ("LlamaForCausalLM", "MistralForCausalLM") or local_names:
+            raise
+        # per-frequency factors: Llama 3.1+'s (a Llama 3.x graph written without its config)
+        base, llama3 = _fit_llama3(g, g.inits[cos_name], g.inits[sin_name])
+        cfg["rope_parameters"] = {**llama3, "rope_theta": base}
+        return
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": base}
     if factor != 1.0:
         rope = {"rope_type": "linear", "factor": factor, "rope_theta": base}
@@ -315,13 +324,23 @@ def _rope_config(g: _Graph, facts: _Facts, cfg: dict[str, Any]) -> None:
         cfg["rope_parameters"] = rope
 
 
+def _cache_eps(cos: _Stored, positions: int) -> float:
+    """How far recomputed caches may be from stored ones: the caches' own rounding, and a float32 writer's
+    (the builder's) error growing with position."""
+    return {QuantType.F16: 2e-3, QuantType.BF16: 1.6e-2}.get(cos.qtype, 1e-6) + positions * 2.5e-7
+
+
 def _fit(g: _Graph, cos: _Stored, sin: _Stored) -> tuple[float, float, int]:
     """(base, linear factor, cache width) of one cache pair, within what its stored type can say."""
     c, s = _as_f64(cos), _as_f64(sin)
-    # the caches' own rounding, and a float32 writer's (the builder's) error growing with position
-    eps = {QuantType.F16: 2e-3, QuantType.BF16: 1.6e-2}.get(cos.qtype, 1e-6) + c.shape[0] * 2.5e-7
-    base, factor = _rope_base(c, s, eps, f"{g.file}: {cos.name}")
+    base, factor = _rope_base(c, s, _cache_eps(cos, c.shape[0]), f"{g.file}: {cos.name}")
     return base, factor, c.shape[1]
+
+
+def _fit_llama3(g: _Graph, cos: _Stored, sin: _Stored) -> tuple[float, dict[str, Any]]:
+    """(base, Llama 3 rope parameters) of one cache pair."""
+    c, s = _as_f64(cos), _as_f64(sin)
+    return _llama3_rope(c, s, _cache_eps(cos, c.shape[0]), f"{g.file}: {cos.name}")
 
 
 def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
@@ -368,9 +387,6 @@ def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
     cfg["rope_parameters"] = rope
 
 
-# a model property holding the model's Hugging Face config.json (the runtimes ignore model properties;
-# onnxruntime-genai refuses keys it does not know in genai_config.json, so settings travel here)
-CONFIG_PROPERTY = "slmpkg.config.json"
 
 
 def _embedded_config(g: _Graph) -> Optional[dict[str, Any]]:

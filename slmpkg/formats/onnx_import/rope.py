@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -129,3 +129,68 @@ def _longrope_factors(cos: np.ndarray, sin: np.ndarray, base: float, source: str
         exact = [f for f in options[np.argsort(np.abs(steps))] if np.float32(base_inv[j] / f) == found]
         out[j] = exact[0] if exact else f_guess
     return out, float(magnitude)
+
+
+def _llama3_rope(cos: np.ndarray, sin: np.ndarray, eps: float, source: str) -> tuple[float, dict[str, Any]]:
+    """(rope base, Llama 3 rope parameters) behind cos/sin caches [positions, dim/2] of
+    ``position × base^(-2j/dim) / f_j`` where ``f_j`` are Llama 3.1+'s per-frequency factors (1 for
+    short wavelengths, ``factor`` for long ones, a smooth ramp between).
+
+    Where the factor does not change from one frequency to the next (both flat bands, most of them),
+    the log frequencies fall by exactly ``2·ln(base)/dim`` per step; the median step gives the base,
+    the base every factor, and :func:`slmpkg.architectures.llama3_rope_parameters` the parameters. The
+    answer is the first of the nearest power of two and the shortest decimals (500000, 32, 4, 8192)
+    whose recomputed caches match the stored ones within ``eps``.
+    """
+    from ... import architectures
+
+    positions, half = cos.shape
+    dim = 2 * half
+    inv_freq = _frequencies(cos, sin)
+    if half < 4 or not (inv_freq > 0).all():
+        raise FormatError(f"{source}: cos/sin caches do not look like Llama 3 rotary embeddings")
+    logs = np.log(inv_freq)
+    step = float(np.median(logs[:-1] - logs[1:]))
+    p = np.arange(positions, dtype=np.float64)
+
+    def matches(base: float, rope: dict[str, Any]) -> bool:
+        divisors = architectures.llama3_rope_factors({"rope_parameters": {**rope, "rope_theta": base}}, dim)
+        angles = np.outer(p, _writer_inv_freq(base, dim).astype(np.float64) / divisors)
+        return bool(np.abs(np.cos(angles) - cos).max() <= eps and np.abs(np.sin(angles) - sin).max() <= eps)
+
+    def decimals(value: float) -> list[float]:
+        # the nearest power of two first (every Llama 3.x factor and original context is one: float16
+        # caches of a short context cannot tell 32 from 30), then the shortest decimals
+        if not value > 0:
+            return []
+        digits = int(math.floor(math.log10(value)))
+        options = [float(2.0 ** round(math.log2(value)))] + [float(round(value, n - 1 - digits)) for n in range(1, 8)]
+        return list(dict.fromkeys(options))
+
+    def fitted(base: float) -> Optional[dict[str, Any]]:
+        factors = _writer_inv_freq(base, dim).astype(np.float64) / inv_freq
+        top = float(np.median(factors[factors >= factors.max() * (1 - 2e-3)]))
+        if top <= 1.0:
+            return None
+        # the flat bands exactly (the caches' rounding off them), so only the ramp is fitted
+        clean = np.where(np.abs(factors - 1) <= 2e-3, 1.0, np.where(np.abs(factors - top) <= 2e-3 * top, top, factors))
+        try:
+            rope = architectures.llama3_rope_parameters(clean, base, dim, source, check=False)
+        except FormatError:
+            return None
+        for factor in decimals(top):
+            for high in decimals(rope["high_freq_factor"]):
+                for original in dict.fromkeys(int(v) for v in decimals(rope["original_max_position_embeddings"]) if v >= 1):
+                    candidate = dict(rope, factor=factor, high_freq_factor=high, original_max_position_embeddings=original)
+                    if matches(base, candidate):
+                        return candidate
+        return None
+
+    for base in decimals(math.exp(step * dim / 2)):
+        rope = fitted(base) if base > 0 else None
+        if rope is not None:
+            return base, rope
+    raise FormatError(
+        f"{source}: cos_cache/sin_cache are neither plain rotary embeddings nor a Llama 3 rope scaling; "
+        "put the model's config.json beside the ONNX file to say which"
+    )
