@@ -334,6 +334,9 @@ class Family:
     encoder: bool = False
     # other layouts transformers saves the same tensors in (read by from_hf; to_hf writes the family's own)
     saved_as: tuple["Fused", ...] = ()
+    # config.json in the keys the tables read, for families that name their settings otherwise (OpenELM)
+    config_view: Optional[Callable[[Mapping[str, Any]], dict[str, Any]]] = None
+    to_hf_supported: bool = True
 
     @property
     def name(self) -> str:
@@ -796,6 +799,51 @@ _NO_QK_LAYERNORM = Hook("qk_layernorm", _refuse_forward("qk_layernorm", "has no 
 _USE_BIAS = Hook("use_bias", _require_forward("use_bias", "requires the attention output and MLP biases"), lambda ctx: None)
 
 
+def _make_divisible(value: float, divisor: int) -> int:
+    """OpenELM's rounding of its layer widths (its configuration's ``make_divisible``)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _openelm_view(config: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenELM's config.json (per-layer head counts and MLP widths) in the keys the tables read; the
+    per-layer lists stay under ``_per_layer`` for the hook that writes llama.cpp's arrays."""
+    missing = [k for k in ("model_dim", "num_transformer_layers", "head_dim", "num_query_heads", "num_kv_heads",
+                           "ffn_multipliers") if k not in config]
+    if missing:
+        raise FormatError(f"config.json: OpenELM without {', '.join(missing)}")
+    n = config["num_transformer_layers"]
+    multipliers = config["ffn_multipliers"]
+    if not isinstance(multipliers, list):
+        multipliers = [multipliers] * n
+    ff = [_make_divisible(m * config["model_dim"], config.get("ffn_dim_divisor", 256)) for m in multipliers]
+    heads, kv = list(config["num_query_heads"]), list(config["num_kv_heads"])
+    if not len(heads) == len(kv) == len(ff) == n:
+        raise FormatError(f"config.json: OpenELM's per-layer lists do not have {n} entries")
+    if not config.get("normalize_qk_projections", True) or not config.get("share_input_output_layers", True) \
+            or not config.get("ffn_with_glu", True):
+        raise FormatError("config.json: llama.cpp's openelm graph needs normalize_qk_projections, "
+                          "share_input_output_layers and ffn_with_glu")
+    return {
+        **config,
+        "hidden_size": config["model_dim"], "num_hidden_layers": n, "num_attention_heads": max(heads),
+        "num_key_value_heads": max(kv), "intermediate_size": max(ff),
+        "max_position_embeddings": config.get("max_context_length", 2048),
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.get("rope_freq_constant", 10000)},
+        "rms_norm_eps": 1e-6,  # fixed in OpenELM's code
+        "tie_word_embeddings": True, "hidden_act": "silu",
+        "_per_layer": {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ff},
+    }
+
+
+def _per_layer_forward(ctx: _Forward) -> None:
+    for key, values in ctx.config["_per_layer"].items():
+        ctx.put(key, MetaValue(V.ARRAY, [int(v) for v in values], V.UINT32))
+
+
+_PER_LAYER = Hook("per_layer", _per_layer_forward, lambda ctx: None)
+
+
 # ---- the families -------------------------------------------------------------------------------
 
 
@@ -970,6 +1018,34 @@ FAMILIES: tuple[Family, ...] = (
         hooks=(_rope(), _IGNORED_WINDOW, _USE_BIAS),
         hf_config={"hidden_act": "gelu_pytorch_tanh", "use_bias": True},
         activations=("gelu_pytorch_tanh", "gelu_new"),
+    ),
+    Family(
+        # Apple's OpenELM (no transformers class: its own code, trust_remote_code): per-layer head counts
+        # and MLP widths (llama.cpp reads them as arrays), fused q/k/v with per-head q/k RMS norms, a
+        # fused gate/up (gate rows first) that llama.cpp's converter splits, the embedding as the head
+        "openelm", ("OpenELMForCausalLM",), "openelm",
+        layer_tensors=(
+            Rule("attn_norm", "attn_norm", ("hidden",)),
+            Rule("attn_qkv", "attn.qkv_proj", ("*", "hidden")),
+            Rule("attn_q_norm", "attn.q_norm", ("head_dim",)),
+            Rule("attn_k_norm", "attn.k_norm", ("head_dim",)),
+            Rule("attn_output", "attn.out_proj", ("hidden", "*")),
+            Rule("ffn_norm", "ffn_norm", ("hidden",)),
+            Rule("ffn_gate", "ffn.proj_1.gate", ("*", "hidden")),
+            Rule("ffn_up", "ffn.proj_1.up", ("*", "hidden")),
+            Rule("ffn_down", "ffn.proj_2", ("hidden", "*")),
+        ),
+        global_tensors=(
+            Rule("token_embd", "transformer.token_embeddings", ("*", "hidden")),
+            Rule("output_norm", "transformer.norm", ("hidden",)),
+        ),
+        params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope(dimension_count=True), _PER_LAYER),
+        layer_prefix="transformer.layers",
+        output="tied",
+        saved_as=(Fused("ffn.proj_1.weight", ("ffn.proj_1.gate.weight", "ffn.proj_1.up.weight")),),
+        config_view=_openelm_view,
+        to_hf_supported=False,
     ),
     Family(
         "gemma", ("GemmaForCausalLM",), "gemma",
@@ -1242,6 +1318,8 @@ def hf_dims(config: Mapping[str, Any]) -> tuple[Family, Dims]:
         ('llama', 64)
     """
     family = family_for_hf(config)
+    if family.config_view is not None:
+        config = family.config_view(config)
     return family, _dims_from_config(config, family)
 
 
@@ -1278,6 +1356,8 @@ def hf_metadata(
     from .tokenizer import gguf_tokenizer_metadata
 
     family = family_for_hf(config)
+    if family.config_view is not None:
+        config = family.config_view(config)
     _check_activation(family, config)
     dims = _dims_from_config(config, family)
     arch = family.gguf_arch
@@ -1325,6 +1405,8 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         source = _language_model(source, wrapper)
     metadata, extra = hf_metadata(config, ckpt.sidecar, name, tokenizer_required=True)
     family, dims = hf_dims(config)
+    if family.config_view is not None:
+        config = family.config_view(config)
     arch = family.gguf_arch
     source = _own_layout(family, source)
 
@@ -1408,6 +1490,9 @@ def _backward(ckpt: Checkpoint, dtype: Optional[QuantType]) -> tuple[Family, _Ba
     (which also name the GGUF tensors config.json holds and the extra sidecar files)."""
     arch = ckpt.architecture
     family = family_for_gguf(arch, metadata=ckpt.metadata)
+    if not family.to_hf_supported:
+        raise FormatError(f"GGUF → HF: {family.name} has no transformers class to write for (its checkpoints run "
+                          "with their own code); convert it from its Hugging Face directory instead")
     dims = _dims_from_gguf(ckpt, arch)
     names = {t.name for t in ckpt.tensors}
     token_embd = next((t for t in ckpt.tensors if t.name == "token_embd.weight"), None)
