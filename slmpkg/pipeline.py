@@ -294,7 +294,7 @@ def _recast_hf(hf: "Checkpoint", dtype: Optional[str], src: Path) -> "Checkpoint
 
 # tokenizer files onnxruntime-genai loads from the model directory
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.txt", "vocab.json", "merges.txt")
+                    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def _convert_to_onnx(
