@@ -306,6 +306,69 @@ def test_provenance_refuses_a_changed_byte_another_key_and_an_added_file(built, 
         provenance.verify_provenance(tmp_path / "b", signing.KeyVerifier(pub))
 
 
+def _legacy_imatrix(path: Path, gguf: Path) -> Path:
+    """llama-imatrix's .dat format, random positive importances for every 2-D weight of ``gguf``."""
+    import struct
+
+    from slmpkg.formats import gguf as gguf_format
+
+    rng = np.random.default_rng(5)
+    weights = [t for t in gguf_format.read(gguf).tensors if len(t.shape) == 2]
+    out = struct.pack("<i", len(weights))
+    for t in weights:
+        name = t.name.encode()
+        out += struct.pack("<i", len(name)) + name + struct.pack("<ii", 1, t.shape[-1])
+        out += (rng.random(t.shape[-1], np.float32) + 0.1).tobytes()
+    path.write_bytes(out)
+    return path
+
+
+def test_an_importance_matrix_makes_its_own_artifact_and_is_named_in_the_provenance(models, keys, tmp_path):
+    priv, pub = keys
+    plain = write_recipe(tmp_path / "a", models["llama"], targets=["cpu-arm64"])
+    Builder(load_recipe(plain), tmp_path / "a" / "out").run(evaluate=False)
+    imatrix = _legacy_imatrix(tmp_path / "imatrix.dat", tmp_path / "a" / "out" / "artifacts" / "gguf-Q4_0" / "tiny-Q4_0.gguf")
+    recipe = write_recipe(tmp_path / "b", models["llama"], targets=["cpu-arm64", "cpu-x86_64"], key=priv,
+                          registry=str(tmp_path / "registry"),
+                          extra=f'[target.cpu-arm64]\nimatrix = "{imatrix}"\n')
+    result = Builder(load_recipe(recipe), tmp_path / "b" / "out").run(evaluate=False)
+    with_im = next(a for a in result.artifacts if a.startswith("gguf-Q4_0-"))
+    assert set(result.artifacts) == {"gguf-Q4_0", with_im}
+    a = model_files(result.artifacts["gguf-Q4_0"])
+    b = model_files(result.artifacts[with_im])
+    assert a == model_files(tmp_path / "a" / "out" / "artifacts" / "gguf-Q4_0")  # the same without one
+    assert a["tiny-Q4_0.gguf"] != b["tiny-Q4_0.gguf"] and b"quantize.imatrix.file" in b["tiny-Q4_0.gguf"]
+    verified = provenance.verify_provenance(result.artifacts[with_im], signing.KeyVerifier(pub))
+    deps = {d["name"]: d["digest"]["sha256"] for d in verified.dependencies}
+    assert deps["imatrix.dat"] == hashlib.sha256(imatrix.read_bytes()).hexdigest()
+    # the single command the plan names for it makes the same file
+    plan = json.loads(CliRunner().invoke(main, ["build", str(recipe), "--plan", "--json", "--only", with_im]).output)
+    (command,) = plan["jobs"][0]["commands"]
+    assert "--imatrix" in command
+    argv = command.split()
+    argv[argv.index("-o") + 1] = str(tmp_path / "by-hand.gguf")
+    done = run_cli(*argv[1:], cwd=tmp_path / "b")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "by-hand.gguf").read_bytes() == b["tiny-Q4_0.gguf"]
+
+
+def test_a_gguf_source_builds_and_measures_with_llama_cpp(built, tmp_path):
+    """A float GGUF as the source: presets are quantized from it directly, the bf16 directory is converted
+    back from it, and the reference logits come from llama.cpp (tokens from its own vocabulary)."""
+    family, work, recipe, result, env = built
+    source = tmp_path / "tiny-f32.gguf"
+    shutil.copy(work / "slmpkg-build" / "work" / "float.gguf", source)
+    r = write_recipe(tmp_path, source, targets=["cpu-arm64", "cuda-sm80"], quality="context = 64\nchunks = 1\n")
+    out = Builder(load_recipe(r), tmp_path / "out").run(publish=False)
+    assert [s.id for s in out.steps if s.status == "built"][:2] == ["gguf-Q4_0", "safetensors-BF16"]
+    # quantized from the float GGUF: the same file as the HF build, which quantized the same float GGUF
+    assert model_files(out.artifacts["gguf-Q4_0"]) == model_files(work / "slmpkg-build" / "artifacts" / "gguf-Q4_0")
+    q = out.reports["gguf-Q4_0"]
+    assert q["mean_kld"] > 0 and out.reports["safetensors-BF16"]["max_tensor_relative_error"] == 0
+    report = json.loads((tmp_path / "out" / "reports" / "quality.json").read_text())["reports"][0]["runtime"]
+    assert report["reference_runtime"] == "llama.cpp" and report["positions"] == 31
+
+
 def test_check_finds_the_build_reproducible(built, keys):
     family, work, recipe, result, env = built
     done = run_cli("build", recipe, "--check", "--json", cwd=work, env=env)
