@@ -119,6 +119,26 @@ def _preset_names() -> str:
     return ", ".join(PRESETS)
 
 
+def _tensor_type_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The per-tensor options of llama.cpp's quantizer, for every command that writes a GGUF preset."""
+    for option in reversed([
+        click.option("--pure", is_flag=True, help="Every quantizable tensor at the preset's type (no k-quant mixture)."),
+        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                     help="Type for tensors whose name matches REGEX (repeatable; first match wins)."),
+        click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight as it is."),
+        click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight."),
+        click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd.weight."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _tensor_type_choices(pure: bool, tensor_types: tuple[str, ...], leave_output_tensor: bool,
+                         output_tensor_type: Optional[str], token_embedding_type: Optional[str]) -> dict[str, Any]:
+    return dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
+                token_embedding_type=token_embedding_type, tensor_type_overrides=tensor_types)
+
+
 @main.command("quantize")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
@@ -127,12 +147,7 @@ def _preset_names() -> str:
                    "Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (llama-imatrix GGUF or legacy .dat).")
 @click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing tensors that are already quantized.")
-@click.option("--pure", is_flag=True, help="Every quantizable tensor at the preset's type (no k-quant mixture).")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Type for tensors whose name matches REGEX (repeatable; first match wins).")
-@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight as it is.")
-@click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight.")
-@click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd.weight.")
+@_tensor_type_options
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document describing the result.")
@@ -146,15 +161,8 @@ def quantize_command(
     from .pipeline import quantize_file
     from .presets import QuantOptions
 
-    options = QuantOptions(
-        preset,
-        pure=pure,
-        leave_output_tensor=leave_output_tensor,
-        output_tensor_type=output_tensor_type,
-        token_embedding_type=token_embedding_type,
-        tensor_type_overrides=tensor_types,
-        allow_requantize=allow_requantize,
-    )
+    options = QuantOptions(preset, allow_requantize=allow_requantize, **_tensor_type_choices(
+        pure, tensor_types, leave_output_tensor, output_tensor_type, token_embedding_type))
     result = quantize_file(src, dst, options, imatrix=imatrix, threads=threads, progress=False if quiet else None)
     if as_json:
         _emit_json(result.to_dict())
@@ -185,6 +193,7 @@ def quantize_command(
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
 @click.option("--allow-requantize", is_flag=True,
               help="GGUF output from a quantized source (an int4 ONNX): allow re-quantizing its blocks to another type.")
+@_tensor_type_options
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--split-max-size", metavar="SIZE", help="Split GGUF output into NAME-0000i-of-0000N.gguf files of at most SIZE (e.g. 2G).")
@@ -195,7 +204,8 @@ def quantize_command(
 def convert_command(
     src: Path, dst: Path, to: Optional[str], preset: Optional[str], block_size: Optional[int],
     accuracy_level: Optional[int], asymmetric: bool, exact_mins: bool, imatrix: Optional[Path],
-    allow_requantize: bool, dtype: Optional[str],
+    allow_requantize: bool, pure: bool, tensor_types: tuple[str, ...], leave_output_tensor: bool,
+    output_tensor_type: Optional[str], token_embedding_type: Optional[str], dtype: Optional[str],
     max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
@@ -213,12 +223,13 @@ def convert_command(
         linear_weights = LinearWeights(block_size=block_size or 32, accuracy_level=accuracy_level or 0,
                                        symmetric=not asymmetric, separate_min=exact_mins)
     quant: Any = preset
-    if allow_requantize:
-        if preset is None:
-            raise UsageError("--allow-requantize needs --quant PRESET")
+    choices = _tensor_type_choices(pure, tensor_types, leave_output_tensor, output_tensor_type, token_embedding_type)
+    if allow_requantize or any(choices.values()):
+        if preset is None or to in ("onnx", "safetensors"):
+            raise UsageError("--allow-requantize and the per-tensor type options need --quant PRESET and GGUF output")
         from .presets import QuantOptions
 
-        quant = QuantOptions(preset, allow_requantize=True)
+        quant = QuantOptions(preset, allow_requantize=allow_requantize, **choices)
     result = convert(src, dst, to=to, quant=quant, imatrix=imatrix, dtype=dtype,
                      max_shard_size=parse_size(max_shard_size),
                      split_max_size=parse_size(split_max_size) if split_max_size else None,

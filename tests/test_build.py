@@ -323,17 +323,19 @@ def _legacy_imatrix(path: Path, gguf: Path) -> Path:
     return path
 
 
-def test_an_importance_matrix_makes_its_own_artifact_and_is_named_in_the_provenance(models, keys, tmp_path):
+def test_options_make_their_own_artifacts_and_the_imatrix_is_named_in_the_provenance(models, keys, tmp_path):
     priv, pub = keys
     plain = write_recipe(tmp_path / "a", models["llama"], targets=["cpu-arm64"])
     Builder(load_recipe(plain), tmp_path / "a" / "out").run(evaluate=False)
     imatrix = _legacy_imatrix(tmp_path / "imatrix.dat", tmp_path / "a" / "out" / "artifacts" / "gguf-Q4_0" / "tiny-Q4_0.gguf")
-    recipe = write_recipe(tmp_path / "b", models["llama"], targets=["cpu-arm64", "cpu-x86_64"], key=priv,
-                          registry=str(tmp_path / "registry"),
-                          extra=f'[target.cpu-arm64]\nimatrix = "{imatrix}"\n')
+    recipe = write_recipe(tmp_path / "b", models["llama"], targets=["cpu-arm64", "cpu-x86_64", "cpu-x86_64-avx2"],
+                          key=priv, registry=str(tmp_path / "registry"),
+                          extra=f'[target.cpu-arm64]\nimatrix = "{imatrix}"\n'
+                                '[target.cpu-x86_64-avx2]\npure = true\ntensor_types = ["attn_v=q8_0"]\n')
     result = Builder(load_recipe(recipe), tmp_path / "b" / "out").run(evaluate=False)
     with_im = next(a for a in result.artifacts if a.startswith("gguf-Q4_0-"))
-    assert set(result.artifacts) == {"gguf-Q4_0", with_im}
+    pure = next(a for a in result.artifacts if a.startswith("gguf-Q4_K_M-"))
+    assert set(result.artifacts) == {"gguf-Q4_0", with_im, pure}
     a = model_files(result.artifacts["gguf-Q4_0"])
     b = model_files(result.artifacts[with_im])
     assert a == model_files(tmp_path / "a" / "out" / "artifacts" / "gguf-Q4_0")  # the same without one
@@ -341,15 +343,18 @@ def test_an_importance_matrix_makes_its_own_artifact_and_is_named_in_the_provena
     verified = provenance.verify_provenance(result.artifacts[with_im], signing.KeyVerifier(pub))
     deps = {d["name"]: d["digest"]["sha256"] for d in verified.dependencies}
     assert deps["imatrix.dat"] == hashlib.sha256(imatrix.read_bytes()).hexdigest()
-    # the single command the plan names for it makes the same file
-    plan = json.loads(CliRunner().invoke(main, ["build", str(recipe), "--plan", "--json", "--only", with_im]).output)
-    (command,) = plan["jobs"][0]["commands"]
-    assert "--imatrix" in command
-    argv = command.split()
-    argv[argv.index("-o") + 1] = str(tmp_path / "by-hand.gguf")
-    done = run_cli(*argv[1:], cwd=tmp_path / "b")
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "by-hand.gguf").read_bytes() == b["tiny-Q4_0.gguf"]
+    # each job's single command (a one-pass convert when run alone) makes the same file as the build
+    # (which quantized the float GGUF)
+    for artifact, option in ((with_im, "--imatrix"), (pure, "--tensor-type")):
+        plan = json.loads(CliRunner().invoke(main, ["build", str(recipe), "--plan", "--json", "--only", artifact]).output)
+        (command,) = plan["jobs"][0]["commands"]
+        assert command.startswith("slmpkg convert ") and option in command
+        argv = command.split()
+        argv[argv.index("-o") + 1] = str(tmp_path / f"{artifact}.gguf")
+        done = run_cli(*argv[1:], cwd=tmp_path / "b")
+        assert done.returncode == 0, done.stderr
+        (name,) = model_files(result.artifacts[artifact])
+        assert (tmp_path / f"{artifact}.gguf").read_bytes() == model_files(result.artifacts[artifact])[name]
 
 
 def test_a_gguf_source_builds_and_measures_with_llama_cpp(built, tmp_path):
