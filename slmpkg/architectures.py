@@ -916,31 +916,43 @@ def _openelm_forward(ctx: _Forward) -> None:
         ctx.metadata[HF_CONFIG_KEY] = MetaValue(V.STRING, json.dumps(ctx.config["_rules"], sort_keys=True))
 
 
+def openelm_config(hidden: int, head_dim: int, heads: Sequence[int], kv: Sequence[int], ffs: Sequence[int],
+                   context: int, rope_base: float, kept: Optional[Mapping[str, Any]] = None,
+                   source: str = "GGUF → HF") -> dict[str, Any]:
+    """OpenELM's own config.json sizes for these per-layer sizes: the lists, and sizing rules that recompute
+    them (``kept``, the source's, when they do; else rules found for these sizes).
+
+    Example:
+        >>> openelm_config(128, 32, [2, 2], [1, 1], [128, 256], 2048, 10000.0)["qkv_multipliers"]
+        0.5
+    """
+    config = {
+        "model_dim": hidden, "num_transformer_layers": len(heads), "head_dim": head_dim,
+        "num_query_heads": list(heads), "num_kv_heads": list(kv), "max_context_length": int(context),
+        "rope_freq_constant": int(rope_base) if float(rope_base).is_integer() else float(rope_base),
+    }
+    sizes = (list(heads), list(kv), list(ffs))
+    rules = {k: kept[k] for k in _OPENELM_RULES if k in kept} if kept else {}
+    if not rules or openelm_sizes({**config, **rules}) != sizes:
+        rules = _openelm_rules(hidden, head_dim, heads, kv, ffs, source)
+        if openelm_sizes({**config, **rules}) != sizes:
+            raise FormatError(f"{source}: no OpenELM sizing rules give these per-layer sizes")
+    return {**config, **rules}
+
+
 def _openelm_backward(ctx: _Backward) -> None:
-    """OpenELM's own config.json keys in place of the tables' (its code reads no others): the sizes, and
-    sizing rules that recompute them (the source's, kept in the GGUF, else found for these sizes)."""
+    """OpenELM's own config.json keys in place of the tables' (its code reads no others)."""
     n = ctx.dims.n_layer
     sizes = []
     for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
         value = ctx.get(key)
         sizes.append([int(v) for v in value] if np.ndim(value) else [int(value)] * n)
-    heads, kv, ffs = sizes
-    base = float(ctx.get("rope.freq_base", 10000.0))
-    config = {
-        "model_dim": ctx.dims.hidden, "num_transformer_layers": n, "head_dim": ctx.dims.head_dim,
-        "num_query_heads": heads, "num_kv_heads": kv, "max_context_length": ctx.get("context_length", 2048),
-        "rope_freq_constant": int(base) if base.is_integer() else base,
-    }
-    kept = json.loads(ctx.ckpt.get(HF_CONFIG_KEY) or "{}")
-    rules = {k: kept[k] for k in _OPENELM_RULES if k in kept}
-    if not rules or openelm_sizes({**config, **rules}) != (heads, kv, ffs):
-        rules = _openelm_rules(ctx.dims.hidden, ctx.dims.head_dim, heads, kv, ffs, "GGUF → HF")
-        if openelm_sizes({**config, **rules}) != (heads, kv, ffs):
-            raise FormatError("GGUF → HF: no OpenELM sizing rules give these per-layer sizes")
+    config = openelm_config(ctx.dims.hidden, ctx.dims.head_dim, *sizes, ctx.get("context_length", 2048),
+                            float(ctx.get("rope.freq_base", 10000.0)), json.loads(ctx.ckpt.get(HF_CONFIG_KEY) or "{}"))
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                 "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings"):
         ctx.config.pop(key, None)
-    ctx.config.update(config, **rules)
+    ctx.config.update(config)
 
 
 _OPENELM = Hook("openelm", _openelm_forward, _openelm_backward)

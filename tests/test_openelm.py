@@ -93,8 +93,8 @@ def _rope(x: np.ndarray) -> np.ndarray:
     return x * cos + half * sin
 
 
-def _reference_logits(w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
-    """OpenELM's forward pass in float64 numpy."""
+def _reference_logits(w: dict[str, np.ndarray], ids: list[int], head: "np.ndarray | None" = None) -> np.ndarray:
+    """OpenELM's forward pass in float64 numpy; ``head``: another output matrix than the embedding."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
     hd, t = CONFIG["head_dim"], len(ids)
     x = w["transformer.token_embeddings.weight"][ids]
@@ -113,7 +113,8 @@ def _reference_logits(w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
         x = x + attn @ w[p + "attn.out_proj.weight"].T
         gate, up = np.split(_rms(x, w[p + "ffn_norm.weight"]) @ w[p + "ffn.proj_1.weight"].T, 2, axis=-1)
         x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn.proj_2.weight"].T
-    return _rms(x, w["transformer.norm.weight"]) @ w["transformer.token_embeddings.weight"].T
+    head = w["transformer.token_embeddings.weight"] if head is None else head.astype(np.float64)
+    return _rms(x, w["transformer.norm.weight"]) @ head.T
 
 
 @pytest.fixture(scope="module")
