@@ -51,18 +51,12 @@ def _proto_fields(data: bytes, source: str) -> Iterator[tuple[int, int, Any]]:
         number, wire = key >> 3, key & 7
         if wire == 0:
             yield number, wire, varint()
-        elif wire == 1:
-            yield number, wire, data[i : i + 8]
-            i += 8
-        elif wire == 2:
-            size = varint()
+        elif wire in (1, 2, 5):  # fixed64, length-delimited, fixed32
+            size = {1: 8, 5: 4}[wire] if wire != 2 else varint()
             if i + size > n:
                 raise FormatError(f"{source}: truncated protobuf")
             yield number, wire, data[i : i + size]
             i += size
-        elif wire == 5:
-            yield number, wire, data[i : i + 4]
-            i += 4
         else:
             raise FormatError(f"{source}: not a SentencePiece model (protobuf wire type {wire})")
 
