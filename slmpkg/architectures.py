@@ -41,6 +41,9 @@ FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
 # a GGUF key of our own, which llama.cpp ignores: the source's rope scaling when llama.cpp's keys
 # cannot hold it (Llama 3 scaling becomes a rope_freqs tensor whose parameters are not recoverable)
 ROPE_SCALING_KEY = "slmpkg.rope_scaling"
+# another of ours: config.json entries of the source that llama.cpp's keys cannot hold and to_hf writes back
+# (OpenELM's sizing rules, from which its own code recomputes the per-layer sizes), a JSON object
+HF_CONFIG_KEY = "slmpkg.hf_config"
 
 # llama.cpp's pooling types (llama.h) and sentence-transformers' Pooling modes
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "lasttoken": 3}
@@ -334,9 +337,11 @@ class Family:
     encoder: bool = False
     # other layouts transformers saves the same tensors in (read by from_hf; to_hf writes the family's own)
     saved_as: tuple["Fused", ...] = ()
+    # tensors the family's HF layout keeps fused where llama.cpp's are apart (OpenELM's gate/up): from_hf
+    # splits them, to_hf fuses them again
+    hf_fused: tuple["Fused", ...] = ()
     # config.json in the keys the tables read, for families that name their settings otherwise (OpenELM)
     config_view: Optional[Callable[[Mapping[str, Any]], dict[str, Any]]] = None
-    to_hf_supported: bool = True
 
     @property
     def name(self) -> str:
@@ -805,9 +810,45 @@ def _make_divisible(value: float, divisor: int) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
+def _openelm_multipliers(value: Any, n_layer: int, key: str) -> list[float]:
+    """OpenELM's per-layer multipliers: one for all layers, two ends of a linear ramp (rounded to two
+    decimals, as its configuration does), or one per layer."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * n_layer
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return [round(float(v), 2) for v in np.linspace(value[0], value[1], num=n_layer, dtype=float)]
+    if isinstance(value, (list, tuple)) and len(value) == n_layer:
+        return [float(v) for v in value]
+    raise FormatError(f"config.json: OpenELM's {key} is neither a number, two ends nor {n_layer} values")
+
+
+def openelm_sizes(config: Mapping[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """(query heads, key/value heads, MLP widths) per layer as OpenELM's own configuration class computes
+    them from its sizing rules (``qkv_multipliers``, ``num_gqa_groups``, ``ffn_multipliers``,
+    ``ffn_dim_divisor``) when it loads a config.json: the lists a config.json also holds are recomputed.
+
+    Example:
+        >>> openelm_sizes({"num_transformer_layers": 2, "model_dim": 128, "head_dim": 32, "num_gqa_groups": 2,
+        ...                "qkv_multipliers": 0.5, "ffn_multipliers": [1.0, 2.0], "ffn_dim_divisor": 64})
+        ([2, 2], [1, 1], [128, 256])
+    """
+    n, dim, head_dim = config["num_transformer_layers"], config["model_dim"], config["head_dim"]
+    groups = config.get("num_gqa_groups") or 1
+    qkv = _openelm_multipliers(config.get("qkv_multipliers", 1.0), n, "qkv_multipliers")
+    heads = [_make_divisible(dim * m, head_dim * groups) // head_dim for m in qkv]
+    ffn = _openelm_multipliers(config.get("ffn_multipliers", 4.0), n, "ffn_multipliers")
+    ffs = [_make_divisible(m * dim, config.get("ffn_dim_divisor", 256)) for m in ffn]
+    return heads, [h // groups for h in heads], ffs
+
+
+# OpenELM's sizing rules (its own code recomputes the per-layer lists from them) and its rotary cache size
+_OPENELM_RULES = ("qkv_multipliers", "num_gqa_groups", "ffn_multipliers", "ffn_dim_divisor", "rope_max_length")
+
+
 def _openelm_view(config: Mapping[str, Any]) -> dict[str, Any]:
     """OpenELM's config.json (per-layer head counts and MLP widths) in the keys the tables read; the
-    per-layer lists stay under ``_per_layer`` for the hook that writes llama.cpp's arrays."""
+    per-layer lists stay under ``_per_layer`` and the sizing rules under ``_rules`` for the hook that
+    writes llama.cpp's arrays and keeps the rules."""
     missing = [k for k in ("model_dim", "num_transformer_layers", "head_dim", "num_query_heads", "num_kv_heads",
                            "ffn_multipliers") if k not in config]
     if missing:
@@ -833,15 +874,88 @@ def _openelm_view(config: Mapping[str, Any]) -> dict[str, Any]:
         "rms_norm_eps": 1e-6,  # fixed in OpenELM's code
         "tie_word_embeddings": True, "hidden_act": "silu",
         "_per_layer": {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ff},
+        "_rules": {k: config[k] for k in _OPENELM_RULES if k in config},
     }
 
 
-def _per_layer_forward(ctx: _Forward) -> None:
+def _openelm_rules(hidden: int, head_dim: int, heads: Sequence[int], kv: Sequence[int], ffs: Sequence[int],
+                   source: str) -> dict[str, Any]:
+    """Sizing rules from which OpenELM's configuration recomputes these per-layer sizes (a GGUF that does not
+    keep the source's): one GQA group count; one query multiplier, or the two-decimal ends of a ramp; the MLP
+    widths as multipliers of the hidden size with a divisor they all share."""
+    groups = {h // k for h, k in zip(heads, kv) if k and h % k == 0}
+    if len(groups) != 1 or not all(k and h % k == 0 for h, k in zip(heads, kv)):
+        raise FormatError(f"{source}: OpenELM's configuration gives every layer query heads / num_gqa_groups key/value "
+                          f"heads; heads {list(heads)} with {list(kv)} have no common group count")
+    (group,) = groups
+    step = head_dim * group
+    divisor = min([256] + [f & -f for f in ffs])  # the largest power of two dividing every width, at most 256
+    rules: dict[str, Any] = {"num_gqa_groups": group, "ffn_multipliers": [f / hidden for f in ffs],
+                             "ffn_dim_divisor": divisor, "rope_max_length": 4096}
+
+    def candidates(h: int) -> list[float]:  # two-decimal multipliers that round to h heads
+        low, high = int((h * head_dim - step) / hidden * 100), int((h * head_dim + step) / hidden * 100) + 2
+        return [c / 100 for c in range(max(low, 1), high) if _make_divisible(hidden * (c / 100), step) == h * head_dim]
+
+    if len(set(heads)) == 1:
+        rules["qkv_multipliers"] = heads[0] * head_dim / hidden
+        return rules
+    for a in candidates(heads[0]):
+        for b in candidates(heads[-1]):
+            ramp = _openelm_multipliers([a, b], len(heads), "qkv_multipliers")
+            if [_make_divisible(hidden * m, step) // head_dim for m in ramp] == list(heads):
+                rules["qkv_multipliers"] = [a, b]
+                return rules
+    raise FormatError(f"{source}: no OpenELM qkv_multipliers ramp gives the query heads {list(heads)}")
+
+
+def _openelm_forward(ctx: _Forward) -> None:
     for key, values in ctx.config["_per_layer"].items():
         ctx.put(key, MetaValue(V.ARRAY, [int(v) for v in values], V.UINT32))
+    if ctx.config["_rules"]:
+        ctx.metadata[HF_CONFIG_KEY] = MetaValue(V.STRING, json.dumps(ctx.config["_rules"], sort_keys=True))
 
 
-_PER_LAYER = Hook("per_layer", _per_layer_forward, lambda ctx: None)
+def openelm_config(hidden: int, head_dim: int, heads: Sequence[int], kv: Sequence[int], ffs: Sequence[int],
+                   context: int, rope_base: float, kept: Optional[Mapping[str, Any]] = None,
+                   source: str = "GGUF → HF") -> dict[str, Any]:
+    """OpenELM's own config.json sizes for these per-layer sizes: the lists, and sizing rules that recompute
+    them (``kept``, the source's, when they do; else rules found for these sizes).
+
+    Example:
+        >>> openelm_config(128, 32, [2, 2], [1, 1], [128, 256], 2048, 10000.0)["qkv_multipliers"]
+        0.5
+    """
+    config = {
+        "model_dim": hidden, "num_transformer_layers": len(heads), "head_dim": head_dim,
+        "num_query_heads": list(heads), "num_kv_heads": list(kv), "max_context_length": int(context),
+        "rope_freq_constant": int(rope_base) if float(rope_base).is_integer() else float(rope_base),
+    }
+    sizes = (list(heads), list(kv), list(ffs))
+    rules = {k: kept[k] for k in _OPENELM_RULES if k in kept} if kept else {}
+    if not rules or openelm_sizes({**config, **rules}) != sizes:
+        rules = _openelm_rules(hidden, head_dim, heads, kv, ffs, source)
+        if openelm_sizes({**config, **rules}) != sizes:
+            raise FormatError(f"{source}: no OpenELM sizing rules give these per-layer sizes")
+    return {**config, **rules}
+
+
+def _openelm_backward(ctx: _Backward) -> None:
+    """OpenELM's own config.json keys in place of the tables' (its code reads no others)."""
+    n = ctx.dims.n_layer
+    sizes = []
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        value = ctx.get(key)
+        sizes.append([int(v) for v in value] if np.ndim(value) else [int(value)] * n)
+    config = openelm_config(ctx.dims.hidden, ctx.dims.head_dim, *sizes, ctx.get("context_length", 2048),
+                            float(ctx.get("rope.freq_base", 10000.0)), json.loads(ctx.ckpt.get(HF_CONFIG_KEY) or "{}"))
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings"):
+        ctx.config.pop(key, None)
+    ctx.config.update(config)
+
+
+_OPENELM = Hook("openelm", _openelm_forward, _openelm_backward)
 
 
 # ---- the families -------------------------------------------------------------------------------
@@ -1040,12 +1154,13 @@ FAMILIES: tuple[Family, ...] = (
             Rule("output_norm", "transformer.norm", ("hidden",)),
         ),
         params=_DECODER_PARAMS,
-        hooks=(_HEAD_DIM, _rope(dimension_count=True), _PER_LAYER),
+        hooks=(_HEAD_DIM, _rope(dimension_count=True), _OPENELM),
+        hf_config={"activation_fn_name": "swish", "normalization_layer_name": "rms_norm", "ffn_with_glu": True,
+                   "normalize_qk_projections": True, "share_input_output_layers": True},
         layer_prefix="transformer.layers",
         output="tied",
-        saved_as=(Fused("ffn.proj_1.weight", ("ffn.proj_1.gate.weight", "ffn.proj_1.up.weight")),),
+        hf_fused=(Fused("ffn.proj_1.weight", ("ffn.proj_1.gate.weight", "ffn.proj_1.up.weight")),),
         config_view=_openelm_view,
-        to_hf_supported=False,
     ),
     Family(
         "gemma", ("GemmaForCausalLM",), "gemma",
@@ -1128,7 +1243,7 @@ MULTIMODAL: tuple[Multimodal, ...] = (
         prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                   ("model.language_model.", "model.")),
         dropped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
-        note="llama.cpp reads the vision tower from a separate mmproj GGUF, which slmpkg does not write",
+        note="llama.cpp reads the vision tower from a separate mmproj GGUF, which slmpkg.mmproj.from_hf writes",
     ),
 )
 
@@ -1161,14 +1276,15 @@ def _language_model(tensors: Sequence[LazyTensor], wrapper: Multimodal) -> list[
 
 
 def _own_layout(family: Family, tensors: Sequence[LazyTensor]) -> list[LazyTensor]:
-    """Tensors saved in another layout (:attr:`Family.saved_as`) as lazy views in the family's own names."""
-    if not family.saved_as:
+    """Fused tensors (:attr:`Family.saved_as`, :attr:`Family.hf_fused`) as lazy views in the family's own names."""
+    layouts = family.saved_as + family.hf_fused
+    if not layouts:
         return list(tensors)
     out = []
     for t in tensors:
         head, _, rest = t.name.partition(f"{family.layer_prefix}.")
         layer, _, inner = rest.partition(".")
-        fused = next((f for f in family.saved_as if f.hf == inner), None) if not head and layer.isdigit() else None
+        fused = next((f for f in layouts if f.hf == inner), None) if not head and layer.isdigit() else None
         if fused is None:
             out.append(t)
         else:
@@ -1463,15 +1579,17 @@ def _dims_from_gguf(ckpt: Checkpoint, arch: str) -> Dims:
     missing = [f"{arch}.{k}" for k in required if g(k) is None]
     if missing:
         raise FormatError(f"GGUF lacks required metadata: {', '.join(missing)}")
-    hidden, n_head = g("embedding_length"), g("attention.head_count")
+    # per-layer sizes (OpenELM's arrays) as their largest, as a config_view gives them
+    widest = lambda value: int(max(value)) if np.ndim(value) else value  # noqa: E731
+    hidden, n_head = g("embedding_length"), widest(g("attention.head_count"))
     types = next((t for t in ckpt.tensors if t.name == "token_types.weight"), None)
     return Dims(
         hidden=hidden,
         n_layer=g("block_count"),
         n_head=n_head,
-        n_head_kv=g("attention.head_count_kv", n_head),
+        n_head_kv=widest(g("attention.head_count_kv", n_head)),
         head_dim=g("attention.key_length") or hidden // n_head,
-        ff=g("feed_forward_length"),
+        ff=widest(g("feed_forward_length")),
         n_expert=g("expert_count", 0),
         ctx=g("context_length", 0),
         n_types=types.shape[0] if types is not None else 0,
@@ -1490,9 +1608,6 @@ def _backward(ckpt: Checkpoint, dtype: Optional[QuantType]) -> tuple[Family, _Ba
     (which also name the GGUF tensors config.json holds and the extra sidecar files)."""
     arch = ckpt.architecture
     family = family_for_gguf(arch, metadata=ckpt.metadata)
-    if not family.to_hf_supported:
-        raise FormatError(f"GGUF → HF: {family.name} has no transformers class to write for (its checkpoints run "
-                          "with their own code); convert it from its Hugging Face directory instead")
     dims = _dims_from_gguf(ckpt, arch)
     names = {t.name for t in ckpt.tensors}
     token_embd = next((t for t in ckpt.tensors if t.name == "token_embd.weight"), None)
@@ -1520,6 +1635,42 @@ def _backward(ckpt: Checkpoint, dtype: Optional[QuantType]) -> tuple[Family, _Ba
     for hook in family.hooks:
         hook.backward(backward)
     return family, backward
+
+
+def _concatenated_rows(name: str, parts: Sequence[LazyTensor]) -> LazyTensor:
+    """One tensor holding ``parts`` (same type and width) row block after row block; loading holds it alone."""
+    def load() -> np.ndarray:
+        return np.concatenate([np.asarray(p.raw()).reshape(-1).view(np.uint8) for p in parts])
+
+    rows = sum(p.shape[0] for p in parts)
+    return LazyTensor(name, (rows, *parts[0].shape[1:]), parts[0].qtype, load)
+
+
+def _hf_fused(family: Family, tensors: list[LazyTensor]) -> list[LazyTensor]:
+    """The tensors the family's HF layout keeps fused (:attr:`Family.hf_fused`), in place of their parts."""
+    if not family.hf_fused:
+        return tensors
+    by_name = {t.name: t for t in tensors}
+    replaced: dict[str, Optional[LazyTensor]] = {}  # a part's name → the fused tensor at the first part, None after
+    for t in tensors:
+        head, _, rest = t.name.partition(f"{family.layer_prefix}.")
+        layer, _, inner = rest.partition(".")
+        fused = next((f for f in family.hf_fused if f.parts[0] == inner), None) if not head and layer.isdigit() else None
+        if fused is None:
+            continue
+        prefix = f"{family.layer_prefix}.{layer}."
+        missing = [prefix + p for p in fused.parts if prefix + p not in by_name]
+        if missing:
+            raise FormatError(f"GGUF → HF: {', '.join(missing)} missing to fuse {prefix + fused.hf}")
+        parts = [by_name[prefix + p] for p in fused.parts]
+        replaced[t.name] = _concatenated_rows(prefix + fused.hf, parts)
+        replaced.update({p.name: None for p in parts[1:]})
+    out = []
+    for t in tensors:
+        kept = replaced.get(t.name, t)
+        if kept is not None:
+            out.append(kept)
+    return out
 
 
 def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
@@ -1572,6 +1723,7 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
         if rule.transform is not None:
             src = rule.transform.backward(src, dims)
         tensors.append(_as_type(src.renamed(target), dtype))
+    tensors = _hf_fused(family, tensors)
     sidecar = {"config.json": json.dumps(config, indent=2).encode()}
     if not family.encoder:
         generation = {"bos_token_id": bos, "eos_token_id": eos}

@@ -128,8 +128,8 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         text = dict(gemma, query_pre_attn_scalar=64, sliding_window=4, rope_parameters=rope,
                     layer_types=["sliding_attention", "full_attention"])
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=28, patch_size=14)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=56, patch_size=14)  # 4x4 patches, pooled 2x2 into 4 tokens
         return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                          boi_token_index=vocab_size, eoi_token_index=vocab_size + 1,
                                          image_token_index=vocab_size + 2)

@@ -4,7 +4,8 @@ Tiny random models of every decoder family (tests/test_convert.py's builders, pl
 sliding window short enough to slide over the prompts) → ``architectures.from_hf`` → ``onnx.write`` →
 an onnxruntime CPU session: the prompt's logits (no past) and one more decoding step fed with
 ``present.*`` as ``past_key_values.*`` match transformers' logits for the same prompt and the same
-step taken with transformers' own KV cache.
+step taken with transformers' own KV cache. OpenELM, which transformers has no class for, is checked
+against tests/test_openelm.py's numpy reference of its forward pass (the step: the whole sequence again).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import test_convert  # noqa: E402
+import test_openelm  # noqa: E402
 from test_convert import LONGROPE_ORIGINAL, PROMPTS, _hf_model, _ids  # noqa: E402
 
 # a window shorter than every prompt (7-10 tokens), so it slides in the prompt and in the step
@@ -42,11 +44,15 @@ VARIANTS = {
     "phi3-window": ("phi3", {"sliding_window": WINDOW}),
 }
 FAMILIES = ["llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
-            "phi3-window", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral",
-            "mixtral-fused"]
+            "phi3-window", "phi3-longrope", "phi4-mini", "phi2", "starcoder2", "openelm", "gemma", "gemma2", "gemma3",
+            "gemma3-mm", "granite", "mixtral", "mixtral-fused"]
 # families whose q/k rows are GGUF-permuted (llama.cpp's llama graph) → GQA rotary_interleaved=1
 INTERLEAVED = {"llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "granite", "mixtral", "mixtral-fused"}
-GENAI_TYPES = {"phi4-mini": "phi3", "mixtral": "decoder", "mixtral-fused": "decoder", "gemma3": "gemma3_text", "gemma3-mm": "gemma3_text"}
+GENAI_TYPES = {"phi4-mini": "phi3", "mixtral": "decoder", "mixtral-fused": "decoder", "gemma3": "gemma3_text",
+               "gemma3-mm": "gemma3_text", "phi2": "phi", "starcoder2": "decoder", "openelm": "decoder"}
+# LayerNorm (with biases) instead of RMS norm; Phi-2's one norm per layer feeds attention and MLP in parallel
+LAYER_NORM = {"phi2", "starcoder2"}
+PARALLEL = {"phi2"}
 TOLERANCE = {"f32": 1e-4, "f16": 5e-3}  # × the reference logits' range (measured: ~1e-6 at f32, ~1e-3 at f16)
 
 
@@ -73,7 +79,10 @@ def _register_simplified_layer_norm() -> None:
 
 
 def _model(path: Path, family: str) -> Path:
-    """test_convert's tiny model of ``family``, or of a variant's base family with its config changes."""
+    """test_convert's tiny model of ``family`` (test_openelm's for OpenELM), or of a variant's base family with
+    its config changes."""
+    if family == "openelm":
+        return test_openelm._model(path)[0]
     if family not in VARIANTS:
         return _hf_model(path, family)
     base, changes = VARIANTS[family]
@@ -110,6 +119,13 @@ class _Models:
         if family not in self.src:
             self.src[family] = _model(self.tmp.mktemp(family), family)
         return self.src[family]
+
+    def logits(self, family: str, ids: list[int], nxt: int) -> tuple[np.ndarray, np.ndarray]:
+        """The reference's logits for the prompt, and for the next step after it (see _transformers_logits)."""
+        if family == "openelm":
+            weights = {t.name: t.float32() for t in st_format.read(self.source(family)).tensors}
+            return test_openelm._reference_logits(weights, ids), test_openelm._reference_logits(weights, ids + [nxt])[-1]
+        return _transformers_logits(self.reference(family), ids, nxt)
 
     def reference(self, family: str):
         if family not in self.hf:
@@ -170,7 +186,7 @@ def _check(models: _Models, family: str, model_path: Path, precision: str, promp
     for ids in prompts:
         logits, present = _run(sess, ids, _empty_past(sess), len(ids))
         nxt = int(logits[-1].argmax())
-        ref, ref_step = _transformers_logits(models.reference(family), ids, nxt)
+        ref, ref_step = models.logits(family, ids, nxt)
         span = ref.max() - ref.min()
         assert np.abs(logits.astype(np.float32) - ref).max() <= TOLERANCE[precision] * span, (family, len(ids))
 
@@ -192,7 +208,7 @@ def test_f32_onnx_computes_what_transformers_computes(models, family):
     _check(models, family, files[0], "f32", _prompts(models, family))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3-longrope", "gemma2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3-longrope", "phi2", "starcoder2", "openelm", "gemma2", "mixtral"])
 def test_f16_onnx_runs_and_stays_close(models, family):
     files = models.export(family, "f16")
     model = onnx.load(files[0], load_external_data=False)
@@ -253,32 +269,48 @@ def test_layout_external_data_and_checker(models, family):
     assert all(int(np.prod(t.dims)) * 4 >= onnx_format.INLINE_BYTES for t in external)
 
     ops = [(n.domain or "", n.op_type) for n in model.graph.node]
-    cfg = json.loads((src / "config.json").read_text())
-    cfg = {**cfg, **cfg.get("text_config", {})}  # a multimodal wrapper's language model
+    cfg = _sizes(json.loads((src / "config.json").read_text()))
     n_layer = cfg["num_hidden_layers"]
     assert ops.count(("com.microsoft", "GroupQueryAttention")) == n_layer
-    assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * n_layer
+    skip_norm, norm = ("SkipLayerNormalization", "LayerNormalization") if family in LAYER_NORM else \
+        ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
+    assert ops.count(("com.microsoft", skip_norm)) == (n_layer if family in PARALLEL else 2 * n_layer)
     assert ops.count(("com.microsoft", "MoE")) == (n_layer if family.startswith("mixtral") else 0)
-    assert ("", "SimplifiedLayerNormalization") in ops
+    assert ("", norm) in ops
     gqas = [_attributes(n) for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert all(a["do_rotary"] == 1 and a["rotary_interleaved"] == (1 if family in INTERLEAVED else 0) for a in gqas)
-    assert all(a["num_heads"] == cfg["num_attention_heads"] and a["kv_num_heads"] == cfg["num_key_value_heads"] for a in gqas)
+    assert [(a["num_heads"], a["kv_num_heads"]) for a in gqas] == list(zip(cfg["heads"], cfg["kv_heads"]))
     inputs = [i.name for i in model.graph.input]
     assert inputs[:2] == ["input_ids", "attention_mask"] and "past_key_values.1.value" in inputs
     assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    kv_shapes = [d.type.tensor_type.shape.dim[1].dim_value for d in model.graph.input if d.name.endswith(".key")]
+    assert kv_shapes == cfg["kv_heads"]  # per layer (OpenELM's differ)
 
     genai = json.loads(config_path.read_text())
     dec = genai["model"]["decoder"]
     expected_type = GENAI_TYPES.get(family, "llama" if family in INTERLEAVED and family != "granite" else family.split("-")[0])
     assert genai["model"]["type"] == expected_type
     assert dec["filename"] == "model.onnx" and dec["num_hidden_layers"] == n_layer
-    assert dec["num_key_value_heads"] == cfg["num_key_value_heads"]
-    assert dec["head_size"] == (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    assert dec["num_key_value_heads"] == max(cfg["kv_heads"])
+    assert dec["head_size"] == cfg["head_dim"]
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
     assert genai["model"]["eos_token_id"] == cfg["eos_token_id"]
     assert genai["model"]["context_length"] == cfg["max_position_embeddings"]
     assert genai["search"]["max_length"] == cfg["max_position_embeddings"]
+
+
+def _sizes(cfg: dict) -> dict:
+    """A source config.json's layer count, per-layer heads, head size, context and eos id, whatever its keys
+    (a multimodal wrapper's language model; OpenELM's own names)."""
+    cfg = {**cfg, **cfg.get("text_config", {})}
+    if "model_dim" in cfg:  # OpenELM
+        return {"num_hidden_layers": cfg["num_transformer_layers"], "heads": cfg["num_query_heads"],
+                "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"],
+                "max_position_embeddings": cfg["max_context_length"], "eos_token_id": cfg["eos_token_id"]}
+    n = cfg["num_hidden_layers"]
+    return {**cfg, "heads": [cfg["num_attention_heads"]] * n, "kv_heads": [cfg["num_key_value_heads"]] * n,
+            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]}
 
 
 def test_family_settings_reach_the_attention(models):
@@ -302,6 +334,39 @@ def test_family_settings_reach_the_attention(models):
     # Granite: attention_multiplier replaces 1/sqrt(head size)
     assert all(a["scale"] == pytest.approx(0.0078125) for _, a in gqas("granite"))
     assert all("local_window_size" not in a for _, a in gqas("llama"))
+
+
+def test_layer_norms_parallel_blocks_and_per_layer_heads_are_laid_out(models):
+    """Phi-2 and StarCoder2 as the builder lays LayerNorm families out: LayerNormalization with its bias before
+    the first layer, SkipLayerNormalization (gamma and beta) after; Phi-2's one norm per layer, attention and
+    MLP outputs joined by one Add, rotary caches for 32 of 64 dimensions, fc1/fc2, lm_head's bias; OpenELM's
+    q/k/v split from the packed projection for the per-head norms, each layer with its own head counts."""
+    def graph(family):
+        return onnx.load(str(models.export(family)[0]), load_external_data=False).graph
+
+    for family in ("phi2", "starcoder2"):
+        g = graph(family)
+        first = [n for n in g.node if n.op_type == "LayerNormalization"]
+        assert [list(n.input[1:]) for n in first] == [
+            ["model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.bias"]]
+        skips = [n for n in g.node if n.op_type == "SkipLayerNormalization"]
+        assert skips and all(len(n.input) == 4 and n.input[3] == n.input[2][: -len("weight")] + "bias" for n in skips)
+        assert not any(n.op_type.startswith(("Simplified", "SkipSimplified")) for n in g.node)
+    phi = graph("phi2")
+    assert [n.name for n in phi.node if n.op_type == "Add" and "residual_add" in n.name] == [
+        "/model/layers.0/residual_add/Add", "/model/layers.1/residual_add/Add"]
+    inits = {t.name: list(t.dims) for t in phi.initializer}
+    assert inits["cos_cache"] == [128, 16] and inits["lm_head.Add.bias"] == [inits["lm_head.MatMul.weight"][1]]
+    assert {"model.layers.0.mlp.fc1.MatMul.weight", "model.layers.0.mlp.fc2.Add.bias"} <= set(inits)
+    assert [_attributes(n)["approximate"] for n in phi.node if n.op_type == "Gelu"] == [b"tanh", b"tanh"]
+
+    elm = graph("openelm")
+    splits = [n for n in elm.node if n.op_type == "Split"]
+    gqas = [n for n in elm.node if n.op_type == "GroupQueryAttention"]
+    assert len(splits) == len(gqas) == test_openelm.CONFIG["num_transformer_layers"]
+    assert all(all(n.input[:3]) for n in gqas)  # q, k, v apart: normalized heads go in unpacked
+    assert [(_attributes(n)["num_heads"], _attributes(n)["kv_num_heads"]) for n in gqas] == list(
+        zip(test_openelm.CONFIG["num_query_heads"], test_openelm.CONFIG["num_kv_heads"]))
 
 
 def test_refuses_non_empty_target_and_leaves_nothing_on_error(tmp_path):
@@ -385,7 +450,7 @@ def test_convert_cli_to_onnx_from_hf_and_from_gguf(tmp_path):
     assert bad.exit_code == 1 and "Q4_K_M" in bad.output and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3-longrope", "granite", "mixtral"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3-longrope", "phi2", "openelm", "granite", "mixtral"])
 def test_from_gguf_computes_what_from_hf_computes(models, family, tmp_path):
     """The same model through an F32 GGUF (metadata as the GGUF reader returns it: the window pattern
     array, rope factor tensors, stacked experts) gives the same graph results, bit for bit."""

@@ -8,9 +8,11 @@ scope, HF norm names, ``Add`` biases; also as a merged decoder inside ``If`` bra
 give back every source weight bit for bit (int4: the weights onnxruntime computes with, up to the fp16
 rounding of scales); transformers loads the safetensors result and computes the source's logits;
 llama.cpp runs the GGUF result; ONNX → GGUF → ONNX keeps every initializer. Every other family the
-writer exports (Mistral, Mixtral, Phi-3 with and without LongRoPE, Gemma 1/2/3, Granite) is imported from
-the graph alone (no config.json): the source's weights and GGUF metadata, transformers' logits from the
-safetensors result, llama.cpp's from the F32 GGUF; f16 and int4 graphs too. Bad input (external data
+writer exports (Mistral, Mixtral, Phi-3 with and without LongRoPE, Phi-4-mini, Phi-2, StarCoder2, OpenELM,
+Gemma 1/2/3, Granite) is imported from the graph alone (no config.json): the source's weights and GGUF
+metadata, transformers' logits from the safetensors result (OpenELM: its weights and sizes, as transformers
+has no class for it), llama.cpp's from the F32 GGUF against transformers (OpenELM: tests/test_openelm.py's
+numpy reference); f16 and int4 graphs too. Bad input (external data
 outside the directory, missing, short; a file that is not ONNX) fails with one line, exit 1 and nothing
 at the output.
 """
@@ -49,7 +51,27 @@ IMPORTED = FAMILIES + ["gemma"]  # what the import reads (Gemma: the builder's a
 # the other families slmpkg's writer exports, each with what makes it differ recovered from the graph:
 # Mistral (llama in GGUF), Mixtral's MoE node, Phi-3's fused projections and LongRoPE's two cache pairs,
 # Gemma 2/3's windows, soft-caps, post norms and local rope base, Granite's multipliers
-MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "granite"]
+MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "phi4-mini", "phi2", "starcoder2", "openelm", "gemma",
+                 "gemma2", "gemma3", "granite"]
+
+
+def _source_model(path: Path, family: str) -> Path:
+    """test_convert's tiny HF model of ``family``; test_openelm's for OpenELM."""
+    if family == "openelm":
+        import test_openelm
+
+        path.mkdir(parents=True, exist_ok=True)
+        return test_openelm._model(path)[0]
+    return _hf_model(path, family)
+
+
+def _source_logits(hf: Path, ids: list[int], family: str) -> np.ndarray:
+    """transformers' logits; for OpenELM (no transformers class) test_openelm's numpy reference."""
+    if family == "openelm":
+        import test_openelm
+
+        return test_openelm._reference_logits({t.name: t.float32() for t in st_format.read(hf).tensors}, ids)
+    return _hf_outputs(hf, ids, family)
 
 
 def run(*args) -> "click.testing.Result":  # noqa: F821
@@ -106,10 +128,10 @@ def _assert_same_weights(ckpt, reference) -> None:
         assert np.array_equal(ours[name].float32(), t.float32()), name
 
 
-def _assert_same_model_metadata(ckpt, reference) -> None:
+def _assert_same_model_metadata(ckpt, reference, ignored: Sequence[str] = ()) -> None:
     """The keys llama.cpp reads for the model (not general.name) and the tokenizer equal the HF source's."""
     for key, item in reference.metadata.items():
-        if key == "general.name" or key == "tokenizer.ggml.bos_token_id":
+        if key in ("general.name", "tokenizer.ggml.bos_token_id", *ignored):
             continue  # a name of our choosing; genai_config.json records a bos id even when the source has none
         assert key in ckpt.metadata, key
         ours = ckpt.metadata[key].value
@@ -275,7 +297,7 @@ def family_source(request, tmp_path_factory) -> tuple[str, Path, Path]:
     embedded one is removed, so every setting comes from the graph (and genai_config.json)."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    hf = _hf_model(root / "hf", family)
+    hf = _source_model(root / "hf", family)
     onnx_dir = root / "onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Phi-3's window longer than the context
@@ -284,13 +306,18 @@ def family_source(request, tmp_path_factory) -> tuple[str, Path, Path]:
     return family, hf, _graph_only(onnx_dir)
 
 
+# the graph holds OpenELM's per-layer sizes, not the sizing rules its config.json derives them from: the
+# import finds rules that give the same sizes (checked below), which need not be the source's
+GRAPH_CANNOT_SAY = {"openelm": (architectures.HF_CONFIG_KEY,)}
+
+
 def test_every_family_imports_to_the_source_weights_and_metadata(family_source):
     family, hf, onnx_dir = family_source
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ckpt, reference = onnx_import.read(onnx_dir), _canonical(hf)
     _assert_same_weights(ckpt, reference)
-    _assert_same_model_metadata(ckpt, reference)
+    _assert_same_model_metadata(ckpt, reference, GRAPH_CANNOT_SAY.get(family, ()))
     # nothing the source lacks, but the special ids genai_config.json always records (pad = eos)
     extra = set(ckpt.metadata) - set(reference.metadata)
     assert extra <= {"general.name", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id"}, extra
@@ -309,6 +336,21 @@ def test_every_family_imports_to_the_source_weights_and_metadata(family_source):
         assert md["gemma3.rope.freq_base_swa"] == 1e4 and md["gemma3.rope.scaling.factor"] == 8.0
     elif family == "granite":
         assert md["granite.residual_scale"] == 0.22 and md["granite.logit_scale"] == 8.0
+    elif family == "phi2":  # LayerNorms with biases, partial rotary, lm_head's bias
+        assert md["phi2.attention.layer_norm_epsilon"] == np.float32(1e-5) and md["phi2.rope.dimension_count"] == 32
+        assert {"output.bias", "output_norm.bias", "blk.0.attn_norm.bias"} <= {t.name for t in ckpt.tensors}
+    elif family == "starcoder2":
+        assert md["starcoder2.rope.freq_base"] == 100000.0 and md["starcoder2.attention.head_count_kv"] == 2
+    elif family == "openelm":
+        import test_openelm
+
+        config = test_openelm.CONFIG
+        assert list(md["openelm.attention.head_count"]) == config["num_query_heads"]
+        assert list(md["openelm.attention.head_count_kv"]) == config["num_kv_heads"]
+        rules = json.loads(md[architectures.HF_CONFIG_KEY])
+        shape = {k: config[k] for k in ("num_transformer_layers", "model_dim", "head_dim")}
+        assert test_openelm._apple_sizes({**shape, **rules}) == (
+            config["num_query_heads"], config["num_kv_heads"], list(md["openelm.feed_forward_length"]))
 
 
 def test_every_family_onnx_to_safetensors_computes_the_source_logits(family_source, tmp_path):
@@ -316,6 +358,16 @@ def test_every_family_onnx_to_safetensors_computes_the_source_logits(family_sour
     out = tmp_path / "hf-again"
     result = run("convert", onnx_dir, "-o", out, "--to", "safetensors", "-q")
     assert result.exit_code == 0, result.output
+    if family == "openelm":  # no transformers class: Apple's layout, every source tensor and size
+        import test_openelm
+
+        ours = {t.name: t for t in st_format.read(out).tensors}
+        theirs = {t.name: t for t in st_format.read(hf).tensors}
+        assert set(ours) == set(theirs)
+        assert all(ours[n].qtype == t.qtype and np.array_equal(ours[n].raw(), t.raw()) for n, t in theirs.items())
+        written, source = (json.loads((d / "config.json").read_text()) for d in (out, hf))
+        assert test_openelm._apple_sizes(written) == test_openelm._apple_sizes(source)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
@@ -344,9 +396,9 @@ def test_every_family_onnx_to_f32_gguf_runs_in_llama_cpp_like_transformers(famil
         warnings.simplefilter("ignore")
         reference = _canonical(hf)  # an f32 source: F32 throughout, as the GGUF
     _assert_same_weights(written, reference)
-    _assert_same_model_metadata(written, reference)
+    _assert_same_model_metadata(written, reference, GRAPH_CANNOT_SAY.get(family, ()))
     ids = _ids(hf, PROMPTS[0])
-    ref, ours = _hf_outputs(hf, ids, family), _llama_logits(gguf, ids)
+    ref, ours = _source_logits(hf, ids, family), _llama_logits(gguf, ids)
     assert np.abs(ours - ref).max() <= 1e-3 * (ref.max() - ref.min()), family
 
 
@@ -389,8 +441,9 @@ def test_every_family_int4_onnx_runs_in_llama_cpp_like_onnxruntime(family_source
     Q4_0 blocks of exactly the weights onnxruntime computes with: dequantized to F32 (so llama.cpp does
     not round activations to Q8_0), llama.cpp's logits are onnxruntime's on the int4 graph.
 
-    Gemma 1/2 are the exception by design: llama.cpp's graph reads the embedding as the output matrix,
-    so the float embedding is the head, not the graph's int4 copy of it (about 3% of the logit span apart)."""
+    Gemma 1/2 and OpenELM are the exception by design: llama.cpp's graph reads the embedding as the output
+    matrix, so the float embedding is the head, not the graph's int4 copy of it (about 3% of the logit span
+    apart)."""
     pytest.importorskip("llama_cpp")
     from test_convert import _llama_logits
 
@@ -404,11 +457,11 @@ def test_every_family_int4_onnx_runs_in_llama_cpp_like_onnxruntime(family_source
         convert(hf, int4, to="onnx", quant="int4", progress=False)
         ckpt = onnx_import.read(int4)
     types = {t.name: t.qtype for t in ckpt.tensors}
-    fused = "blk.0.attn_qkv.weight" if family.startswith(("phi3", "phi4")) else "blk.0.attn_q.weight"
+    fused = "blk.0.attn_qkv.weight" if family.startswith(("phi3", "phi4", "openelm")) else "blk.0.attn_q.weight"
     assert types[fused] is QuantType.Q4_0 and types["blk.0.attn_norm.weight"] is QuantType.F32
     if family == "mixtral":
         assert types["blk.0.ffn_gate_exps.weight"] is QuantType.F32 and types["blk.0.ffn_gate_inp.weight"] is QuantType.F32
-    if family in ("gemma", "gemma2"):
+    if family in ("gemma", "gemma2", "openelm"):
         assert "output.weight" not in types and types["token_embd.weight"] is QuantType.F32
         return
     dequantized = Checkpoint(ckpt.metadata, [t if t.qtype is QuantType.F32 else t.converted(QuantType.F32)
@@ -468,8 +521,9 @@ def test_longrope_base_and_exact_factors_from_the_config_the_writer_embeds(tmp_p
 
 @pytest.mark.parametrize("family", FAMILIES + ["llama3-rope"] + MORE_FAMILIES)
 def test_every_family_imports_exactly_with_the_config_the_writer_embeds(family, tmp_path):
-    """With the embedded config.json every weight and key comes back exactly (LongRoPE's factors too)."""
-    hf = _hf_model(tmp_path / "hf", family)
+    """With the embedded config.json every weight and key comes back exactly (LongRoPE's factors, OpenELM's
+    sizing rules too)."""
+    hf = _source_model(tmp_path / "hf", family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Phi-3's window longer than the context
         convert(hf, tmp_path / "onnx", to="onnx", progress=False)
@@ -555,12 +609,14 @@ def test_genai_builder_graph_imports_to_the_source_weights(hf_source, tmp_path):
     np.testing.assert_array_equal(_hf_outputs(out, ids, family), _hf_outputs(hf, ids, family))
 
 
-@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2", "granite"])
+@pytest.mark.parametrize("family", ["mistral", "phi3", "phi2", "gemma2", "granite"])
 def test_genai_builder_graphs_of_more_families_import_to_the_source(family, tmp_path):
     """The builder's own layout of these families: Phi-3 with separate gate/up (fused back for llama.cpp),
-    Gemma 2 with HF's sandwich-norm names, Granite's residual multiplier on the skip input and its logits
-    multiplied by 1/scale. Phi-3's window is left out: the builder writes none for a window longer than
-    the context (llama.cpp's phi3 ignores it anyway)."""
+    Phi-2's LayerNorms with biases, fused biased q/k/v and fc1/fc2, Gemma 2 with HF's sandwich-norm names,
+    Granite's residual multiplier on the skip input and its logits multiplied by 1/scale. Phi-3's window is
+    left out: the builder writes none for a window longer than the context (llama.cpp's phi3 ignores it
+    anyway). Phi-2's epsilon is the graph's: the builder (0.18.0) reads ``rms_norm_eps``, which PhiConfig
+    lacks, and writes its default 1e-6 where the model says ``layer_norm_eps`` = 1e-5."""
     hf = _hf_model(tmp_path / "hf", family)
     built = _genai_build(hf, tmp_path / "genai")
     with warnings.catch_warnings():
@@ -569,7 +625,11 @@ def test_genai_builder_graphs_of_more_families_import_to_the_source(family, tmp_
     _assert_same_weights(ckpt, reference)
     if family == "phi3":
         del reference.metadata["phi3.attention.sliding_window"]
-    _assert_same_model_metadata(ckpt, reference)
+    ignored = ()
+    if family == "phi2":
+        assert ckpt.get("phi2.attention.layer_norm_epsilon") == np.float32(1e-6)
+        ignored = ("phi2.attention.layer_norm_epsilon",)
+    _assert_same_model_metadata(ckpt, reference, ignored)
 
 
 def _nbits_weight(graph, node) -> np.ndarray:

@@ -97,13 +97,30 @@ def test_int_graphs_compute_with_the_dequantized_weights(llama_dir, tmp_path, qu
 
 # families whose every transformers Linear is one ONNX MatMulNBits (Mixtral's experts are not Linears and its
 # router stays float in the graph: it is covered by the f32 tests)
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "phi2", "starcoder2", "gemma2", "gemma3", "granite"])
 def test_int4_of_other_families_computes_with_the_dequantized_weights(family, tmp_path):
     src = _hf_model(tmp_path / "hf", family)
     out = tmp_path / "onnx"
     convert(src, out, to="onnx", quant="int4", progress=False)
     ids = _ids(src, PROMPT)
     ref = _dequantized_reference(src, ids, 4, 32, True)
+    assert np.abs(_prompt_logits(out, ids) - ref).max() <= 1e-4 * (ref.max() - ref.min())
+
+
+def test_int4_of_openelm_computes_with_the_dequantized_weights(tmp_path):
+    """OpenELM (no transformers class): tests/test_openelm.py's numpy reference with every linear weight
+    replaced by its MatMulNBits form, the head too (the embedding Gather stays float)."""
+    import test_openelm
+
+    src, weights = test_openelm._model(tmp_path)
+    out = tmp_path / "onnx"
+    convert(src, out, to="onnx", quant="int4", progress=False)
+    linear = (".qkv_proj.weight", ".out_proj.weight", ".proj_1.weight", ".proj_2.weight")
+    dequantized = {name: onnx_nbits.from_float(w, 4, 32, True).dequantize() if name.endswith(linear) else w
+                   for name, w in weights.items()}
+    head = onnx_nbits.from_float(weights["transformer.token_embeddings.weight"], 4, 32, True).dequantize()
+    ids = _ids(src, PROMPT)
+    ref = test_openelm._reference_logits(dequantized, ids, head=head)
     assert np.abs(_prompt_logits(out, ids) - ref).max() <= 1e-4 * (ref.max() - ref.min())
 
 

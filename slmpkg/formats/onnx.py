@@ -6,7 +6,9 @@ export, as onnxruntime-genai's model builder lays it out:
 * inputs ``input_ids`` [B,S] int64, ``attention_mask`` [B,T] int64, ``past_key_values.{i}.key|value``
   [B, kv_heads, past, head_dim]; outputs ``logits`` [B,S,vocab] and ``present.{i}.key|value``;
 * ``Gather`` embedding, ``SimplifiedLayerNormalization`` before the first layer, then
-  ``com.microsoft.SkipSimplifiedLayerNormalization`` (residual add + RMS norm) everywhere after;
+  ``com.microsoft.SkipSimplifiedLayerNormalization`` (residual add + RMS norm) everywhere after; a
+  GGUF whose architecture reads ``attention.layer_norm_epsilon`` (LayerNorm: mean and variance) gets
+  ``LayerNormalization`` and ``com.microsoft.SkipLayerNormalization`` instead, each with its bias;
 * ``com.microsoft.GroupQueryAttention`` with ``do_rotary=1`` and cos/sin caches
   [context_length, rotary_dim/2]; ``seqlens_k`` (attention_mask row sums − 1, int32) and
   ``total_sequence_length`` (attention_mask's width, int32) are computed in the graph, as the builder
@@ -14,7 +16,12 @@ export, as onnxruntime-genai's model builder lays it out:
   head's rotary pairs adjacent) are GQA's ``rotary_interleaved=1``; the other families keep HF's
   half-split layout (``rotary_interleaved=0``);
 * linears are float ``MatMul`` with weights transposed to [in, out] (biases are ``Add``), all made
-  by one function (``_Builder.linear``); the gated MLP is ``down(act(gate(x)) * up(x))``.
+  by one function (``_Builder.linear``); the gated MLP is ``down(act(gate(x)) * up(x))``, a layer
+  without ``ffn_gate`` (and an ``ffn_up`` of the feed-forward width) has a plain one
+  ``fc2(act(fc1(x)))``; a layer without ``ffn_norm`` runs its MLP in parallel with attention from the
+  same norm, both outputs joining the residual stream in one ``Add``;
+* head counts and feed-forward widths may differ per layer (llama.cpp's arrays): each
+  GroupQueryAttention and each layer's KV inputs/outputs have their own.
 
 What each family adds, read from GGUF metadata and tensor names (the table ``FAMILIES`` holds only
 what the checkpoint does not say):
@@ -43,6 +50,15 @@ what the checkpoint does not say):
   (``rope.freq_base_swa``, llama.cpp's 10000 when absent, unscaled) from a second cache pair.
 * **granite**: embeddings × ``embedding_scale``, each residual branch × ``residual_scale``, GQA
   ``scale`` = ``attention.scale``, logits ÷ ``logit_scale``.
+* **phi2** (Phi-1/1.5/2): LayerNorms, one per layer feeding attention and the plain GELU MLP in
+  parallel; biased projections and head; partial rotary (HF's half-split layout).
+* **starcoder2**: LayerNorms, biased projections, a plain GELU MLP; the window (if the GGUF records
+  one) on every layer. onnxruntime-genai has no StarCoder2 type: ``genai_config.json`` says
+  ``decoder``.
+* **openelm**: per-layer head counts and MLP widths; the fused ``attn_qkv`` is split (``Split``) for
+  the per-head q/k RMS norms, then GQA gets q, k and v apart; the embedding is the head.
+  ``genai_config.json`` says ``decoder`` with the largest KV head count (onnxruntime-genai 0.18.0
+  sizes each layer's cache from the graph's inputs: it generates what the reference does).
 * **bert**: delegated to :mod:`slmpkg.formats.onnx_encoder` (``last_hidden_state``).
 
 Weights go to one external data file, ``model.onnx.data``, written tensor by tensor as the graph is
@@ -148,19 +164,32 @@ class _Family:
 
 
 _GEMMA = dict(activation="gelu_tanh", embed_sqrt_hidden=True)
+# onnxruntime-genai lists no StarCoder2 or OpenELM type; "decoder" is its generic decoder-only LLM
+_GENERIC_GENAI_TYPE = "decoder"
 FAMILIES: dict[str, _Family] = {
     "llama": _Family("llama", interleaved=True),
     "qwen2": _Family("qwen2"),
     "qwen3": _Family("qwen3"),
     "phi3": _Family("phi3"),
+    "phi2": _Family("phi", activation="gelu_tanh"),  # GELU's tanh approximation: HF's gelu_new, llama.cpp's
+    "starcoder2": _Family(_GENERIC_GENAI_TYPE, activation="gelu_tanh"),
+    "openelm": _Family(_GENERIC_GENAI_TYPE),
     "gemma": _Family("gemma", **_GEMMA),
     "gemma2": _Family("gemma2", swa_period=2, wide_query_layers=46, **_GEMMA),
     "gemma3": _Family("gemma3_text", swa_period=6, wide_query_layers=62, swa_rope_base=10000.0, **_GEMMA),
     "granite": _Family("granite", interleaved=True),
 }
 ARCHITECTURES = tuple(FAMILIES) + ("bert",)
-# onnxruntime-genai lists no Mixtral type; "decoder" is its generic decoder-only LLM
-_MOE_GENAI_TYPE = "decoder"
+
+
+def _per_layer(value: Any, n_layer: int, key: str) -> list[int]:
+    """A per-layer size: one value for every layer, or llama.cpp's array of one per layer (OpenELM)."""
+    if np.ndim(value) == 0:
+        return [int(value)] * n_layer
+    values = [int(v) for v in value]
+    if len(values) != n_layer:
+        raise FormatError(f"ONNX export: {key} has {len(values)} entries for {n_layer} layers")
+    return values
 
 
 class _Spec:
@@ -179,13 +208,19 @@ class _Spec:
         self.arch, self.family = arch, family
         self.n_layer = int(g("block_count"))
         self.hidden = int(g("embedding_length"))
-        self.n_ff = int(g("feed_forward_length"))
-        self.n_head = int(g("attention.head_count"))
-        self.n_head_kv = int(g("attention.head_count_kv", self.n_head))
+        # per layer: OpenELM's grow with depth (llama.cpp's arrays); the others' are one value
+        self.heads = _per_layer(g("attention.head_count"), self.n_layer, f"{arch}.attention.head_count")
+        self.kv_heads = _per_layer(g("attention.head_count_kv", g("attention.head_count")), self.n_layer,
+                                   f"{arch}.attention.head_count_kv")
+        self.ffs = _per_layer(g("feed_forward_length"), self.n_layer, f"{arch}.feed_forward_length")
+        self.n_head, self.n_head_kv = max(self.heads), max(self.kv_heads)
         self.head_dim = int(g("attention.key_length", self.hidden // self.n_head))
         if int(g("attention.value_length", self.head_dim)) != self.head_dim:
             raise FormatError("ONNX export: GroupQueryAttention needs equal key and value head sizes")
-        self.eps = float(g("attention.layer_norm_rms_epsilon", 1e-6))
+        # LayerNorm (mean and variance, with a bias: Phi-2, StarCoder2) where llama.cpp reads its epsilon,
+        # else RMS norm
+        self.layer_norm = g("attention.layer_norm_epsilon") is not None and g("attention.layer_norm_rms_epsilon") is None
+        self.eps = float(g("attention.layer_norm_epsilon") if self.layer_norm else g("attention.layer_norm_rms_epsilon", 1e-6))
         self.context = int(g("context_length", 2048))
         self.n_expert = int(g("expert_count", 0) or 0)
         self.n_expert_used = int(g("expert_used_count", 0) or 0)
@@ -224,7 +259,7 @@ class _Spec:
         self.logit_scale = float(g("logit_scale", 1.0) or 1.0)
 
         self.interleaved = 1 if family.interleaved else 0
-        self.genai_type = _MOE_GENAI_TYPE if self.n_expert else family.genai_type
+        self.genai_type = _GENERIC_GENAI_TYPE if self.n_expert else family.genai_type
         names = {t.name for t in ckpt.tensors}
         embd = next((t for t in ckpt.tensors if t.name == "token_embd.weight"), None)
         if embd is None:
@@ -361,16 +396,25 @@ class _Builder:
     def scalar(self, name: str, value: float) -> str:
         return self.g.const(name, value, dtype=self.dtype)
 
-    def norm(self, x: str, gguf: str, onnx_name: str, scope: str) -> str:
-        """RMS norm with the stored weight (Gemma's GGUF weights already hold HF's 1 + w)."""
-        w = self.g.weight(onnx_name, self.load(gguf).astype(self.dtype))
-        (y,) = self.g.node("SimplifiedLayerNormalization", [x, w], scope, axis=-1, epsilon=self.spec.eps, stash_type=1)
+    def norm_weights(self, stem: str, onnx_name: str) -> list[str]:
+        """A norm's scale (and a LayerNorm's bias, when stored) as initializers named like the builder's."""
+        inputs = [self.g.weight(f"{onnx_name}.weight", self.load(f"{stem}.weight").astype(self.dtype))]
+        if self.spec.layer_norm and self.has(f"{stem}.bias"):
+            inputs.append(self.g.weight(f"{onnx_name}.bias", self.load(f"{stem}.bias").astype(self.dtype)))
+        return inputs
+
+    def norm(self, x: str, stem: str, onnx_name: str, scope: str) -> str:
+        """The norm of ``x`` with the stored weights ``{stem}.weight`` (and ``.bias``): LayerNormalization for
+        the LayerNorm families, else RMS norm (Gemma's GGUF weights already hold HF's 1 + w)."""
+        op = "LayerNormalization" if self.spec.layer_norm else "SimplifiedLayerNormalization"
+        (y,) = self.g.node(op, [x, *self.norm_weights(stem, onnx_name)], scope, axis=-1, epsilon=self.spec.eps,
+                           stash_type=1)
         return y
 
-    def skip_norm(self, x: str, residual: str, gguf: str, onnx_name: str, scope: str) -> tuple[str, str]:
-        """(RMS norm of x + residual, x + residual) in one SkipSimplifiedLayerNormalization."""
-        w = self.g.weight(onnx_name, self.load(gguf).astype(self.dtype))
-        out = self.g.node("SkipSimplifiedLayerNormalization", [x, residual, w], scope, domain=MS_DOMAIN,
+    def skip_norm(self, x: str, residual: str, stem: str, onnx_name: str, scope: str) -> tuple[str, str]:
+        """(norm of x + residual, x + residual) in one com.microsoft Skip(Simplified)LayerNormalization."""
+        op = "SkipLayerNormalization" if self.spec.layer_norm else "SkipSimplifiedLayerNormalization"
+        out = self.g.node(op, [x, residual, *self.norm_weights(stem, onnx_name)], scope, domain=MS_DOMAIN,
                           epsilon=self.spec.eps, outputs=[f"{scope}/output_0", "", "", f"{scope}/output_3"])
         return out[0], out[3]
 
@@ -443,16 +487,21 @@ class _Builder:
 
     def attention(self, i: int, x: str, cache: tuple[str, str], seqlens_k: str, total_len: str) -> str:
         spec, blk, layer, scope = self.spec, f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/attn"
-        if self.has(f"{blk}.attn_qkv.weight"):  # Phi-3: q, k, v rows in one matrix; GQA takes it packed
+        heads, kv_heads = spec.heads[i], spec.kv_heads[i]
+        q_norm = self.has(f"{blk}.attn_q_norm.weight")  # Qwen3, Gemma 3, OpenELM: RMS norm of each head before rotary
+        if self.has(f"{blk}.attn_qkv.weight"):  # Phi-3, OpenELM: q, k, v rows in one matrix
             q = self.linear(x, f"{blk}.attn_qkv", f"{layer}.attn.qkv_proj", f"{scope}/qkv_proj")
-            k = v = ""
+            k = v = ""  # GQA takes it packed, unless the heads are normalized first
+            if q_norm:
+                sizes = self.g.const(f"{scope}/qkv_proj/split_sizes", [n * spec.head_dim for n in (heads, kv_heads, kv_heads)])
+                q, k, v = self.g.node("Split", [q, sizes], f"{scope}/qkv_proj/Split", n_out=3, axis=-1)
         else:
             q = self.linear(x, f"{blk}.attn_q", f"{layer}.attn.q_proj", f"{scope}/q_proj")
             k = self.linear(x, f"{blk}.attn_k", f"{layer}.attn.k_proj", f"{scope}/k_proj")
             v = self.linear(x, f"{blk}.attn_v", f"{layer}.attn.v_proj", f"{scope}/v_proj")
-            if self.has(f"{blk}.attn_q_norm.weight"):  # Qwen3, Gemma 3: RMS norm of each head before rotary
-                q = self.head_norm(q, f"{blk}.attn_q_norm", f"{layer}.attn.q_norm", f"{scope}/q_norm")
-                k = self.head_norm(k, f"{blk}.attn_k_norm", f"{layer}.attn.k_norm", f"{scope}/k_norm")
+        if q_norm:
+            q = self.head_norm(q, f"{blk}.attn_q_norm", f"{layer}.attn.q_norm", f"{scope}/q_norm")
+            k = self.head_norm(k, f"{blk}.attn_k_norm", f"{layer}.attn.k_norm", f"{scope}/k_norm")
         extra: dict[str, Any] = {}
         if spec.windows[i] > 0:
             extra["local_window_size"] = spec.windows[i]
@@ -462,16 +511,18 @@ class _Builder:
         attn, _, _ = self.g.node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *cache],
-            gqa, domain=MS_DOMAIN, num_heads=spec.n_head, kv_num_heads=spec.n_head_kv,
+            gqa, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
             do_rotary=1, rotary_interleaved=spec.interleaved, scale=spec.attn_scale,
             outputs=[f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"], **extra,
         )
         return self.linear(attn, f"{blk}.attn_output", f"{layer}.attn.o_proj", f"{scope}/o_proj")
 
-    def head_norm(self, x: str, gguf: str, onnx_name: str, scope: str) -> str:
+    def head_norm(self, x: str, stem: str, onnx_name: str, scope: str) -> str:
         g = self.g
         (r,) = g.node("Reshape", [x, g.const(f"{scope}/per_head_shape", [0, 0, -1, self.spec.head_dim])], f"{scope}/Reshape_to_heads")
-        n = self.norm(r, f"{gguf}.weight", f"{onnx_name}.layernorm.weight", f"{scope}/SimplifiedLayerNormalization")
+        w = g.weight(f"{onnx_name}.layernorm.weight", self.load(f"{stem}.weight").astype(self.dtype))
+        (n,) = g.node("SimplifiedLayerNormalization", [r, w], f"{scope}/SimplifiedLayerNormalization", axis=-1,
+                      epsilon=self.spec.eps, stash_type=1)
         (y,) = g.node("Reshape", [n, g.const(f"{scope}/flat_shape", [0, 0, -1])], f"{scope}/Reshape_to_hidden")
         return y
 
@@ -484,13 +535,18 @@ class _Builder:
         return y
 
     def mlp(self, i: int, x: str) -> str:
+        """The gated MLP ``down(act(gate x) * up x)``, or a plain one ``down(act(up x))`` (Phi-2, StarCoder2)."""
         blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}/mlp"
+        up_rows = self.tensors[f"{blk}.ffn_up.weight"].shape[0] if self.has(f"{blk}.ffn_up.weight") else None
         if self.has(f"{blk}.ffn_gate.weight"):
             gate = self.linear(x, f"{blk}.ffn_gate", f"{layer}.mlp.gate_proj", f"{scope}/gate_proj")
             up = self.linear(x, f"{blk}.ffn_up", f"{layer}.mlp.up_proj", f"{scope}/up_proj")
-        else:  # Phi-3: ffn_up holds the gate rows, then the up rows
+        elif up_rows == 2 * self.spec.ffs[i]:  # Phi-3: ffn_up holds the gate rows, then the up rows
             fused = self.linear(x, f"{blk}.ffn_up", f"{layer}.mlp.gate_up_proj", f"{scope}/gate_up_proj")
             gate, up = self.g.node("Split", [fused], f"{scope}/gate_up_proj/Split", n_out=2, axis=-1, num_outputs=2)
+        else:  # no gate: fc1 → activation → fc2, as the builder names them
+            hidden = self.linear(x, f"{blk}.ffn_up", f"{layer}.mlp.fc1", f"{scope}/fc1")
+            return self.linear(self.activation(hidden, f"{scope}/act_fn"), f"{blk}.ffn_down", f"{layer}.mlp.fc2", f"{scope}/fc2")
         (prod,) = self.g.node("Mul", [self.activation(gate, f"{scope}/act_fn"), up], f"{scope}/Mul")
         return self.linear(prod, f"{blk}.ffn_down", f"{layer}.mlp.down_proj", f"{scope}/down_proj")
 
@@ -525,7 +581,7 @@ class _Builder:
     def branch_out(self, y: str, post_norm: str, onnx_name: str, scope: str) -> str:
         """A residual branch's output as added to the stream: Gemma 2/3's post norm, Granite's multiplier."""
         if self.has(f"{post_norm}.weight"):
-            y = self.norm(y, f"{post_norm}.weight", onnx_name, scope)
+            y = self.norm(y, post_norm, onnx_name, scope)
         if self.spec.residual_scale != 1.0:
             (y,) = self.g.node("Mul", [y, self.scalar(f"{scope}/residual_scale", self.spec.residual_scale)], f"{scope}/Mul")
         return y
@@ -559,22 +615,23 @@ class _Builder:
         for i in range(spec.n_layer):
             blk, layer, scope = f"blk.{i}", f"model.layers.{i}", f"/model/layers.{i}"
             if i == 0:
-                x = self.norm(hidden, f"{blk}.attn_norm.weight", f"{layer}.input_layernorm.weight",
-                              f"{scope}/input_layernorm/LayerNorm")
+                x = self.norm(hidden, f"{blk}.attn_norm", f"{layer}.input_layernorm", f"{scope}/input_layernorm/LayerNorm")
             else:
-                x, residual = self.skip_norm(pending, residual, f"{blk}.attn_norm.weight",
-                                             f"{layer}.input_layernorm.weight", f"{scope}/input_layernorm/SkipLayerNorm")
+                x, residual = self.skip_norm(pending, residual, f"{blk}.attn_norm", f"{layer}.input_layernorm",
+                                             f"{scope}/input_layernorm/SkipLayerNorm")
             attn = self.attention(i, x, caches[i], seqlens_k, total_len)
-            pending = self.branch_out(attn, f"{blk}.post_attention_norm", f"{layer}.post_attention_norm.weight",
+            pending = self.branch_out(attn, f"{blk}.post_attention_norm", f"{layer}.post_attention_norm",
                                       f"{scope}/post_attention_norm")
-            x, residual = self.skip_norm(pending, residual, f"{blk}.ffn_norm.weight",
-                                         f"{layer}.post_attention_layernorm.weight",
+            if not self.has(f"{blk}.ffn_norm.weight"):
+                # Phi-2: no norm of its own, the MLP reads the attention's input; both branches join the stream at once
+                (pending,) = g.node("Add", [pending, self.mlp(i, x)], f"{scope}/residual_add/Add")
+                continue
+            x, residual = self.skip_norm(pending, residual, f"{blk}.ffn_norm", f"{layer}.post_attention_layernorm",
                                          f"{scope}/post_attention_layernorm/SkipLayerNorm")
             out = self.moe(i, x) if spec.n_expert else self.mlp(i, x)
-            pending = self.branch_out(out, f"{blk}.post_ffw_norm", f"{layer}.post_feedforward_norm.weight",
+            pending = self.branch_out(out, f"{blk}.post_ffw_norm", f"{layer}.post_feedforward_norm",
                                       f"{scope}/post_feedforward_norm")
-        x, _ = self.skip_norm(pending, residual, "output_norm.weight",
-                              f"model.layers.{spec.n_layer}.final_norm_layernorm.weight",
+        x, _ = self.skip_norm(pending, residual, "output_norm", f"model.layers.{spec.n_layer}.final_norm_layernorm",
                               f"/model/layers.{spec.n_layer}/final_norm_layernorm/SkipLayerNorm")
         self.lm_head(x)
 
@@ -619,15 +676,17 @@ def _genai_config(spec: _Spec) -> dict[str, Any]:
 
 
 def _io(spec: _Spec, elem: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    kv = lambda name, seq: helper.make_tensor_value_info(name, elem, ["batch_size", spec.n_head_kv, seq, spec.head_dim])
+    def kv(name: str, layer: int, seq: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, elem, ["batch_size", spec.kv_heads[layer], seq, spec.head_dim])
+
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", elem, ["batch_size", "sequence_length", spec.vocab])]
     for i in range(spec.n_layer):
-        inputs += [kv(f"past_key_values.{i}.key", "past_sequence_length"), kv(f"past_key_values.{i}.value", "past_sequence_length")]
-        outputs += [kv(f"present.{i}.key", "total_sequence_length"), kv(f"present.{i}.value", "total_sequence_length")]
+        inputs += [kv(f"past_key_values.{i}.{part}", i, "past_sequence_length") for part in ("key", "value")]
+        outputs += [kv(f"present.{i}.{part}", i, "total_sequence_length") for part in ("key", "value")]
     return inputs, outputs
 
 
@@ -639,8 +698,8 @@ def write(
     linear_weights: LinearWeights = LinearWeights(),
     on_carry: "Callable[[Carry], None] | None" = None,
 ) -> list[Path]:
-    """Write ``checkpoint`` (GGUF-named; architecture llama, qwen2, qwen3, phi3, gemma, gemma2,
-    gemma3, granite, or llama with experts = Mixtral) as an onnxruntime-genai model directory:
+    """Write ``checkpoint`` (GGUF-named; architecture llama, qwen2, qwen3, phi3, phi2, starcoder2, openelm,
+    gemma, gemma2, gemma3, granite, or llama with experts = Mixtral) as an onnxruntime-genai model directory:
     ``model.onnx``, ``model.onnx.data``, ``genai_config.json`` (returned in that order), then the
     checkpoint's sidecar files. A ``bert`` checkpoint is written by
     :func:`slmpkg.formats.onnx_encoder.write_encoder`.

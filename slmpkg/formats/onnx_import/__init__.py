@@ -20,14 +20,16 @@ Three layouts of the same decoder are understood, told apart by what the graph h
   cannot hold (16-value blocks, slmpkg's separate min term) becomes F32 with exactly the values
   onnxruntime computes with, never rounded a second time.
 
-Families: every one slmpkg's writer exports (Llama/Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 1/2/3,
-Granite; others give a FormatError naming the family). An ``lm_head`` equal to the embedding (the
+Families: every one slmpkg's writer exports (Llama/Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Phi-2, StarCoder2,
+OpenELM, Gemma 1/2/3, Granite; others give a FormatError naming the family). An ``lm_head`` equal to the embedding (the
 builder's shared initializer, or slmpkg's copy) is tied: one matrix in GGUF, ``tie_word_embeddings``
 in config.json. Mixtral's ``com.microsoft.MoE`` fused SwiGLU experts (gate and up rows interleaved)
 come apart into ``ffn_gate_exps``/``ffn_up_exps``; Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` stay
 fused, as llama.cpp's phi3 graph reads them (separate projections, as the builder writes gate and up,
-are fused). The builder's Mistral, Phi-3, Gemma 2 (HF's sandwich-norm names) and Granite graphs
-(multipliers on the skip input, logits × 1/scale) are read too.
+are fused). The builder's Mistral, Phi-3, Phi-2 (LayerNorms with biases, fc1/fc2), Gemma 2 (HF's
+sandwich-norm names) and Granite graphs (multipliers on the skip input, logits × 1/scale) are read too.
+LayerNorm biases come back beside their weights; OpenELM's per-layer head counts come from each
+``GroupQueryAttention``.
 
 Metadata comes from ``config.json`` when it is beside the model (optimum writes it) or stored in the
 model's ``metadata_props`` under ``slmpkg.config.json`` (:data:`CONFIG_PROPERTY`), else from
@@ -38,7 +40,9 @@ attention scale (Gemma's query_pre_attn_scalar, Granite's multiplier) and soft-c
 short/long factors and attention factor from the two pairs its ``If`` chooses between, with Phi-3's
 base 10000, which those caches cannot separate from the factors); Granite's embedding/residual/logit
 multipliers and Gemma 2's final soft-cap from the constants of their ``Mul``/``Div``/``Tanh`` nodes;
-the expert count and top-k from ``MoE``. The tokenizer files beside the model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
+the expert count and top-k from ``MoE``; the family from genai_config.json's ``type``, and for its
+generic ``decoder`` from the graph (experts: Mixtral; LayerNorms: StarCoder2; per-head norms: OpenELM,
+whose config.json gets sizing rules that give the graph's per-layer sizes). The tokenizer files beside the model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
 of the external data file when a writer asks for it (a transposed weight is transposed then, one tensor
 in memory at a time). External data is checked before anything is returned: a location outside the
 model directory (``../x``, an absolute path, a symlink out), a missing file or one shorter than the

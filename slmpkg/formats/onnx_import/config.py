@@ -14,7 +14,7 @@ import numpy as np
 from ...errors import FormatError
 from ...quant import QuantType
 from ..onnx_graph import CONFIG_PROPERTY
-from .graph import _Graph, _attr, _layer_of, _scalar
+from .graph import _Graph, _attr, _layer_of, _parts, _scalar
 from .rope import _llama3_rope, _longrope_factors, _nice, _rope_base
 from .stored import _Stored, _as_f64, _as_stored_floats
 
@@ -30,6 +30,7 @@ _GENAI_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "phi": "PhiForCausalLM",
     "granite": "GraniteForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
@@ -39,7 +40,15 @@ _GENAI_TYPES = {
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                 "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
                 "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "GraniteForCausalLM": "granite",
-                "MixtralForCausalLM": "mixtral"}
+                "MixtralForCausalLM": "mixtral", "PhiForCausalLM": "phi", "Starcoder2ForCausalLM": "starcoder2",
+                "OpenELMForCausalLM": "openelm"}
+
+# config.json entries of the LayerNorm and GELU families that the graph's ops imply (the epsilon's key, the
+# activation the graph's Gelu(tanh) is in each family's own terms)
+_FAMILY_KEYS = {
+    "PhiForCausalLM": {"eps": "layer_norm_eps", "hidden_act": "gelu_new", "qk_layernorm": False},
+    "Starcoder2ForCausalLM": {"eps": "norm_epsilon", "hidden_act": "gelu_pytorch_tanh", "use_bias": True},
+}
 
 
 _GEMMAS = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -49,6 +58,9 @@ SUPPORTED_CLASSES = tuple(_MODEL_TYPES)
 
 
 _ROTARY_OPS = {"GroupQueryAttention", "RotaryEmbedding", "PagedAttention"}
+# the decoder's norms (inside its layers: the epsilon and the kind of norm are read from them)
+_NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+             "SkipLayerNormalization"}
 
 
 def _json_file(path: Path) -> Optional[dict[str, Any]]:
@@ -77,11 +89,14 @@ class _Facts:
         self.scale: Optional[float] = None  # GQA's scale (1/sqrt(head size) unless a family changes it)
         self.softcap: Optional[float] = None
         self.moe: dict[int, Any] = {}  # com.microsoft.MoE nodes by layer
+        self.heads: dict[int, tuple[int, int]] = {}  # (query, key/value) heads by layer (OpenELM's differ)
+        self.layer_norm = False  # LayerNorm (mean and variance) rather than RMS norm
         for node in g.nodes:
             if node.op_type == "GroupQueryAttention":
                 layer = _layer_of(node.name)
                 if layer is not None:
                     self.windows[layer] = int(_attr(node, "local_window_size", -1))
+                    self.heads[layer] = (int(_attr(node, "num_heads")), int(_attr(node, "kv_num_heads")))
                     if len(node.input) > 8:
                         self.layer_caches[layer] = (node.input[7], node.input[8])
                 if self.scale is None and _attr(node, "scale"):
@@ -107,7 +122,9 @@ class _Facts:
                     cos, sin = g.inits.get(node.input[2]), g.inits.get(node.input[3])
                     if cos is not None and sin is not None:
                         self.caches = (cos, sin)
-            if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization") and self.eps is None:
+            if node.op_type in ("LayerNormalization", "SkipLayerNormalization") and _layer_of(node.name) is not None:
+                self.layer_norm = True
+            if node.op_type in _NORM_OPS and self.eps is None and _layer_of(node.name) is not None:
                 eps = _attr(node, "epsilon")
                 if eps is not None:
                     self.eps = _nice(eps)
@@ -168,11 +185,16 @@ class _Facts:
 
 def _family_class(g: _Graph, facts: _Facts, kind: Any) -> str:
     """The HF class from genai_config.json's ``type`` and what the graph holds: slmpkg writes Mistral as
-    ``llama`` (one GGUF architecture) and Mixtral as the generic ``decoder``; experts and windows tell."""
+    ``llama`` (one GGUF architecture) and Mixtral, StarCoder2 and OpenELM as the generic ``decoder``;
+    experts, windows, LayerNorms and per-head norms tell."""
     if facts.moe:
         return "MixtralForCausalLM"
     if kind == "llama" and any(w > 0 for w in facts.windows.values()):
         return "MistralForCausalLM"
+    if kind == "decoder" and facts.layer_norm:
+        return "Starcoder2ForCausalLM"
+    if kind == "decoder" and any("q_norm" in _parts(name) for name in g.inits):
+        return "OpenELMForCausalLM"
     if kind not in _GENAI_TYPES:
         known = ", ".join(_GENAI_TYPES)
         raise FormatError(
@@ -211,10 +233,11 @@ def _hf_config(
     n_head = int(cfg["num_attention_heads"])
     fill("head_dim", decoder.get("head_size"), q_rows // n_head if q_rows else None, hidden // n_head)
     fill("intermediate_size", shapes.get("blk.0.ffn_gate.weight", (None,))[0],
-         shapes.get("blk.0.ffn_gate_exps.weight", (None, None))[1])
+         shapes.get("blk.0.ffn_gate_exps.weight", (None, None))[1], shapes.get("blk.0.ffn_up.weight", (None,))[0])
     if family == "MixtralForCausalLM":
         fill("num_local_experts", shapes.get("blk.0.ffn_gate_exps.weight", (None,))[0])
-    fill("rms_norm_eps", facts.eps)
+    own = _FAMILY_KEYS.get(family, {})
+    fill(own.get("eps", "rms_norm_eps"), facts.eps)
     fill("vocab_size", vocab)
     fill("tie_word_embeddings", tied)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -229,12 +252,38 @@ def _hf_config(
         _graph_config(facts, cfg, n_layer)
         if family == "MixtralForCausalLM" and cfg["head_dim"] == hidden // n_head:
             del cfg["head_dim"]  # transformers' Mixtral saves none when it is the default (no key_length in GGUF)
+        if family == "OpenELMForCausalLM":
+            cfg = _openelm_config(g, facts, cfg, shapes, n_layer)
     cfg.setdefault("model_type", _MODEL_TYPES[family])
+    for key, value in own.items():
+        if key != "eps":
+            cfg.setdefault(key, value)
     if family in _GEMMAS:
         cfg.setdefault("hidden_activation" if family != "GemmaForCausalLM" else "hidden_act", "gelu_pytorch_tanh")
     else:
         cfg.setdefault("hidden_act", "silu")
     return cfg
+
+
+def _openelm_config(g: _Graph, facts: _Facts, generic: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                    n_layer: int) -> dict[str, Any]:
+    """OpenELM's own config.json from the graph: per-layer heads from each GroupQueryAttention, MLP widths
+    from each gate projection, and sizing rules that give them (:func:`slmpkg.architectures.openelm_config`)."""
+    from ... import architectures
+
+    missing = [i for i in range(n_layer) if i not in facts.heads or f"blk.{i}.ffn_gate.weight" not in shapes]
+    if missing:
+        raise FormatError(f"{g.file}: OpenELM layers {missing} lack a GroupQueryAttention or a gate projection")
+    rope = generic.get("rope_parameters") or {}
+    base = rope.get("rope_theta", generic.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default" or "partial_rotary_factor" in generic:
+        raise FormatError(f"{g.file}: OpenELM rotates whole heads with no rope scaling; the graph's caches do otherwise")
+    sizes = architectures.openelm_config(
+        generic["hidden_size"], int(generic["head_dim"]), [facts.heads[i][0] for i in range(n_layer)],
+        [facts.heads[i][1] for i in range(n_layer)], [shapes[f"blk.{i}.ffn_gate.weight"][0] for i in range(n_layer)],
+        int(generic["max_position_embeddings"]), float(base), source=str(g.file))
+    kept = ("architectures", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "num_hidden_layers")
+    return {**{k: generic[k] for k in kept if k in generic}, **sizes}
 
 
 def _graph_config(facts: _Facts, cfg: dict[str, Any], n_layer: int) -> None:
@@ -250,7 +299,7 @@ def _graph_config(facts: _Facts, cfg: dict[str, Any], n_layer: int) -> None:
     elif family in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         cfg["sliding_window"] = None
         cfg["layer_types"] = ["full_attention"] * n_layer
-    elif family in ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
+    elif family in ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Starcoder2ForCausalLM"):
         cfg["sliding_window"] = None
     if family in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         cfg["attn_logit_softcapping"] = facts.softcap

@@ -23,6 +23,8 @@ _PROJECTIONS = {
     "qkv_proj": None, "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
     "gate_up_proj": None, "lm_head": "output",
     "gate": "ffn_gate_inp",  # an MoE router (slmpkg's moe.gate, optimum's block_sparse_moe.gate)
+    # plain MLPs: the builder's and HF Phi's fc1/fc2, HF StarCoder2's c_fc/c_proj; HF Phi's attention output
+    "fc1": "ffn_up", "fc2": "ffn_down", "c_fc": "ffn_up", "c_proj": "ffn_down", "dense": "attn_output",
 }
 
 

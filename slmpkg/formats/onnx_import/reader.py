@@ -70,7 +70,8 @@ def _beside(directory: Path) -> Path:
 
 
 def _norms(g: _Graph) -> dict[str, tuple[LazyTensor, bool]]:
-    """Norm weights by GGUF name, with whether the graph applies them as stored (fused norm ops)."""
+    """Norm weights (and LayerNorm biases) by GGUF name, with whether the graph applies them as stored
+    (fused norm ops)."""
     out: dict[str, tuple[LazyTensor, bool]] = {}
     # Gemma 2/3 in HF's names: with a pre_feedforward_layernorm, post_attention_layernorm is the norm
     # after attention (llama.cpp's post_attention_norm), not the one before the MLP
@@ -82,16 +83,18 @@ def _norms(g: _Graph) -> dict[str, tuple[LazyTensor, bool]]:
         parts = _parts(name)
         stem = next((names[p] for p in reversed(parts) if p in names), None)
         layer = _layer_of(name)
-        if stem is None and name in ("model.norm.weight", "norm.weight"):
-            stem = "output_norm"
+        if stem is None and name in ("model.norm.weight", "norm.weight", "model.final_layernorm.weight",
+                                     "model.final_layernorm.bias", "model.norm.bias"):
+            stem = "output_norm"  # HF's final norms (Phi's final_layernorm), as optimum keeps them
         if stem is None:
             continue
+        suffix = "bias" if parts[-1] == "bias" else "weight"
         if stem == "output_norm":
-            target = "output_norm.weight"
+            target = f"output_norm.{suffix}"
         elif layer is None:
             raise FormatError(f"{g.file}: tensor {name}: a layer norm outside any layer")
         else:
-            target = f"blk.{layer}.{stem}.weight"
+            target = f"blk.{layer}.{stem}.{suffix}"
         if target in out:
             raise FormatError(f"{g.file}: tensors {out[target][0].name} and {name} both map to {target}")
         applied = any(c.op_type in _APPLIED_NORM_OPS for c in g.consumers.get(name, []))
@@ -102,8 +105,9 @@ def _norms(g: _Graph) -> dict[str, tuple[LazyTensor, bool]]:
 def read(path: PathLike) -> Checkpoint:
     """Read an ONNX decoder (a model directory or a ``.onnx`` file) as a canonical, GGUF-named checkpoint.
 
-    Supports every family slmpkg's writer exports (Llama/Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma
-    1/2/3, Granite) and the Llama/Qwen/Gemma graphs of onnxruntime-genai's builder and optimum; ``MatMulNBits`` weights become GGUF blocks (see :mod:`slmpkg.formats.onnx_nbits`).
+    Supports every family slmpkg's writer exports (Llama/Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Phi-2,
+    StarCoder2, OpenELM, Gemma 1/2/3, Granite) and the Llama/Qwen/Phi/Gemma graphs of onnxruntime-genai's
+    builder and optimum; ``MatMulNBits`` weights become GGUF blocks (see :mod:`slmpkg.formats.onnx_nbits`).
     Raises :class:`FormatError` (one line naming the file) for a file that is not ONNX, external data
     that is outside the directory, missing or short, and a graph whose weights cannot be mapped.
 
@@ -188,10 +192,13 @@ def read(path: PathLike) -> Checkpoint:
     q_size, kv_size = dims.n_head * dims.head_dim, dims.n_head_kv * dims.head_dim
 
     kept = {r.gguf for r in family.layer_tensors}
+    # the projections llama.cpp's graph reads fused (Phi-3: both; OpenELM: q/k/v), each with its parts
+    fusions = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up")}
+    fused_in_gguf = {whole for whole, parts in fusions.items() if whole in kept and parts[0] not in kept}
     for lin in fused:
         stem = f"blk.{lin.layer}"
         whole = "attn_qkv" if lin.fused == "qkv" else "ffn_up"
-        if whole in kept and "attn_q" not in kept:  # llama.cpp's phi3 keeps both fused (gate rows, then up)
+        if whole in fused_in_gguf:  # kept as it is (Phi-3's gate rows, then up)
             put(f"{stem}.{whole}.weight", lin.weight, lin.weight.name)
             if lin.bias is not None:
                 put(f"{stem}.{whole}.bias", lin.bias, lin.bias.name)
@@ -213,15 +220,15 @@ def read(path: PathLike) -> Checkpoint:
                     put(f"{stem}.{part}.{suffix}", _rows(src, start, start + size), src.name)
             start += size
 
-    if "attn_qkv" in kept and "attn_q" not in kept:  # Phi-3 from a graph with separate projections
-        for i in range(n_layer):
-            for whole, parts in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_up", ("ffn_gate", "ffn_up"))):
-                for suffix in ("weight", "bias"):
-                    names = [f"blk.{i}.{p}.{suffix}" for p in parts]
-                    if all(n in tensors for n in names):
-                        pieces = [tensors.pop(n) for n in names]
-                        target = f"blk.{i}.{whole}.{suffix}"
-                        tensors[target], origin[target] = _concat_rows(target, pieces), "+".join(t.name for t in pieces)
+    for i in range(n_layer):  # separate projections of a graph where llama.cpp's are fused (Phi-3)
+        for whole in fused_in_gguf:
+            parts = fusions[whole]
+            for suffix in ("weight", "bias"):
+                names = [f"blk.{i}.{p}.{suffix}" for p in parts]
+                if all(n in tensors for n in names):
+                    pieces = [tensors.pop(n) for n in names]
+                    target = f"blk.{i}.{whole}.{suffix}"
+                    tensors[target], origin[target] = _concat_rows(target, pieces), "+".join(t.name for t in pieces)
 
     # rotary layout: llama.cpp's llama graph wants q/k rows pair-adjacent; the graph's GQA says which it has
     wants_pairs = any(isinstance(r.transform, arch_mod.PermuteHeads) for r in family.layer_tensors)
@@ -240,7 +247,7 @@ def read(path: PathLike) -> Checkpoint:
               if isinstance(r.transform, arch_mod.Shift)}
     for name, (t, applied) in norms.items():
         stem = name.split(".")[-2]
-        if not applied and stem in shifts:
+        if not applied and stem in shifts and name.endswith(".weight"):
             tensors[name] = shifts[stem].forward(tensors[name], dims)
         elif len(t.shape) == 1 and tensors[name].qtype is not QuantType.F32:
             tensors[name] = tensors[name].converted(QuantType.F32)  # llama.cpp keeps norms in F32
@@ -251,7 +258,7 @@ def read(path: PathLike) -> Checkpoint:
     ordered = [tensors["token_embd.weight"]] + [t for t in extra]
     for i in range(n_layer):
         ordered += [t for name, t in tensors.items() if name.startswith(f"blk.{i}.")]
-    ordered += [tensors[n] for n in ("output_norm.weight", "output.weight") if n in tensors]
+    ordered += [tensors[n] for n in ("output_norm.weight", "output_norm.bias", "output.weight", "output.bias") if n in tensors]
     return Checkpoint(metadata, ordered, sidecar={})
 
 
