@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from .._io import atomic_writes, read_range
 from ..checkpoint import Checkpoint, LazyTensor, MetaValue
 from ..errors import FormatError
+from ..parallel import Placement
 from ..quant import QuantType
 
 GGUF_MAGIC = b"GGUF"
@@ -275,6 +277,7 @@ def _read_one(path: Path) -> Checkpoint:
             name, tuple(reversed(ne)), qtype,
             raw=lambda base=base, n=n_bytes: read_range(path, base, n),
             read=lambda offset, n, base=base: read_range(path, base + offset, n),
+            region=(str(path), base),
         ))
     return Checkpoint(metadata, tensors)
 
@@ -381,13 +384,33 @@ def write(
             "split.tensors.count": MetaValue(GGUFValueType.INT32, total),
         }
         headers = [{**(metadata if i == 0 else {}), **split_meta(i)} for i in range(n)]
+    report = on_tensor if on_tensor is not None else (lambda t: None)
+    pending: collections.deque[tuple[LazyTensor, Placement]] = collections.deque()
     with atomic_writes(targets) as files:
-        for f, header, shard in zip(files, headers, shards):
-            f.write(encode_header(header, shard, alignment))
-            for t in shard:
-                _write_tensor(f, t, alignment)
-                if on_tensor is not None:
-                    on_tensor(t)
+        try:
+            for f, header, shard in zip(files, headers, shards):
+                f.write(encode_header(header, shard, alignment))
+                for t in shard:
+                    if t.placer is not None:
+                        # written by worker processes at this offset; the writer moves on
+                        pending.append((t, t.placer(f.name, f.tell())))
+                        f.seek(t.nbytes + _pad(t.nbytes, alignment), os.SEEK_CUR)
+                    else:
+                        _write_tensor(f, t, alignment)
+                        report(t)
+                    while pending and pending[0][1].done():
+                        pending[0][1].wait()
+                        report(pending.popleft()[0])
+                f.truncate()  # a placed last tensor leaves the file short of its end until written
+            while pending:
+                pending[0][1].wait()
+                report(pending.popleft()[0])
+        except BaseException:
+            for _, placement in pending:
+                placement.cancel()
+            for _, placement in pending:  # a job still running would write into the next file of that name
+                placement.settle()
+            raise
     return targets
 
 

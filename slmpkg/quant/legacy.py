@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, row_sigma2, safe_reciprocal
-from .blocks import BLOCK, as_blocks, as_bytes
+from ._common import F32, byte_field, dequantize_chunks, half_column, row_sigma2, safe_reciprocal, sign_extend, split_nibbles
+from .blocks import BLOCK, as_bytes
 
 QK = 32
 
@@ -255,35 +255,42 @@ def _affine(qtype: T, n_levels: int):
 # ---- dequantization ---------------------------------------------------------------------------
 
 
-def _levels(b: np.ndarray) -> np.ndarray:
-    """Unpack the 32 levels of each block (low nibbles, then high nibbles, plus bit 4 from qh)."""
-    qs = b["qs"]
-    lv = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)
-    if "qh" in b.dtype.names:
-        qh = b["qh"][:, None] >> np.arange(QK, dtype=np.uint32)
-        lv |= ((qh & 1) << 4).astype(np.int32)
-    return lv
+def _dequantize(qtype: T):
+    """``y = d * (level - offset)`` or ``y = d * level + m``, as ggml's ``dequantize_row_*``."""
+    size = BLOCK[qtype].itemsize
+    affine = qtype in (T.Q4_1, T.Q5_1)
+    wide = qtype in (T.Q5_0, T.Q5_1)
+    qs_at = size - QK // 2
 
-
-def _dequantize(qtype: T, offset: int):
-    def dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
-        b = as_blocks(data, qtype)
-        d = b["d"].astype(F32)[:, None]
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        d = half_column(raw, 0)
         if qtype is T.Q8_0:
-            y = b["qs"].astype(F32) * d
+            out[...] = byte_field(raw, 2, QK).view(np.int8)
+            out *= d
+            return
+        levels = np.empty(out.shape, np.uint8)
+        split_nibbles(byte_field(raw, qs_at, QK // 2)[:, None, :], levels)
+        if wide:  # bit j of qh is bit 4 of level j
+            high = np.unpackbits(byte_field(raw, qs_at - 4, 4), axis=1, bitorder="little")
+            levels.view(np.uint64)[...] |= high.view(np.uint64) << np.uint64(4)
+        if affine:
+            out[...] = levels
+            out *= d
+            out += half_column(raw, 2)
         else:
-            y = (_levels(b) - offset).astype(F32) * d
-            if "m" in b.dtype.names:
-                y += b["m"].astype(F32)[:, None]
-        return y.reshape(data.shape[0], n_per_row)
+            out[...] = sign_extend(levels, 5 if wide else 4)
+            out *= d
+
+    def dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
+        return dequantize_chunks(data, size, QK, fill).reshape(-1, n_per_row)
 
     return dequantize
 
 
 KERNELS = {
-    T.Q4_0: Kernel(_symmetric(T.Q4_0, 8), _dequantize(T.Q4_0, 8), uses_imatrix=True),
-    T.Q5_0: Kernel(_symmetric(T.Q5_0, 16), _dequantize(T.Q5_0, 16), uses_imatrix=True),
-    T.Q4_1: Kernel(_affine(T.Q4_1, 16), _dequantize(T.Q4_1, 0), uses_imatrix=True),
-    T.Q5_1: Kernel(_affine(T.Q5_1, 32), _dequantize(T.Q5_1, 0), uses_imatrix=True),
-    T.Q8_0: Kernel(_q8_0, _dequantize(T.Q8_0, 0)),
+    T.Q4_0: Kernel(_symmetric(T.Q4_0, 8), _dequantize(T.Q4_0), uses_imatrix=True),
+    T.Q5_0: Kernel(_symmetric(T.Q5_0, 16), _dequantize(T.Q5_0), uses_imatrix=True),
+    T.Q4_1: Kernel(_affine(T.Q4_1, 16), _dequantize(T.Q4_1), uses_imatrix=True),
+    T.Q5_1: Kernel(_affine(T.Q5_1, 32), _dequantize(T.Q5_1), uses_imatrix=True),
+    T.Q8_0: Kernel(_q8_0, _dequantize(T.Q8_0)),
 }
