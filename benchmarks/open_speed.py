@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_vocab import qwen_like  # noqa: E402
+from real_vocab import cached_f16  # noqa: E402
 
 from slmpkg.formats import gguf as gguf_format  # noqa: E402
 from slmpkg.inspection import inspect_file  # noqa: E402
@@ -72,13 +72,6 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def build(cache: Path, n_vocab: int) -> Path:
-    path = cache / f"qwen-like-{n_vocab}-f16.gguf"
-    if not path.exists():
-        gguf_format.write(path, qwen_like(n_vocab))
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -90,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
-        files = {int(v): build(cache, int(v)) for v in args.vocab.split(",")}
+        files = {int(v): cached_f16(cache, int(v)) for v in args.vocab.split(",")}
         llama_vocab_only(next(iter(files.values())))  # load llama.cpp's libraries before timing
         cli_inspect(next(iter(files.values())))  # warm the page cache and bytecode
         jobs = {

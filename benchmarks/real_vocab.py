@@ -141,6 +141,14 @@ def qwen_like(
     return Checkpoint(md, [tensor(name, shape, i) for i, (name, shape) in enumerate(specs)])
 
 
+def cached_f16(directory: Path, n_vocab: int = 151936) -> Path:
+    """The F16 file of :func:`qwen_like` with ``n_vocab`` tokens in ``directory``, built when missing."""
+    path = directory / f"qwen-like-{n_vocab}-f16.gguf"
+    if not path.exists():
+        gguf_format.write(path, qwen_like(n_vocab))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)

@@ -39,8 +39,6 @@ class MetaValue:
 
 # float32 bytes converted at a time by LazyTensor.converted
 SLAB_BYTES = 32 << 20
-# smaller tensors are converted where they are written: a worker's round trip would cost more
-MIN_PLACED_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,8 +108,8 @@ class LazyTensor:
         Rows are converted in slabs of about :data:`SLAB_BYTES` of float32, so the memory a
         conversion needs beyond its output is one slab, not a float32 copy of the whole tensor.
         ``imatrix`` is ``[n_experts, n_per_row]`` (one row of importance per expert of a 3-D tensor).
-        With ``workers`` and a file-backed source of at least :data:`MIN_PLACED_ELEMENTS`, the result
-        can also be placed: worker processes convert slabs and write them straight into the output.
+        With ``workers`` and a file-backed source (``region``), the result can also be placed: worker
+        processes convert slabs and write them straight into the output file.
         """
         if qtype is self.qtype and imatrix is None:
             return self
@@ -160,7 +158,7 @@ class LazyTensor:
             ]
             return Placement(futures, n_rows * dst_row)
 
-        placeable = workers is not None and src.region is not None and self.n_elements >= MIN_PLACED_ELEMENTS
+        placeable = workers is not None and src.region is not None
         return LazyTensor(self.name, self.shape, qtype, produce, pieces=slabs, placer=place if placeable else None)
 
     @staticmethod

@@ -80,6 +80,8 @@ def _assert_same_metadata(ours: dict[str, MetaValue], ref: dict[str, MetaValue])
         assert (mine.type, mine.item_type) == (item.type, item.item_type), key
         if isinstance(item.value, np.ndarray):
             assert mine.value.dtype == item.value.dtype and np.array_equal(mine.value, item.value), key
+        elif item.item_type is V.STRING:
+            assert list(mine.value) == item.value and mine.value == item.value, key
         else:
             assert type(mine.value) is type(item.value) and mine.value == item.value, key
 
@@ -95,6 +97,24 @@ def test_reads_what_gguf_py_reads(tmp_path, alignment):
     assert [(t.name, t.shape, t.qtype) for t in ckpt.tensors] == [(n, s, q) for n, s, q, _ in ref_tensors]
     for t, (_, _, _, data) in zip(ckpt.tensors, ref_tensors):
         assert t.raw().tobytes() == data, t.name
+
+
+def test_string_arrays_are_carried_as_read(tmp_path):
+    """A vocabulary read and written again is the same bytes, decoded or not; a changed one is re-encoded."""
+    path = _gguf_py_file(tmp_path / "m.gguf")
+    ckpt = gguf_format.read(path)
+    strings = ckpt.metadata["test.strings"].value
+    assert isinstance(strings, gguf_format.StringArray) and len(strings) == 6
+    copy = tmp_path / "copy.gguf"
+    gguf_format.write(copy, ckpt)
+    assert copy.read_bytes() == path.read_bytes()
+    assert strings[2] == "Ġthe" and strings[-2:] == ["\udce4\udcb8", "<0x0A>"]  # now decoded: still the same bytes
+    gguf_format.write(copy, ckpt)
+    assert copy.read_bytes() == path.read_bytes()
+    ckpt.metadata["test.strings"] = MetaValue(V.ARRAY, list(strings) + ["new"], V.STRING)
+    gguf_format.write(copy, ckpt)
+    assert list(gguf_format.read(copy).get("test.strings")) == list(strings) + ["new"]
+    assert strings != list(strings)[:-1] and strings == tuple(strings)
 
 
 def test_round_trip_of_our_writer_including_empty_arrays(tmp_path):

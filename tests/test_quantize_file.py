@@ -192,10 +192,9 @@ def test_llama_cpp_runs_the_output(tmp_path, tiny_f16, preset):
 
 @pytest.fixture
 def every_tensor_in_workers(monkeypatch):
-    """Send every converted tensor to the worker processes, cut into jobs of a few rows."""
-    from slmpkg import checkpoint, parallel
+    """Cut every tensor the worker processes convert into jobs of a few rows."""
+    from slmpkg import parallel
 
-    monkeypatch.setattr(checkpoint, "MIN_PLACED_ELEMENTS", 0)
     monkeypatch.setattr(parallel, "JOB_ELEMENTS", 3000)
 
 

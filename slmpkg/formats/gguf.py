@@ -21,7 +21,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from gguf import GGUFValueType
@@ -58,6 +58,55 @@ _U64 = struct.Struct("<Q")
 _READ_AHEAD = 1 << 20
 # the most dimensions a tensor may have (ggml's GGML_MAX_DIMS)
 MAX_DIMS = 4
+
+
+class StringArray(Sequence[str]):
+    """The strings of a GGUF string array (a vocabulary, its merges), decoded on first use.
+
+    It keeps the array's GGUF encoding (each string a u64 byte count and its bytes), so a vocabulary
+    that is only carried from one file to another is never decoded nor encoded again. Immutable;
+    equal to any sequence of the same strings.
+    """
+
+    __slots__ = ("encoded", "_count", "_strings")
+
+    def __init__(self, encoded: bytes, count: int):
+        self.encoded = encoded
+        self._count = count
+        self._strings: Optional[list[str]] = None
+
+    def _decoded(self) -> list[str]:
+        if self._strings is None:
+            buf, pos, unpack = self.encoded, 0, _U64.unpack_from
+            out: list[str] = []
+            append = out.append
+            for _ in range(self._count):
+                end = pos + 8 + unpack(buf, pos)[0]
+                append(buf[pos + 8 : end].decode("utf-8", errors="surrogateescape"))
+                pos = end
+            self._strings = out
+        return self._strings
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StringArray):
+            return self.encoded == other.encoded and self._count == other._count
+        if isinstance(other, (list, tuple)):
+            return len(other) == self._count and self._decoded() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StringArray({self._count} strings)"
 
 
 class _Header:
@@ -139,13 +188,12 @@ class _Header:
         size = struct.calcsize(fmt)
         return MetaValue(vtype, struct.unpack_from(fmt, self.need(pos, size, f"value of {key}"), pos)[0]), pos + size
 
-    def strings(self, pos: int, count: int, key: str) -> tuple[list[str], int]:
-        """``count`` strings from ``pos`` (a vocabulary: hot, so bounds are checked against the
-        buffer in hand and the buffer grown only when a string reaches past it)."""
+    def strings(self, pos: int, count: int, key: str) -> tuple["StringArray", int]:
+        """``count`` strings from ``pos``, kept encoded (a vocabulary: only their lengths are walked
+        here, and the buffer is grown only when a string reaches past it)."""
         if count > (self.size - pos) // 8:
             raise self.fail(f"truncated: array {key} of {count} strings at byte {pos} runs past the end of the file ({self.size} bytes)")
-        out: list[str] = []
-        append = out.append
+        start = pos
         unpack = _U64.unpack_from
         buf = self.buf
         limit = len(buf)
@@ -153,15 +201,11 @@ class _Header:
             if pos + 8 > limit:
                 buf = self.need(pos, 8, f"array {key}")
                 limit = len(buf)
-            (n,) = unpack(buf, pos)
-            pos += 8
-            end = pos + n
-            if end > limit:
-                buf = self.need(pos, n, f"array {key}")
+            pos += 8 + unpack(buf, pos)[0]
+            if pos > limit:
+                buf = self.need(limit, pos - limit, f"array {key}")
                 limit = len(buf)
-            append(buf[pos:end].decode("utf-8", errors="surrogateescape"))
-            pos = end
-        return out, pos
+        return StringArray(buf[start:pos], count), pos
 
     def parse(self) -> tuple[dict[str, MetaValue], list[tuple[str, tuple[int, ...], int, int]], int]:
         """``(metadata, tensor infos (name, ne, type id, offset), start of the tensor data)``."""
@@ -300,6 +344,8 @@ def _encode_value(item: MetaValue) -> bytes:
         values = item.value
         head = struct.pack("<IQ", int(sub), len(values))
         if sub is GGUFValueType.STRING:
+            if isinstance(values, StringArray):
+                return head + values.encoded
             return head + b"".join([_string(v) for v in values])
         return head + np.asarray(values, dtype=_SCALAR_DTYPES[sub]).tobytes()
     return struct.pack(_SCALAR_FORMATS[kind], item.value)
