@@ -219,3 +219,25 @@ def test_gguf_py_refuses_what_we_call_damaged(tmp_path):
         GGUFReader(path)
     with pytest.raises(FormatError, match="duplicate key"):
         gguf_format.read(path)
+
+
+@pytest.mark.parametrize("kernel_copy", ["unsupported", "absent"])
+def test_copy_without_copy_file_range(tmp_path, monkeypatch, kernel_copy):
+    """Unchanged tensors are copied file to file in the kernel where it can; elsewhere through memory,
+    to the same bytes."""
+    import errno
+    import os
+
+    path = _gguf_py_file(tmp_path / "m.gguf")
+    expected = tmp_path / "expected.gguf"
+    gguf_format.write(expected, gguf_format.read(path))
+    assert expected.read_bytes() == path.read_bytes()
+    if kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    copy = tmp_path / "copy.gguf"
+    gguf_format.write(copy, gguf_format.read(path))
+    assert copy.read_bytes() == path.read_bytes()
