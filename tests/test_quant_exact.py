@@ -99,6 +99,16 @@ def test_dequantize_matches_ggml(ggml, qtype):
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+def test_float_conversion_of_every_kind_of_float32_like_ggml(ggml, qtype):
+    """A million float32 bit patterns spread over the whole range (NaNs with payloads, infinities,
+    overflow, subnormals, rounding ties): ggml's fp16/bf16 bits, NaNs included (ggml makes every fp16
+    NaN the quiet 0x7E00; numpy's cast would keep payloads)."""
+    patterns = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)[: 1024 * 1000]
+    x = patterns.view(np.float32).reshape(-1, 1024)
+    assert np.array_equal(quant.quantize(x, qtype), ggml.quantize(x, qtype))
+
+
 @pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
 def test_dequantize_random_bytes_matches_ggml(ggml, monkeypatch, qtype):
     """Every bit pattern a block can hold (NaN and infinite scales, every level), across chunk
