@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MetaValue:
-    """One typed metadata value (GGUF's value types); arrays carry their item type."""
+    """One typed metadata value (GGUF's value types); arrays carry their item type.
+
+    Number arrays are numpy arrays; string arrays are sequences of ``str`` (a list, or the
+    read-only ``StringArray`` the GGUF reader gives, decoded on first use).
+    """
 
     type: GGUFValueType
     value: Any
@@ -58,7 +62,8 @@ class LazyTensor:
     raw: Callable[[], np.ndarray] = field(repr=False, compare=False)
     read: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False, compare=False)
     pieces: Optional[Callable[[], Iterator[np.ndarray]]] = field(default=None, repr=False, compare=False)
-    # where the stored bytes lie in a file, ``(path, offset)``: another process can read them itself
+    # ``(path, offset)`` when the stored bytes are exactly ``nbytes`` bytes of that file from that
+    # offset: another process can read them itself, and a writer can copy them file to file
     region: Optional[tuple[str, int]] = field(default=None, repr=False, compare=False)
     # ``placer(path, offset)`` starts writing the stored bytes into the file ``path`` at ``offset``
     # elsewhere (worker processes) and returns a Placement to wait on; writers that lay out a file use it
