@@ -100,16 +100,19 @@ def f16_to_f32(bits: np.ndarray) -> np.ndarray:
     out = np.empty(halves.shape, np.int32)
     flat_in, flat_out = halves.reshape(-1), out.reshape(-1)
     for a in range(0, flat_in.size, DEQUANT_CHUNK_ELEMENTS):
+        src = flat_in[a : a + DEQUANT_CHUNK_ELEMENTS]
         part = flat_out[a : a + DEQUANT_CHUNK_ELEMENTS]
-        part[...] = flat_in[a : a + DEQUANT_CHUNK_ELEMENTS].view(np.int16)
+        part[...] = src.view(np.int16)
         part <<= 13
         part &= np.int32(-0x70000001)  # drop the sign's copies between the sign and the exponent
         part.view(np.float32)[...] *= np.float32(2.0**112)
-    if (halves & np.uint16(0x7FFF)).max(initial=0) >= 0x7C00:
-        special = (halves & np.uint16(0x7C00)) == np.uint16(0x7C00)
-        nan = special & ((halves & np.uint16(0x03FF)) != 0)
-        out.view(np.uint32)[special] |= np.uint32(0x7F800000)
-        out.view(np.uint32)[nan] |= np.uint32(0x00400000)
+        exponent = scratch("f16.exponent", src.shape, np.uint16)
+        np.bitwise_and(src, np.uint16(0x7C00), out=exponent)
+        if exponent.max() == 0x7C00:  # infinities and NaNs: all-ones exponent, NaNs quiet
+            special = exponent == 0x7C00
+            nan = special & ((src & np.uint16(0x03FF)) != 0)
+            part.view(np.uint32)[special] |= np.uint32(0x7F800000)
+            part.view(np.uint32)[nan] |= np.uint32(0x00400000)
     return out.view(np.float32)
 
 

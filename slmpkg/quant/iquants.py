@@ -172,7 +172,10 @@ def _values(qs: np.ndarray, groups: int) -> np.ndarray:
     c = qs.shape[0]
     levels = np.empty((c, groups, 2, 16), np.uint8)
     split_nibbles(qs.reshape(c, groups, 16), levels)
-    return _VALUES.take(levels.reshape(c, groups, SUB).astype(np.intp))
+    # take wants intp indices: widen into a reused buffer (a fresh one per chunk costs page faults)
+    index = scratch("iq4.index", (c, groups, SUB), np.intp)
+    index[...] = levels.reshape(c, groups, SUB)
+    return _VALUES.take(index, out=scratch("iq4.values", (c, groups, SUB)))
 
 
 def _dequantize_iq4_nl(data: np.ndarray, n_per_row: int) -> np.ndarray:
