@@ -1,18 +1,23 @@
-"""Whole-model quantization: wall time of slmpkg vs llama.cpp's llama_model_quantize, same F16 GGUF.
+"""Whole-file quantization: wall time of `slmpkg quantize` vs llama.cpp's llama_model_quantize, same input, same threads.
 
-Builds a Llama-shaped F16 GGUF with random weights (default ~0.3 B parameters), then times both
-quantizers for Q8_0, Q4_0 and Q4_K_M at 1 and 2 threads, in this one run, and checks the outputs are
-byte-identical.
+Builds (see ``real_vocab.py``) a Qwen2.5-0.5B-shaped F16 GGUF with a 152k byte-level BPE vocabulary,
+and from it a Q4_K_M made by slmpkg, as on the real model; ``--model llama`` uses instead the
+synthetic ~272 M-parameter Llama-shaped F16 GGUF with a tiny vocabulary of earlier versions. Then,
+interleaved over --repeat rounds in this one run, quantizes the F16 file to every --presets preset and
+re-quantizes the Q4_K_M one (``--allow-requantize``) to every --requantize preset, with slmpkg's
+``quantize_file`` and with llama.cpp, each in the same process, and checks the outputs are
+byte-identical. Prints the fastest and median seconds and their ratios (slmpkg / llama.cpp; below 1
+is faster).
 
-    python benchmarks/requantize_speed.py [--layers 6] [--embd 2048] [--ff 5632]
+    python benchmarks/requantize_speed.py [--repeat 3] [--threads 2] [--presets Q8_0,Q4_0,Q4_K_M]
+        [--requantize Q8_0,Q4_0] [--cache DIR] [--model qwen|llama]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,24 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from open_speed import quiet_stderr  # noqa: E402
+from real_vocab import cached_f16  # noqa: E402
 
 from slmpkg.formats import gguf as gguf_format  # noqa: E402
 from slmpkg.pipeline import quantize_file  # noqa: E402
-from slmpkg.presets import QuantOptions  # noqa: E402
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """llama.cpp logs every tensor to stderr; keep the table readable."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
+from slmpkg.presets import PRESETS, QuantOptions  # noqa: E402
 
 
 def _tiny_llama():
@@ -47,37 +42,85 @@ def _tiny_llama():
     return module.tiny_llama
 
 
+def build(cache: Path, model: str) -> tuple[Path, Path]:
+    """The F16 source and the Q4_K_M made from it by slmpkg."""
+    if model == "qwen":
+        f16 = cached_f16(cache)
+    else:
+        f16 = cache / "llama-272m-f16.gguf"
+        if not f16.exists():
+            gguf_format.write(f16, _tiny_llama()(n_layer=6, n_embd=2048, n_ff=5632, n_head=16, n_head_kv=4))
+    q4km = f16.with_name(f16.name.replace("-f16", "-Q4_K_M"))
+    if not q4km.exists():
+        quantize_file(f16, q4km, QuantOptions("Q4_K_M"), progress=False)
+    return f16, q4km
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--embd", type=int, default=2048)
-    parser.add_argument("--ff", type=int, default=5632)
-    parser.add_argument("--presets", default="Q8_0,Q4_0,Q4_K_M")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--presets", default="Q8_0,Q4_0,Q4_K_M", help="from F16; 'all' for every preset")
+    parser.add_argument("--requantize", default="Q8_0,Q4_0", help="from the Q4_K_M; 'all' for every preset")
+    parser.add_argument("--model", choices=("qwen", "llama"), default="qwen")
+    parser.add_argument("--cache", type=Path, help="keep the built GGUFs here (default: a temporary directory)")
     args = parser.parse_args()
     from llama_ref import llama_quantize
 
+    def names(spec: str) -> list[str]:
+        return [p for p in PRESETS] if spec == "all" else [p for p in spec.split(",") if p]
+
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "model-f16.gguf"
-        ckpt = _tiny_llama()(n_layer=args.layers, n_embd=args.embd, n_ff=args.ff, n_head=16, n_head_kv=4)
-        gguf_format.write(src, ckpt)
+        cache = args.cache or Path(tmp)
+        cache.mkdir(parents=True, exist_ok=True)
+        f16, q4km = build(cache, args.model)
+        cases = [("F16", f16, p, False) for p in names(args.presets)]
+        cases += [("Q4_K_M", q4km, p, True) for p in names(args.requantize)]
+        ckpt = gguf_format.read(f16)
         n_params = sum(t.n_elements for t in ckpt.tensors)
-        print(f"F16 GGUF: {n_params / 1e6:.0f} M parameters, {src.stat().st_size / 1e6:.0f} MB")
-        header = f"{'preset':<8}{'threads':>8}{'slmpkg s':>10}{'llama.cpp s':>13}{'ratio':>8}{'identical':>11}"
+        n_vocab = len(ckpt.get("tokenizer.ggml.tokens"))
+        ours_out, ref_out = Path(tmp) / "ours.gguf", Path(tmp) / "ref.gguf"
+        times: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+        identical: dict[tuple[str, str], bool] = {}
+        for round_no in range(args.repeat):
+            for source, path, preset, requantize in cases:
+                options = QuantOptions(preset, allow_requantize=requantize)
+
+                def ours() -> float:
+                    start = time.perf_counter()
+                    quantize_file(path, ours_out, options, threads=args.threads, progress=False)
+                    return time.perf_counter() - start
+
+                def ref() -> float:
+                    start = time.perf_counter()
+                    with quiet_stderr():
+                        status = llama_quantize(path, ref_out, options.preset.ftype, nthread=args.threads,
+                                                allow_requantize=requantize)
+                    assert status == 0, f"llama.cpp failed on {preset}"
+                    return time.perf_counter() - start
+
+                # alternate who goes first, so neither always meets a warm page cache or a busy neighbour
+                if round_no % 2 == 0:
+                    t_ours, t_ref = ours(), ref()
+                else:
+                    t_ref, t_ours = ref(), ours()
+                mine, theirs = times.setdefault((source, preset), ([], []))
+                mine.append(t_ours)
+                theirs.append(t_ref)
+                if (source, preset) not in identical:
+                    identical[(source, preset)] = ours_out.read_bytes() == ref_out.read_bytes()
+
+        print(f"{args.model}: {n_params / 1e6:.0f} M parameters, {n_vocab} tokens; {args.threads} threads each, "
+              f"{args.repeat} interleaved rounds; seconds")
+        header = (f"{'source':<8}{'preset':<8}{'slmpkg min':>11}{'median':>8}{'llama.cpp min':>14}{'median':>8}"
+                  f"{'ratio min':>10}{'median':>8}{'identical':>10}")
         print(header)
         print("-" * len(header))
-        for preset in args.presets.split(","):
-            options = QuantOptions(preset)
-            for threads in (1, 2):
-                ours, ref = Path(tmp) / "ours.gguf", Path(tmp) / "ref.gguf"
-                start = time.perf_counter()
-                quantize_file(src, ours, options, threads=threads, progress=False)
-                t_ours = time.perf_counter() - start
-                start = time.perf_counter()
-                with _quiet_stderr():
-                    assert llama_quantize(src, ref, options.preset.ftype, nthread=threads) == 0
-                t_ref = time.perf_counter() - start
-                same = ours.read_bytes() == ref.read_bytes()
-                print(f"{preset:<8}{threads:>8}{t_ours:10.2f}{t_ref:13.2f}{t_ours / t_ref:7.2f}×{str(same):>11}")
+        for (source, preset), (mine, theirs) in times.items():
+            a, b = min(mine), min(theirs)
+            am, bm = statistics.median(mine), statistics.median(theirs)
+            print(f"{source:<8}{preset:<8}{a:11.2f}{am:8.2f}{b:14.2f}{bm:8.2f}{a / b:9.2f}×{am / bm:7.2f}×"
+                  f"{str(identical[(source, preset)]):>10}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 from gguf import GGUFValueType
@@ -24,10 +24,17 @@ from gguf import GGUFValueType
 from . import quant
 from .quant import QuantType
 
+if TYPE_CHECKING:
+    from .parallel import Placement, WorkerPool
+
 
 @dataclass(frozen=True)
 class MetaValue:
-    """One typed metadata value (GGUF's value types); arrays carry their item type."""
+    """One typed metadata value (GGUF's value types); arrays carry their item type.
+
+    Number arrays are numpy arrays; string arrays are sequences of ``str`` (a list, or the
+    read-only ``StringArray`` the GGUF reader gives, decoded on first use).
+    """
 
     type: GGUFValueType
     value: Any
@@ -55,6 +62,12 @@ class LazyTensor:
     raw: Callable[[], np.ndarray] = field(repr=False, compare=False)
     read: Optional[Callable[[int, int], np.ndarray]] = field(default=None, repr=False, compare=False)
     pieces: Optional[Callable[[], Iterator[np.ndarray]]] = field(default=None, repr=False, compare=False)
+    # ``(path, offset)`` when the stored bytes are exactly ``nbytes`` bytes of that file from that
+    # offset: another process can read them itself, and a writer can copy them file to file
+    region: Optional[tuple[str, int]] = field(default=None, repr=False, compare=False)
+    # ``placer(path, offset)`` starts writing the stored bytes into the file ``path`` at ``offset``
+    # elsewhere (worker processes) and returns a Placement to wait on; writers that lay out a file use it
+    placer: Optional[Callable[[str, int], "Placement"]] = field(default=None, repr=False, compare=False)
 
     @property
     def n_elements(self) -> int:
@@ -93,12 +106,15 @@ class LazyTensor:
         qtype: QuantType,
         imatrix: Optional[np.ndarray] = None,
         threads: Optional[int] = None,
+        workers: Optional["WorkerPool"] = None,
     ) -> "LazyTensor":
         """This tensor stored as ``qtype`` (a cast or a quantization), still lazy.
 
         Rows are converted in slabs of about :data:`SLAB_BYTES` of float32, so the memory a
         conversion needs beyond its output is one slab, not a float32 copy of the whole tensor.
         ``imatrix`` is ``[n_experts, n_per_row]`` (one row of importance per expert of a 3-D tensor).
+        With ``workers`` and a file-backed source (``region``), the result can also be placed: worker
+        processes convert slabs and write them straight into the output file.
         """
         if qtype is self.qtype and imatrix is None:
             return self
@@ -109,17 +125,21 @@ class LazyTensor:
         src_row = quant.row_bytes(self.qtype, n_per_row)
         dst_row = quant.row_bytes(qtype, n_per_row)
 
-        def slabs() -> Iterator[np.ndarray]:
-            slab = max(1, SLAB_BYTES // (4 * max(n_per_row, 1)))
+        def spans(elements: int) -> Iterator[tuple[int, int, Optional[np.ndarray]]]:
+            """Row ranges of about ``elements`` each, with their importance; a range never straddles
+            two experts, so it has one importance vector."""
+            step = max(1, elements // max(n_per_row, 1))
             start = 0
             while start < n_rows:
-                # a slab never straddles two experts, so it has one importance vector
-                stop = min(start + slab, n_rows, (start // rows_per_expert + 1) * rows_per_expert)
+                stop = min(start + step, n_rows, (start // rows_per_expert + 1) * rows_per_expert)
+                yield start, stop, None if imatrix is None else imatrix[start // rows_per_expert]
+                start = stop
+
+        def slabs() -> Iterator[np.ndarray]:
+            for start, stop, weights in spans(SLAB_BYTES // 4):
                 stored = src.byte_range(start * src_row, (stop - start) * src_row)
                 values = quant.dequantize(stored, src.qtype, (stop - start, n_per_row))
-                weights = None if imatrix is None else imatrix[start // rows_per_expert]
                 yield quant.quantize(values, qtype, imatrix=weights, threads=threads).reshape(-1)
-                start = stop
 
         def produce() -> np.ndarray:
             out = np.empty(n_rows * dst_row, np.uint8)
@@ -129,7 +149,22 @@ class LazyTensor:
                 done += piece.size
             return out
 
-        return LazyTensor(self.name, self.shape, qtype, produce, pieces=slabs)
+        def place(path: str, offset: int) -> "Placement":
+            from .parallel import JOB_ELEMENTS, Placement, RowJob
+
+            assert workers is not None and src.region is not None
+            src_path, src_base = src.region
+            futures = [
+                workers.submit(RowJob(
+                    src_path, src_base + start * src_row, (stop - start) * src_row, src.qtype,
+                    stop - start, n_per_row, qtype, weights, path, offset + start * dst_row,
+                ))
+                for start, stop, weights in spans(JOB_ELEMENTS)
+            ]
+            return Placement(futures, n_rows * dst_row)
+
+        placeable = workers is not None and src.region is not None
+        return LazyTensor(self.name, self.shape, qtype, produce, pieces=slabs, placer=place if placeable else None)
 
     @staticmethod
     def from_array(name: str, array: np.ndarray) -> "LazyTensor":

@@ -18,6 +18,7 @@ from gguf import GGUFValueType as V
 
 from .checkpoint import Checkpoint, LazyTensor, MetaValue
 from .imatrix import ImportanceMatrix
+from .parallel import WorkerPool
 from .presets import (
     KEY_FILE_TYPE,
     KEY_QUANTIZATION_VERSION,
@@ -82,6 +83,7 @@ def quantize_checkpoint(
     plain_metadata = {k: v.value for k, v in ckpt.metadata.items()}
     targets = plan_tensor_types(infos, plain_metadata, options)
 
+    workers = WorkerPool.for_threads(threads)
     tensors: list[LazyTensor] = []
     changes: list[TensorChange] = []
     for name in order:
@@ -91,7 +93,7 @@ def quantize_checkpoint(
         if target is not src.qtype:
             if imatrix is not None:
                 weights = imatrix.for_tensor(name, src.shape)
-            tensors.append(src.converted(target, weights, threads))
+            tensors.append(src.converted(target, weights, threads, workers))
         else:
             tensors.append(src)
         changes.append(TensorChange(name, src.shape, src.qtype, target, weights is not None))

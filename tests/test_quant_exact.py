@@ -99,6 +99,36 @@ def test_dequantize_matches_ggml(ggml, qtype):
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+def test_float_conversion_of_every_kind_of_float32_like_ggml(ggml, qtype):
+    """A million float32 bit patterns spread over the whole range (NaNs with payloads, infinities,
+    overflow, subnormals, rounding ties): ggml's fp16/bf16 bits, NaNs included (ggml makes every fp16
+    NaN the quiet 0x7E00; numpy's cast would keep payloads)."""
+    patterns = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)[: 1024 * 1000]
+    x = patterns.view(np.float32).reshape(-1, 1024)
+    assert np.array_equal(quant.quantize(x, qtype), ggml.quantize(x, qtype))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+def test_dequantize_random_bytes_matches_ggml(ggml, monkeypatch, qtype):
+    """Every bit pattern a block can hold (NaN and infinite scales, every level), across chunk
+    boundaries: ggml's ``to_float`` bit for bit."""
+    import slmpkg.quant._common as common
+    from slmpkg.quant import floats
+
+    monkeypatch.setattr(common, "DEQUANT_CHUNK_ELEMENTS", 2048)
+    monkeypatch.setattr(floats, "DEQUANT_CHUNK_ELEMENTS", 2048)
+    rng = np.random.default_rng(int(qtype) + 100)
+    shape = (7, 1024)
+    nbytes = shape[0] * quant.row_bytes(qtype, shape[1])
+    data = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    if qtype is T.F16:  # every fp16 pattern, signaling NaNs included
+        data[: 2 * 4096] = np.arange(0, 65536, 16, dtype=np.uint32).astype(np.uint16).view(np.uint8)
+    ref = ggml.dequantize(data, qtype, shape)
+    ours = quant.dequantize(data, qtype, shape)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
 def test_threads_and_chunks_do_not_change_bytes(monkeypatch):
     x = _fresh("normal", (37, 512), np.random.default_rng(7))
     whole = {t: quant.quantize(x, t, threads=1) for t in (T.Q4_K, T.Q4_0)}

@@ -185,3 +185,70 @@ def test_llama_cpp_runs_the_output(tmp_path, tiny_f16, preset):
     logits = np.array(llm.scores[: len(tokens)])
     assert logits.shape == (len(tokens), llm.n_vocab())
     assert np.isfinite(logits).all() and logits.std() > 0
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def every_tensor_in_workers(monkeypatch):
+    """Cut every tensor the worker processes convert into jobs of a few rows."""
+    from slmpkg import parallel
+
+    monkeypatch.setattr(parallel, "JOB_ELEMENTS", 3000)
+
+
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q8_0", "IQ4_XS"])
+def test_worker_processes_write_llama_cpp_bytes(tmp_path, tiny_f16, every_tensor_in_workers, preset):
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    result = quantize_file(tiny_f16, ours, QuantOptions(preset), threads=2, progress=False)
+    assert llama_quantize(tiny_f16, ref, PRESETS[preset].ftype) == 0
+    _assert_same_file(ours, ref)
+    assert any(c.requantized for c in result.tensors)
+
+
+def test_worker_processes_with_imatrix_and_requantize(tmp_path, tiny_f16, every_tensor_in_workers):
+    q8, ours, ref = tmp_path / "q8.gguf", tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_file(tiny_f16, q8, QuantOptions("Q8_0"), threads=2, progress=False)
+    sums = _imatrix_sums(tiny_f16)
+    path = tmp_path / "imatrix.gguf"
+    _write_gguf_imatrix(path, sums, count=4.0)
+    quantize_file(q8, ours, QuantOptions("Q4_K_M", allow_requantize=True), imatrix=path, threads=2, progress=False)
+    values = {k: v / np.float32(4) for k, v in sums.items()}
+    kv = [("quantize.imatrix.file", str(path)), ("quantize.imatrix.dataset", "calibration.txt"),
+          ("quantize.imatrix.entries_count", len(values)), ("quantize.imatrix.chunks_count", 7)]
+    assert llama_quantize(q8, ref, PRESETS["Q4_K_M"].ftype, allow_requantize=True, imatrix=values, kv_overrides=kv) == 0
+    _assert_same_file(ours, ref)
+
+
+def test_worker_processes_split_output(tmp_path, tiny_f16, every_tensor_in_workers):
+    """Shards laid out by the writer, filled by the workers: the same tensors as one file."""
+    from slmpkg.transforms import quantize_checkpoint
+
+    whole = tmp_path / "whole.gguf"
+    quantize_file(tiny_f16, whole, QuantOptions("Q5_K_M"), threads=1, progress=False)
+    out, _ = quantize_checkpoint(gguf_format.read(tiny_f16), QuantOptions("Q5_K_M"), threads=2)
+    assert all(t.placer is not None for t in out.tensors if t.qtype.name != "F32")
+    files = gguf_format.write(tmp_path / "split.gguf", out, split_max_size=200_000)
+    assert len(files) > 2
+    merged, single = gguf_format.read(files[0]), gguf_format.read(whole)
+    assert [t.name for t in merged.tensors] == [t.name for t in single.tensors]
+    for a, b in zip(merged.tensors, single.tensors):
+        assert np.array_equal(a.raw(), b.raw()), a.name
+
+
+def test_a_failing_worker_leaves_no_output(tmp_path, tiny_f16, every_tensor_in_workers):
+    """The source shrinks after its header was read: a worker's read fails, the error reaches the
+    caller naming the file, and nothing is left behind."""
+    from slmpkg.errors import FormatError
+    from slmpkg.transforms import quantize_checkpoint
+
+    src = tmp_path / "src.gguf"
+    src.write_bytes(tiny_f16.read_bytes())
+    out, _ = quantize_checkpoint(gguf_format.read(src), QuantOptions("Q4_0"), threads=2)
+    with open(src, "r+b") as f:
+        f.truncate(src.stat().st_size // 3)
+    dst = tmp_path / "out.gguf"
+    with pytest.raises(FormatError, match=f"{src}: truncated"):
+        gguf_format.write(dst, out)
+    assert not dst.exists() and not list(tmp_path.glob(".out.gguf*"))

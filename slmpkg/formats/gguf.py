@@ -1,6 +1,7 @@
-"""GGUF: a lazy reader (``gguf.GGUFReader``, memory-mapped) and a streaming writer.
+"""GGUF: a lazy reader and a streaming writer.
 
-Tensor bytes are read on demand into their own buffers (not memory-mapped: mapped pages would stay
+The reader parses the header itself (``gguf.GGUFReader`` builds several numpy arrays per string,
+which takes seconds on a 150k vocabulary) and reads nothing else up front. Tensor bytes are read on demand into their own buffers (not memory-mapped: mapped pages would stay
 resident). The writer lays out the header and every tensor's info first (sizes are known from shapes and types
 before any data exists), then pulls one tensor at a time and writes it, so peak memory is one tensor,
 unlike ``gguf.GGUFWriter`` which holds every tensor until the end. Output goes to a temporary file
@@ -14,18 +15,23 @@ Example:
 
 from __future__ import annotations
 
+import collections
+import errno
+import math
 import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
 
 from .._io import atomic_writes, read_range
 from ..checkpoint import Checkpoint, LazyTensor, MetaValue
 from ..errors import FormatError
+from ..parallel import Placement
 from ..quant import QuantType
 
 GGUF_MAGIC = b"GGUF"
@@ -47,22 +53,207 @@ Progress = Callable[[int], None]
 
 # ---- reading ------------------------------------------------------------------------------------
 
+# bytes of each scalar value type; a GGUF string is a u64 byte count and that many UTF-8 bytes
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_READ_AHEAD = 1 << 20
+# the most dimensions a tensor may have (ggml's GGML_MAX_DIMS)
+MAX_DIMS = 4
 
-def _field_value(field: Any) -> MetaValue:
-    kind = GGUFValueType(field.types[0])
-    if kind is GGUFValueType.ARRAY:
-        item = GGUFValueType(field.types[-1])
-        if len(field.types) > 2:
-            raise FormatError(f"nested arrays are not supported (key {field.name})")
-        if item is GGUFValueType.STRING:
-            values = [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
-        else:
-            # the numbers of an array are contiguous parts; keep them as one numpy array
-            values = np.concatenate([field.parts[i] for i in field.data]) if field.data else np.empty(0, _SCALAR_DTYPES[item])
-        return MetaValue(kind, values, item)
-    if kind is GGUFValueType.STRING:
-        return MetaValue(kind, bytes(field.parts[-1]).decode("utf-8", errors="surrogateescape"))
-    return MetaValue(kind, field.parts[-1].tolist()[0])
+
+class StringArray(Sequence[str]):
+    """The strings of a GGUF string array (a vocabulary, its merges), decoded on first use.
+
+    It keeps the array's GGUF encoding (each string a u64 byte count and its bytes), so a vocabulary
+    that is only carried from one file to another is never decoded nor encoded again. Immutable;
+    equal to any sequence of the same strings.
+    """
+
+    __slots__ = ("encoded", "_count", "_strings")
+
+    def __init__(self, encoded: bytes, count: int):
+        self.encoded = encoded
+        self._count = count
+        self._strings: Optional[list[str]] = None
+
+    def _decoded(self) -> list[str]:
+        if self._strings is None:
+            buf, pos, unpack = self.encoded, 0, _U64.unpack_from
+            out: list[str] = []
+            append = out.append
+            for _ in range(self._count):
+                end = pos + 8 + unpack(buf, pos)[0]
+                append(buf[pos + 8 : end].decode("utf-8", errors="surrogateescape"))
+                pos = end
+            self._strings = out
+        return self._strings
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StringArray):
+            return self.encoded == other.encoded and self._count == other._count
+        if isinstance(other, (list, tuple)):
+            return len(other) == self._count and self._decoded() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StringArray({self._count} strings)"
+
+
+class _Header:
+    """The parser of everything before the tensor data: key/values and tensor infos.
+
+    The header is read into memory from the start of the file, growing as parsing needs (a 150k
+    vocabulary makes a header of a few MB; tensor data is never read here). String arrays, which hold
+    the vocabulary and merges, are decoded in one tight loop into a list of ``str``; number arrays
+    become one numpy array each. Every read is bounds-checked, so a damaged or truncated header is a
+    :class:`FormatError` naming the file and the byte where it went wrong.
+    """
+
+    def __init__(self, f: BinaryIO, path: Path, size: int):
+        self.f, self.path, self.size = f, path, size
+        self.buf = b""
+
+    def fail(self, message: str) -> FormatError:
+        return FormatError(f"{self.path}: {message}")
+
+    def need(self, pos: int, n: int, what: str) -> bytes:
+        """Make ``buf`` hold bytes ``[pos, pos + n)``; the buffer, to be indexed at ``pos``."""
+        end = pos + n
+        if end > len(self.buf):
+            if end > self.size:
+                raise self.fail(f"truncated: {what} at byte {pos} runs past the end of the file ({self.size} bytes)")
+            grow = min(self.size, max(end, 2 * len(self.buf), _READ_AHEAD)) - len(self.buf)
+            self.f.seek(len(self.buf))
+            more = self.f.read(grow)
+            if len(more) != grow:
+                raise self.fail(f"truncated: the file ended while reading its header (at byte {len(self.buf) + len(more)})")
+            self.buf += more
+        return self.buf
+
+    def u32(self, pos: int, what: str) -> int:
+        return _U32.unpack_from(self.need(pos, 4, what), pos)[0]
+
+    def u64(self, pos: int, what: str) -> int:
+        return _U64.unpack_from(self.need(pos, 8, what), pos)[0]
+
+    def name(self, pos: int, what: str) -> tuple[str, int]:
+        """A key or tensor name (strict UTF-8) at ``pos``; the position after it."""
+        n = self.u64(pos, what)
+        raw = self.need(pos + 8, n, what)[pos + 8 : pos + 8 + n]
+        try:
+            return raw.decode("utf-8"), pos + 8 + n
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at byte {pos} is not UTF-8") from None
+
+    def value(self, kind: int, pos: int, key: str) -> tuple[MetaValue, int]:
+        """The value of type ``kind`` at ``pos`` (key ``key``); the position after it."""
+        try:
+            vtype = GGUFValueType(kind)
+        except ValueError:
+            raise self.fail(f"key {key} has unknown value type {kind}") from None
+        if vtype is GGUFValueType.STRING:
+            n = self.u64(pos, f"value of {key}")
+            raw = self.need(pos + 8, n, f"value of {key}")[pos + 8 : pos + 8 + n]
+            return MetaValue(vtype, raw.decode("utf-8", errors="surrogateescape")), pos + 8 + n
+        if vtype is GGUFValueType.ARRAY:
+            item_kind = self.u32(pos, f"item type of {key}")
+            count = self.u64(pos + 4, f"length of {key}")
+            pos += 12
+            try:
+                item = GGUFValueType(item_kind)
+            except ValueError:
+                raise self.fail(f"array {key} has unknown item type {item_kind}") from None
+            if item is GGUFValueType.ARRAY:
+                raise self.fail(f"nested arrays are not supported (key {key})")
+            if item is GGUFValueType.STRING:
+                values, pos = self.strings(pos, count, key)
+                return MetaValue(vtype, values, item), pos
+            dtype = _SCALAR_DTYPES[item]
+            if count > (self.size - pos) // dtype.itemsize:
+                raise self.fail(f"truncated: array {key} of {count} {item.name} at byte {pos} runs past the end of the file ({self.size} bytes)")
+            nbytes = count * dtype.itemsize
+            array = np.frombuffer(self.need(pos, nbytes, f"array {key}"), dtype, count, pos).copy()
+            return MetaValue(vtype, array, item), pos + nbytes
+        fmt = _SCALAR_FORMATS[vtype]
+        size = struct.calcsize(fmt)
+        return MetaValue(vtype, struct.unpack_from(fmt, self.need(pos, size, f"value of {key}"), pos)[0]), pos + size
+
+    def strings(self, pos: int, count: int, key: str) -> tuple["StringArray", int]:
+        """``count`` strings from ``pos``, kept encoded (a vocabulary: only their lengths are walked
+        here, and the buffer is grown only when a string reaches past it)."""
+        if count > (self.size - pos) // 8:
+            raise self.fail(f"truncated: array {key} of {count} strings at byte {pos} runs past the end of the file ({self.size} bytes)")
+        start = pos
+        unpack = _U64.unpack_from
+        buf = self.buf
+        limit = len(buf)
+        for _ in range(count):
+            if pos + 8 > limit:
+                buf = self.need(pos, 8, f"array {key}")
+                limit = len(buf)
+            pos += 8 + unpack(buf, pos)[0]
+            if pos > limit:
+                buf = self.need(limit, pos - limit, f"array {key}")
+                limit = len(buf)
+        return StringArray(buf[start:pos], count), pos
+
+    def parse(self) -> tuple[dict[str, MetaValue], list[tuple[str, tuple[int, ...], int, int]], int]:
+        """``(metadata, tensor infos (name, ne, type id, offset), start of the tensor data)``."""
+        version = self.u32(4, "version")
+        if version & 0xFFFF == 0 and version:
+            raise self.fail("big-endian GGUF files are not supported")
+        if version not in (2, 3):
+            raise self.fail(f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors = self.u64(8, "tensor count")
+        n_kv = self.u64(16, "key/value count")
+        pos = 24
+        # the smallest key/value is 13 bytes and the smallest tensor info 24: counts beyond that are damage
+        if n_kv > (self.size - pos) // 13 or n_tensors > (self.size - pos) // 24:
+            raise self.fail(f"truncated or damaged header: {n_kv} keys and {n_tensors} tensors cannot fit in {self.size} bytes")
+        metadata: dict[str, MetaValue] = {}
+        for _ in range(n_kv):
+            at = pos
+            key, pos = self.name(pos, "key")
+            if key in metadata:
+                raise self.fail(f"duplicate key {key} (at byte {at})")
+            kind = self.u32(pos, f"type of {key}")
+            metadata[key], pos = self.value(kind, pos + 4, key)
+        infos = []
+        seen: set[str] = set()
+        for _ in range(n_tensors):
+            name, pos = self.name(pos, "tensor name")
+            if name in seen:
+                raise self.fail(f"duplicate tensor {name}")
+            seen.add(name)
+            n_dims = self.u32(pos, f"dimensions of tensor {name}")
+            if n_dims > MAX_DIMS:
+                raise self.fail(f"tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
+            ne = struct.unpack_from(f"<{n_dims}Q", self.need(pos + 4, 8 * n_dims, f"shape of tensor {name}"), pos + 4)
+            pos += 4 + 8 * n_dims
+            type_id = self.u32(pos, f"type of tensor {name}")
+            offset = self.u64(pos + 4, f"offset of tensor {name}")
+            infos.append((name, ne, type_id, offset))
+            pos += 12
+        alignment = DEFAULT_ALIGNMENT
+        item = metadata.get("general.alignment")
+        if item is not None:
+            if item.type is not GGUFValueType.UINT32:
+                raise self.fail(f"general.alignment must be UINT32, not {item.type.name}")
+            alignment = item.value
+            if alignment == 0 or alignment & (alignment - 1):
+                raise self.fail(f"general.alignment {alignment} is not a power of two")
+        return metadata, infos, pos + _pad(pos, alignment)
 
 
 def read(path: Union[str, os.PathLike]) -> Checkpoint:
@@ -101,41 +292,37 @@ def _split_prefix(path: Path) -> str:
 
 def _read_one(path: Path) -> Checkpoint:
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        f = open(path, "rb")
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    if magic != GGUF_MAGIC:
-        raise FormatError(f"{path}: not a GGUF file (magic {magic!r})")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damaged headers
-        raise FormatError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
+    with f:
+        magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise FormatError(f"{path}: not a GGUF file (magic {magic!r})")
+        file_size = os.fstat(f.fileno()).st_size
+        metadata, infos, data_start = _Header(f, path, file_size).parse()
 
-    metadata: dict[str, MetaValue] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):  # the reader's own header pseudo-fields
-            continue
-        metadata[name] = _field_value(field)
-
-    file_size = os.path.getsize(path)
     tensors: list[LazyTensor] = []
-    for t in reader.tensors:
+    for name, ne, type_id, offset in infos:
         try:
-            qtype = QuantType(int(t.tensor_type))
+            qtype = QuantType(type_id)
         except ValueError:
-            raise FormatError(f"{path}: tensor {t.name} has unknown type id {int(t.tensor_type)}") from None
-        end = t.data_offset + t.n_bytes
+            raise FormatError(f"{path}: tensor {name} has unknown type id {type_id}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if ne and ne[0] % block:
+            raise FormatError(f"{path}: tensor {name} has rows of {ne[0]}, not a multiple of {qtype.name}'s block of {block}")
+        n_bytes = math.prod(ne) // block * type_size
+        base = data_start + offset
+        end = base + n_bytes
         if end > file_size:
             raise FormatError(
-                f"{path}: truncated: tensor {t.name} ends at byte {end} but the file has {file_size}"
+                f"{path}: truncated: tensor {name} ends at byte {end} but the file has {file_size}"
             )
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        base = t.data_offset
         tensors.append(LazyTensor(
-            t.name, shape, qtype,
-            raw=lambda base=base, n=t.n_bytes: read_range(path, base, n),
+            name, tuple(reversed(ne)), qtype,
+            raw=lambda base=base, n=n_bytes: read_range(path, base, n),
             read=lambda offset, n, base=base: read_range(path, base + offset, n),
+            region=(str(path), base),
         ))
     return Checkpoint(metadata, tensors)
 
@@ -158,7 +345,9 @@ def _encode_value(item: MetaValue) -> bytes:
         values = item.value
         head = struct.pack("<IQ", int(sub), len(values))
         if sub is GGUFValueType.STRING:
-            return head + b"".join(_string(v) for v in values)
+            if isinstance(values, StringArray):
+                return head + values.encoded
+            return head + b"".join([_string(v) for v in values])
         return head + np.asarray(values, dtype=_SCALAR_DTYPES[sub]).tobytes()
     return struct.pack(_SCALAR_FORMATS[kind], item.value)
 
@@ -242,22 +431,74 @@ def write(
             "split.tensors.count": MetaValue(GGUFValueType.INT32, total),
         }
         headers = [{**(metadata if i == 0 else {}), **split_meta(i)} for i in range(n)]
+    report = on_tensor if on_tensor is not None else (lambda t: None)
+    pending: collections.deque[tuple[LazyTensor, Placement]] = collections.deque()
     with atomic_writes(targets) as files:
-        for f, header, shard in zip(files, headers, shards):
-            f.write(encode_header(header, shard, alignment))
-            for t in shard:
-                _write_tensor(f, t, alignment)
-                if on_tensor is not None:
-                    on_tensor(t)
+        try:
+            for f, header, shard in zip(files, headers, shards):
+                f.write(encode_header(header, shard, alignment))
+                for t in shard:
+                    if t.placer is not None:
+                        # written by worker processes at this offset; the writer moves on
+                        pending.append((t, t.placer(f.name, f.tell())))
+                        f.seek(t.nbytes + _pad(t.nbytes, alignment), os.SEEK_CUR)
+                    else:
+                        _write_tensor(f, t, alignment)
+                        report(t)
+                    while pending and pending[0][1].done():
+                        pending[0][1].wait()
+                        report(pending.popleft()[0])
+                f.truncate()  # a placed last tensor leaves the file short of its end until written
+            while pending:
+                pending[0][1].wait()
+                report(pending.popleft()[0])
+        except BaseException:
+            for _, placement in pending:
+                placement.cancel()
+            for _, placement in pending:  # a job still running would write into the next file of that name
+                placement.settle()
+            raise
     return targets
 
 
 def _write_tensor(f: BinaryIO, t: LazyTensor, alignment: int) -> None:
-    written = 0
-    for piece in t.iter_bytes():
-        data = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-        f.write(memoryview(data))
-        written += data.size
-    if written != t.nbytes:
-        raise FormatError(f"tensor {t.name}: produced {written} bytes, expected {t.nbytes}")
+    if t.region is not None and t.pieces is None and _copy_region(f, t):
+        written = t.nbytes
+    else:
+        written = 0
+        for piece in t.iter_bytes():
+            data = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+            f.write(memoryview(data))
+            written += data.size
+        if written != t.nbytes:
+            raise FormatError(f"tensor {t.name}: produced {written} bytes, expected {t.nbytes}")
     f.write(bytes(_pad(written, alignment)))
+
+
+# errors of copy_file_range that mean "not between these files here", before anything was copied
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _copy_region(f: BinaryIO, t: LazyTensor) -> bool:
+    """Copy a file-backed tensor unchanged from its file to ``f`` inside the kernel: no buffer of
+    ours, so no fresh memory is touched (on a virtual machine a first touch of a page can cost more
+    than the copy). False where the platform cannot; the caller then copies through memory."""
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None or t.region is None:
+        return False
+    path, offset = t.region
+    f.flush()
+    out, at, done = f.fileno(), f.tell(), 0
+    try:
+        with open(path, "rb", buffering=0) as src:
+            while done < t.nbytes:
+                n = copy(src.fileno(), out, t.nbytes - done, offset + done, at + done)
+                if n == 0:
+                    raise FormatError(f"{path}: truncated: {t.nbytes} bytes expected at offset {offset}, file ends first")
+                done += n
+    except OSError as e:
+        if done == 0 and e.errno in _NO_KERNEL_COPY:
+            return False
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    f.seek(done, os.SEEK_CUR)
+    return True

@@ -204,7 +204,9 @@ def dequantize(data: np.ndarray, qtype: Union[str, QuantType], shape: Sequence[i
         )
     kernel = KERNELS.get(t)
     if kernel is not None:
-        values = kernel.dequantize(raw.reshape(n_rows, -1), n_per_row)
+        # as in C, NaN and infinite scales propagate quietly
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = kernel.dequantize(raw.reshape(n_rows, -1), n_per_row)
     else:
         from gguf import quants as gguf_quants
 

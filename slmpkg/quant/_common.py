@@ -162,3 +162,78 @@ def replay_search(
             np.putmask(best, taken[k], gain[k])
     choice = np.maximum.reduce(taken * np.arange(k_count, dtype=np.uint8)[:, None], axis=0).astype(np.intp)
     return choice, np.where(choice == 0, first, ratio[choice, np.arange(nb)])
+
+
+# ---- dequantization helpers ----------------------------------------------------------------------
+#
+# Dequantizers run over chunks of blocks small enough that every temporary stays in the core's L2
+# cache, and keep numpy's calls on long contiguous runs: fields are pulled out of the block layout
+# with one copy of fixed-size byte groups each (a ``V<n>`` view copies n bytes per element), levels
+# are unpacked eight at a time in uint64 words, and the only short-row operations left are the
+# per-block scalings, which no layout avoids.
+
+DEQUANT_CHUNK_ELEMENTS = 1 << 19
+
+NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+BYTE_ONES = np.uint64(0x0101010101010101)
+
+
+def dequantize_chunks(data: np.ndarray, block_bytes: int, block_elements: int, fill) -> np.ndarray:
+    """Run ``fill(raw, out)`` over chunks: ``raw`` uint8 ``(c, block_bytes)``, ``out`` float32
+    ``(c, block_elements)``; returns every block's values ``(n_blocks, block_elements)``."""
+    raw = np.ascontiguousarray(data).reshape(-1, block_bytes)
+    out = np.empty((raw.shape[0], block_elements), F32)
+    step = max(1, DEQUANT_CHUNK_ELEMENTS // block_elements)
+    for a in range(0, raw.shape[0], step):
+        fill(raw[a : a + step], out[a : a + step])
+    return out
+
+
+def half_column(raw: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 at byte ``offset`` of each block (rows of ``raw``, an even length) as float32 ``(c, 1)``."""
+    return raw.view(np.uint16)[:, offset // 2 : offset // 2 + 1].view(np.float16).astype(F32)
+
+
+def byte_field(raw: np.ndarray, offset: int, size: int) -> np.ndarray:
+    """Bytes ``[offset, offset + size)`` of each block, contiguous ``(c, size)`` (one ``size``-byte copy per block)."""
+    out = np.empty((raw.shape[0], size), np.uint8)
+    out.view(f"V{size}")[:, 0] = raw[:, offset : offset + size].view(f"V{size}")[:, 0]
+    return out
+
+
+def split_nibbles(packed: np.ndarray, out: np.ndarray) -> None:
+    """``packed`` uint8 ``(c, g, n)`` (``n`` a multiple of 8) → ``out`` uint8 ``(c, g, 2, n)``: the low
+    nibbles of each group, then its high nibbles (ggml's layout of 4-bit levels)."""
+    c, g, n = packed.shape
+    words = np.ascontiguousarray(packed).view(np.uint64)
+    groups = out.reshape(c * g, 2, n).view(f"V{n}")  # (c*g, 2, 1): one n-byte element per half
+    groups[:, 0, 0] = (words & NIBBLES).view(f"V{n}").reshape(c * g)
+    groups[:, 1, 0] = ((words >> np.uint64(4)) & NIBBLES).view(f"V{n}").reshape(c * g)
+
+
+def sign_extend(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit levels (uint8, a multiple of 8 of them) minus ``2**(bits-1)``, as int8, in place:
+    flipping the top bit gives the offset level as a ``bits``-bit two's complement number, and a set
+    top bit then fills the byte's high bits (eight levels per uint64 operation)."""
+    words = levels.view(np.uint64)
+    top = np.uint64(((1 << (bits - 1)) * 0x0101010101010101) & 0xFFFFFFFFFFFFFFFF)
+    words ^= top
+    words |= ((words >> np.uint64(bits - 1)) & BYTE_ONES) * np.uint64((0xFF << bits) & 0xFF)
+    return levels.view(np.int8)
+
+
+def bit_fields(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Fields ``k = 0 .. count-1`` of ``width`` bits of every byte of ``packed`` uint8 ``(c, g, n)``
+    (``n`` a multiple of 8) as uint8 ``(c, g, count, n)``: ``(byte >> width*k) & (2**width - 1)``.
+
+    Computed eight bytes per uint64 operation in a ``(count, ...)`` layout, then moved into place
+    ``n`` bytes at a time.
+    """
+    c, g, n = packed.shape
+    words = np.ascontiguousarray(packed).view(np.uint64).reshape(1, -1)
+    shifts = np.arange(0, width * count, width, dtype=np.uint64)[:, None]
+    mask = np.uint64(((1 << width) - 1) * 0x0101010101010101)
+    fields = (words >> shifts) & mask  # (count, c * g * n / 8)
+    out = np.empty((c, g, count, n), np.uint8)
+    out.view(f"V{n}")[..., 0] = fields.view(f"V{n}").reshape(count, c, g).transpose(1, 2, 0)
+    return out

@@ -19,8 +19,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, dot_columns, first_max_abs, nearest_int, replay_search, scratch, seq_sum
-from .blocks import BLOCK, QK_K, as_blocks, as_bytes
+from ._common import (
+    F32, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column, nearest_int, replay_search, scratch,
+    seq_sum, split_nibbles,
+)
+from .blocks import BLOCK, QK_K, as_bytes
 
 __all__ = ["KERNELS", "KVALUES_IQ4NL", "best_index"]
 
@@ -163,27 +166,37 @@ def _quantize_iq4_xs(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray
     return as_bytes(blocks, rows)
 
 
-def _unpack_values(qs: np.ndarray) -> np.ndarray:
-    """``(n, 16)`` bytes → ``(n, 32)`` float32 level values (low nibbles first, then high)."""
-    return _VALUES[np.concatenate([qs & 0xF, qs >> 4], axis=1)]
+def _values(qs: np.ndarray, groups: int) -> np.ndarray:
+    """``(c, groups * 16)`` packed nibbles → ``(c, groups, 32)`` level values as float32 (element j
+    of a 32-element sub-block in the low nibble of byte j, element j + 16 in its high nibble)."""
+    c = qs.shape[0]
+    levels = np.empty((c, groups, 2, 16), np.uint8)
+    split_nibbles(qs.reshape(c, groups, 16), levels)
+    # take wants intp indices: widen into a reused buffer (a fresh one per chunk costs page faults)
+    index = scratch("iq4.index", (c, groups, SUB), np.intp)
+    index[...] = levels.reshape(c, groups, SUB)
+    return _VALUES.take(index, out=scratch("iq4.values", (c, groups, SUB)))
 
 
 def _dequantize_iq4_nl(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    blocks = as_blocks(data, T.IQ4_NL)
-    y = blocks["d"].astype(F32)[:, None] * _unpack_values(blocks["qs"])
-    return y.reshape(-1, n_per_row)
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        np.multiply(half_column(raw, 0), _values(byte_field(raw, 2, 16), 1)[:, 0], out=out)
+
+    return dequantize_chunks(data, 18, SUB, fill).reshape(-1, n_per_row)
 
 
 def _dequantize_iq4_xs(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    blocks = as_blocks(data, T.IQ4_XS)
-    nb = blocks.shape[0]
     per = QK_K // SUB
-    low = np.stack([blocks["scales_l"] & 0xF, blocks["scales_l"] >> 4], axis=2).reshape(nb, per)
-    high = (blocks["scales_h"][:, None] >> np.arange(0, 2 * per, 2, dtype=np.uint16)) & 3
-    ls = low.astype(np.int32) | (high.astype(np.int32) << 4)
-    dl = blocks["d"].astype(F32)[:, None] * (ls - 32).astype(F32)
-    values = _unpack_values(blocks["qs"].reshape(nb * per, 16)).reshape(nb, per, SUB)
-    return (dl[:, :, None] * values).reshape(-1, n_per_row)
+
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        c = raw.shape[0]
+        low = byte_field(raw, 4, 4)
+        low = np.stack([low & 0xF, low >> 4], axis=2).reshape(c, per)
+        high = (raw.view(np.uint16)[:, 1:2] >> np.arange(0, 2 * per, 2, dtype=np.uint16)) & 3
+        dl = half_column(raw, 0) * ((low | (high << 4).astype(np.uint8)).astype(F32) - F32(32))
+        np.multiply(dl[..., None], _values(byte_field(raw, 8, 128), per), out=out.reshape(c, per, SUB))
+
+    return dequantize_chunks(data, 136, QK_K, fill).reshape(-1, n_per_row)
 
 
 KERNELS: dict[T, Kernel] = {

@@ -27,8 +27,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, nearest_int_bits, seq_sum
-from .blocks import BLOCK, QK_K, as_blocks, as_bytes
+from ._common import F32, bit_fields, byte_field, dequantize_chunks, half_column, nearest_int_bits, seq_sum, split_nibbles
+from .blocks import BLOCK, QK_K, as_bytes
 
 __all__ = ["KERNELS", "make_qkx2_quants", "make_qkx3_quants", "make_qp_quants"]
 
@@ -405,11 +405,20 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 
 def unpack_scales_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``get_scale_min_k4`` for j = 0..7: the 6-bit scales and mins as float32 ``[n_blocks, 8]``."""
-    q = packed.astype(np.int32)
-    sc = np.concatenate((q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)), axis=1)
-    m = np.concatenate((q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)), axis=1)
-    return sc.astype(F32), m.astype(F32)
+    """``get_scale_min_k4`` for j = 0..7: the 6-bit scales and mins as float32 ``[n_blocks, 8]``.
+
+    Four scales at a time, as the bytes of a uint32: ``(b >> 6) << 4`` of every byte is ``(w >> 2) & 0x30..``.
+    """
+    words = np.ascontiguousarray(packed, dtype=np.uint8).view(np.uint32)  # (n, 3)
+    low6, low4, top2 = np.uint32(0x3F3F3F3F), np.uint32(0x0F0F0F0F), np.uint32(0x30303030)
+    two, four = np.uint32(2), np.uint32(4)
+    out = np.empty((words.shape[0], 4), np.uint32)  # scales 0-3, 4-7, mins 0-3, 4-7
+    out[:, 0] = words[:, 0] & low6
+    out[:, 1] = (words[:, 2] & low4) | ((words[:, 0] >> two) & top2)
+    out[:, 2] = words[:, 1] & low6
+    out[:, 3] = ((words[:, 2] >> four) & low4) | ((words[:, 1] >> two) & top2)
+    values = out.view(np.uint8).astype(F32)
+    return values[:, :8], values[:, 8:]
 
 
 def _scale_quants(
@@ -532,24 +541,39 @@ def _quantize_q5_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
 
 
 def _dequantize_q2_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    b = as_blocks(data, T.Q2_K)
-    nb = b.shape[0]
-    sc = b["scales"]
-    dl = b["d"].astype(F32)[:, None] * (sc & 0xF).astype(F32)
-    ml = b["dmin"].astype(F32)[:, None] * (sc >> 4).astype(F32)
-    shifts = np.arange(0, 8, 2, dtype=np.uint8)[None, None, :, None]
-    q = ((b["qs"].reshape(nb, 2, 1, 32) >> shifts) & 3).reshape(nb, 16, 16)
-    y = dl[..., None] * q.astype(F32) - ml[..., None]
-    return y.reshape(-1, n_per_row)
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        c = raw.shape[0]
+        sc = byte_field(raw, 0, 16)
+        dl = half_column(raw, 80) * (sc & 0xF)
+        ml = half_column(raw, 82) * (sc >> 4)
+        levels = bit_fields(byte_field(raw, 16, 64).reshape(c, 2, 32), 2, 4)  # element 128*h + 32*j + l
+        y = out.reshape(c, 16, 16)
+        y[...] = levels.reshape(c, 16, 16)
+        y *= dl[..., None]
+        y -= ml[..., None]
+
+    return dequantize_chunks(data, 84, QK_K, fill).reshape(-1, n_per_row)
 
 
-def _dequantize_k32(b: np.ndarray, q: np.ndarray, n_per_row: int) -> np.ndarray:
-    """``d*sc * q - dmin*m`` for Q4_K/Q5_K, ``q`` being the integer levels ``[n_blocks, 8, 32]``."""
-    sc, m = unpack_scales_k4(b["scales"])
-    d1 = b["d"].astype(F32)[:, None] * sc
-    m1 = b["dmin"].astype(F32)[:, None] * m
-    y = d1[..., None] * q.astype(F32) - m1[..., None]
-    return y.reshape(-1, n_per_row)
+def _dequantize_k32(data: np.ndarray, n_per_row: int, size: int) -> np.ndarray:
+    """``d*sc * q - dmin*m`` per 32-element sub-block for Q4_K (``size`` 144) and Q5_K (176)."""
+
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        c = raw.shape[0]
+        sc, m = unpack_scales_k4(byte_field(raw, 4, 12))
+        d1 = half_column(raw, 0) * sc
+        m1 = half_column(raw, 2) * m
+        levels = np.empty((c, 8, 32), np.uint8)
+        split_nibbles(byte_field(raw, size - 128, 128).reshape(c, 4, 32), levels)
+        if size == 176:  # Q5_K: bit s of qh[l] is bit 4 of level l of sub-block s
+            high = bit_fields(byte_field(raw, 16, 32).reshape(c, 1, 32), 1, 8)
+            levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(c, 8, 4) << np.uint64(4)
+        y = out.reshape(c, 8, 32)
+        y[...] = levels
+        y *= d1[..., None]
+        y -= m1[..., None]
+
+    return dequantize_chunks(data, size, QK_K, fill).reshape(-1, n_per_row)
 
 
 def k4_levels(qs: np.ndarray) -> np.ndarray:
@@ -562,14 +586,11 @@ def k4_levels(qs: np.ndarray) -> np.ndarray:
 
 
 def _dequantize_q4_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    b = as_blocks(data, T.Q4_K)
-    return _dequantize_k32(b, k4_levels(b["qs"]), n_per_row)
+    return _dequantize_k32(data, n_per_row, 144)
 
 
 def _dequantize_q5_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    b = as_blocks(data, T.Q5_K)
-    high = (b["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-    return _dequantize_k32(b, k4_levels(b["qs"]) + (high << 4), n_per_row)
+    return _dequantize_k32(data, n_per_row, 176)
 
 
 # the scale search runs ~15 whole-array passes per candidate: bigger chunks amortize numpy's per-call cost

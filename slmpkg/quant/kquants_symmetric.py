@@ -22,8 +22,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, ROUNDING_BIAS, dot_columns, first_max_abs, nearest_int, replay_search, scratch, seq_sum
-from .blocks import BLOCK, QK_K, as_blocks, as_bytes
+from ._common import (
+    F32, ROUNDING_BIAS, bit_fields, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column,
+    nearest_int, replay_search, scratch, seq_sum, sign_extend, split_nibbles,
+)
+from .blocks import BLOCK, QK_K, as_bytes
 
 __all__ = ["KERNELS", "make_qx_quants"]
 
@@ -371,15 +374,18 @@ def _quantize_q3_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
 
 
 def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    blocks = as_blocks(data, T.Q3_K)
-    nb = blocks.shape[0]
-    scale = blocks["d"].astype(F32)[:, None] * (q3_scale_values(blocks["scales"]).astype(F32) - F32(32))
-    qs = blocks["qs"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]
-    low = (qs & 3).reshape(nb, QK_K)  # element 128*h + 32*k + l
-    bit = (blocks["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
-    q = low.astype(np.int8) - np.where(bit.reshape(nb, QK_K) != 0, np.int8(0), np.int8(4))
-    y = np.repeat(scale, SUB, axis=1) * q.astype(F32)
-    return y.reshape(-1, n_per_row)
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        c = raw.shape[0]
+        dl = half_column(raw, 108) * (q3_scale_values(byte_field(raw, 96, 12)).astype(F32) - F32(32))
+        # element 128*h + 32*j + l: bits 2j.. of qs[32*h + l], and bit 4*h + j of hmask[l] as bit 2
+        levels = bit_fields(byte_field(raw, 32, 64).reshape(c, 2, 32), 2, 4)
+        high = bit_fields(byte_field(raw, 0, 32).reshape(c, 1, 32), 1, 8)
+        levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(levels.shape[0], 2, 4, 4) << np.uint64(2)
+        y = out.reshape(c, N_SUB, SUB)
+        y[...] = sign_extend(levels, 3).reshape(c, N_SUB, SUB)
+        y *= dl[..., None]
+
+    return dequantize_chunks(data, 110, QK_K, fill).reshape(-1, n_per_row)
 
 
 # ---------------------------------------------------------------------------------------------- Q6_K
@@ -414,15 +420,21 @@ def _quantize_q6_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
 
 
 def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    blocks = as_blocks(data, T.Q6_K)
-    nb = blocks.shape[0]
-    ql = blocks["ql"].reshape(nb, 2, 2, 32)
-    low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # quarters 0,1 from low nibbles, 2,3 from high
-    qh = blocks["qh"].reshape(nb, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]
-    q = (low | ((qh & 3) << 4)).astype(np.int8) - np.int8(32)
-    scale = blocks["d"].astype(F32)[:, None] * blocks["scales"].astype(F32)
-    y = np.repeat(scale, SUB, axis=1) * q.reshape(nb, QK_K).astype(F32)
-    return y.reshape(-1, n_per_row)
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        c = raw.shape[0]
+        # ggml's d * sc[is] * q: (d*sc) first
+        scale = half_column(raw, 208) * byte_field(raw, 192, 16).view(np.int8)
+        # element 128*h + 32*k + l: a nibble of ql[64*h + 32*(k & 1) + l] (low for k < 2), and bits
+        # 2k.. of qh[32*h + l] as bits 4-5
+        levels = np.empty((c, 2, 2, 64), np.uint8)
+        split_nibbles(byte_field(raw, 0, 128).reshape(c, 2, 64), levels)
+        high = bit_fields(byte_field(raw, 128, 64).reshape(c, 2, 32), 2, 4)
+        levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(levels.shape[0], 2, 2, 8) << np.uint64(4)
+        y = out.reshape(c, N_SUB, SUB)
+        y[...] = sign_extend(levels, 6).reshape(c, N_SUB, SUB)
+        y *= scale[..., None]
+
+    return dequantize_chunks(data, 210, QK_K, fill).reshape(-1, n_per_row)
 
 
 # Work items bigger than the default: the Q3_K refinement rounds and the candidate walks cost a

@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, row_sigma2, safe_reciprocal
-from .blocks import BLOCK, as_blocks, as_bytes
+from ._common import F32, byte_field, dequantize_chunks, half_column, row_sigma2, safe_reciprocal, sign_extend, split_nibbles
+from .blocks import BLOCK
 
 QK = 32
 
@@ -113,25 +113,48 @@ def _cap(levels: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _nibbles(lane_levels: np.ndarray, wide: bool) -> np.ndarray:
-    """Lane levels (uint8 ``(8, n_blocks * 4)``) → ggml's 16 bytes per block: element j in the low
-    nibble, j+16 in the high one, as ``(n_blocks, 16)``. ``wide`` levels (5-bit) lose their bit 4 here."""
+    """Lane levels (uint8 ``(8, n_blocks * 4)``) → ggml's 16 bytes per block as uint32 lanes
+    ``(4, n_blocks)``: element j in the low nibble, j+16 in the high one. ``wide`` levels (5-bit)
+    lose their bit 4 here."""
     w = lane_levels.view(np.uint64)  # rows 0-3 hold elements 0-15, rows 4-7 elements 16-31
     low, high = w[: LANES // 2], w[LANES // 2 :]
     if wide:
         low, high = low & _LOW_NIBBLES, high & _LOW_NIBBLES
-    return _block_order((low | (high << np.uint64(4))).view(np.uint8))
+    return (low | (high << np.uint64(4))).view(np.uint32).reshape(LANES // 2, -1)
+
+
+def _blocks(n_blocks: int, qtype: T) -> np.ndarray:
+    """An uninitialized ``(n_blocks, block bytes)`` output for ``qtype``."""
+    return np.empty((n_blocks, BLOCK[qtype].itemsize), np.uint8)
+
+
+def _put_half(out: np.ndarray, offset: int, values: np.ndarray) -> None:
+    """Store ``values`` as the fp16 at byte ``offset`` of every block."""
+    out.view(np.uint16)[:, offset // 2] = values.astype(np.float16).view(np.uint16)
+
+
+def _put_lanes(out: np.ndarray, offset: int, lanes: np.ndarray) -> None:
+    """Store uint32 lanes ``(k, n_blocks)`` as the ``4k`` bytes at ``offset`` of every block, in order."""
+    out[:, offset : offset + 4 * lanes.shape[0]].view(np.uint32)[...] = lanes.T
+
+
+def _pack(qtype: T, n_rows: int, d: np.ndarray, levels: np.ndarray, m: Optional[np.ndarray] = None) -> np.ndarray:
+    """Blocks of a 4/5-bit type from scales ``d`` (and mins ``m``) and lane levels, as ``(n_rows, row bytes)``."""
+    out = _blocks(d.shape[0], qtype)
+    _put_half(out, 0, d)
+    if m is not None:
+        _put_half(out, 2, m)
+    wide = qtype in (T.Q5_0, T.Q5_1)
+    if wide:  # qh sits just before qs
+        out[:, -QK // 2 - 4 : -QK // 2].view(np.uint32)[:, 0] = _high_bits(levels)
+    _put_lanes(out, out.shape[1] - QK // 2, _nibbles(levels, wide))
+    return out.reshape(n_rows, -1)
 
 
 def _lanes_of_columns(levels: np.ndarray) -> np.ndarray:
     """Integer levels laid out as columns ``(32, n_blocks)`` → uint8 lanes ``(8, n_blocks * 4)``."""
     nb = levels.shape[1]
     return np.ascontiguousarray(levels.astype(np.uint8).reshape(LANES, 4, nb).transpose(0, 2, 1)).reshape(LANES, -1)
-
-
-def _block_order(lane_bytes: np.ndarray) -> np.ndarray:
-    """Lane rows of bytes ``(r, n_blocks * 4)`` → ``(n_blocks, 4r)`` bytes in element order."""
-    r = lane_bytes.shape[0]
-    return lane_bytes.view(np.uint32).reshape(r, -1).T.copy().view(np.uint8)
 
 
 def _high_bits(lane_levels: np.ndarray) -> np.ndarray:
@@ -152,12 +175,7 @@ def _symmetric_ref(x: np.ndarray, qtype: T, half_range: int) -> np.ndarray:
     lanes += F32(half_range + 0.5)
     # MIN(top, (int8_t)v): the levels land in [0, 2 * half_range]
     levels = _cap(_to_int8(lanes).view(np.uint8), half_range.bit_length())
-    out = np.empty(xb.shape[0], BLOCK[qtype])
-    out["d"] = d
-    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_0)
-    if qtype is T.Q5_0:
-        out["qh"] = _high_bits(levels)
-    return as_bytes(out, x.shape[0])
+    return _pack(qtype, x.shape[0], d, levels)
 
 
 def _affine_ref(x: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
@@ -172,13 +190,7 @@ def _affine_ref(x: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
     levels = _to_int8(lanes).view(np.uint8)
     if qtype is T.Q4_1:
         _cap(levels, 4)
-    out = np.empty(xb.shape[0], BLOCK[qtype])
-    out["d"] = d
-    out["m"] = lo
-    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_1)
-    if qtype is T.Q5_1:
-        out["qh"] = _high_bits(levels)
-    return as_bytes(out, x.shape[0])
+    return _pack(qtype, x.shape[0], d, levels, lo)
 
 
 def _q8_0(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
@@ -188,10 +200,10 @@ def _q8_0(x: np.ndarray, _qw: Optional[np.ndarray]) -> np.ndarray:
     amax = np.maximum(hi, -lo) + F32(0.0)  # C's fabsf gives +0.0 for a block of -0.0
     d = amax / F32(127)
     lanes *= np.repeat(safe_reciprocal(d), 4)
-    out = np.empty(xb.shape[0], BLOCK[T.Q8_0])
-    out["d"] = d
-    out["qs"] = _block_order(_roundf_int8(lanes).view(np.uint8)).view(np.int8)
-    return as_bytes(out, x.shape[0])
+    out = _blocks(xb.shape[0], T.Q8_0)
+    _put_half(out, 0, d)
+    _put_lanes(out, 2, _roundf_int8(lanes).view(np.uint32).reshape(LANES, -1))
+    return out.reshape(x.shape[0], -1)
 
 
 # ---- with an importance matrix: quantize_row_*_impl ------------------------------------------
@@ -210,13 +222,7 @@ def _symmetric_impl(x: np.ndarray, qw: np.ndarray, qtype: T, half_range: int) ->
 
     xt = _columns(x)
     scale, levels = make_qx_quants(xt, half_range, 1, _weights(x, qw))
-    levels = _lanes_of_columns(levels)
-    out = np.empty(xt.shape[1], BLOCK[qtype])
-    out["d"] = scale
-    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_0)
-    if qtype is T.Q5_0:
-        out["qh"] = _high_bits(levels)
-    return as_bytes(out, x.shape[0])
+    return _pack(qtype, x.shape[0], scale, _lanes_of_columns(levels))
 
 
 def _affine_impl(x: np.ndarray, qw: np.ndarray, qtype: T, n_levels: int) -> np.ndarray:
@@ -224,14 +230,7 @@ def _affine_impl(x: np.ndarray, qw: np.ndarray, qtype: T, n_levels: int) -> np.n
 
     xt = _columns(x)
     scale, the_min, levels = make_qkx3_quants(xt, n_levels - 1, _weights(x, qw), -0.9, 0.05, 36, False)
-    levels = _lanes_of_columns(levels)
-    out = np.empty(xt.shape[1], BLOCK[qtype])
-    out["d"] = scale
-    out["m"] = -the_min
-    out["qs"] = _nibbles(levels, wide=qtype is T.Q5_1)
-    if qtype is T.Q5_1:
-        out["qh"] = _high_bits(levels)
-    return as_bytes(out, x.shape[0])
+    return _pack(qtype, x.shape[0], scale, _lanes_of_columns(levels), -the_min)
 
 
 def _symmetric(qtype: T, half_range: int):
@@ -255,35 +254,42 @@ def _affine(qtype: T, n_levels: int):
 # ---- dequantization ---------------------------------------------------------------------------
 
 
-def _levels(b: np.ndarray) -> np.ndarray:
-    """Unpack the 32 levels of each block (low nibbles, then high nibbles, plus bit 4 from qh)."""
-    qs = b["qs"]
-    lv = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)
-    if "qh" in b.dtype.names:
-        qh = b["qh"][:, None] >> np.arange(QK, dtype=np.uint32)
-        lv |= ((qh & 1) << 4).astype(np.int32)
-    return lv
+def _dequantize(qtype: T):
+    """``y = d * (level - offset)`` or ``y = d * level + m``, as ggml's ``dequantize_row_*``."""
+    size = BLOCK[qtype].itemsize
+    affine = qtype in (T.Q4_1, T.Q5_1)
+    wide = qtype in (T.Q5_0, T.Q5_1)
+    qs_at = size - QK // 2
 
-
-def _dequantize(qtype: T, offset: int):
-    def dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
-        b = as_blocks(data, qtype)
-        d = b["d"].astype(F32)[:, None]
+    def fill(raw: np.ndarray, out: np.ndarray) -> None:
+        d = half_column(raw, 0)
         if qtype is T.Q8_0:
-            y = b["qs"].astype(F32) * d
+            out[...] = byte_field(raw, 2, QK).view(np.int8)
+            out *= d
+            return
+        levels = np.empty(out.shape, np.uint8)
+        split_nibbles(byte_field(raw, qs_at, QK // 2)[:, None, :], levels)
+        if wide:  # bit j of qh is bit 4 of level j
+            high = np.unpackbits(byte_field(raw, qs_at - 4, 4), axis=1, bitorder="little")
+            levels.view(np.uint64)[...] |= high.view(np.uint64) << np.uint64(4)
+        if affine:
+            out[...] = levels
+            out *= d
+            out += half_column(raw, 2)
         else:
-            y = (_levels(b) - offset).astype(F32) * d
-            if "m" in b.dtype.names:
-                y += b["m"].astype(F32)[:, None]
-        return y.reshape(data.shape[0], n_per_row)
+            out[...] = sign_extend(levels, 5 if wide else 4)
+            out *= d
+
+    def dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
+        return dequantize_chunks(data, size, QK, fill).reshape(-1, n_per_row)
 
     return dequantize
 
 
 KERNELS = {
-    T.Q4_0: Kernel(_symmetric(T.Q4_0, 8), _dequantize(T.Q4_0, 8), uses_imatrix=True),
-    T.Q5_0: Kernel(_symmetric(T.Q5_0, 16), _dequantize(T.Q5_0, 16), uses_imatrix=True),
-    T.Q4_1: Kernel(_affine(T.Q4_1, 16), _dequantize(T.Q4_1, 0), uses_imatrix=True),
-    T.Q5_1: Kernel(_affine(T.Q5_1, 32), _dequantize(T.Q5_1, 0), uses_imatrix=True),
-    T.Q8_0: Kernel(_q8_0, _dequantize(T.Q8_0, 0)),
+    T.Q4_0: Kernel(_symmetric(T.Q4_0, 8), _dequantize(T.Q4_0), uses_imatrix=True),
+    T.Q5_0: Kernel(_symmetric(T.Q5_0, 16), _dequantize(T.Q5_0), uses_imatrix=True),
+    T.Q4_1: Kernel(_affine(T.Q4_1, 16), _dequantize(T.Q4_1), uses_imatrix=True),
+    T.Q5_1: Kernel(_affine(T.Q5_1, 32), _dequantize(T.Q5_1), uses_imatrix=True),
+    T.Q8_0: Kernel(_q8_0, _dequantize(T.Q8_0)),
 }
