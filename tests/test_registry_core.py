@@ -28,7 +28,10 @@ from slmpkg.registry import (
     push,
     tag,
 )
-from slmpkg.registry import core
+from slmpkg.registry.listing import read_index
+from slmpkg.registry.manifest import MANIFEST_MEDIA_TYPE
+from slmpkg.registry.names import blob_key
+from slmpkg.registry.signed import INDEX_PREDICATE, sha256_hex, sign_doc
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_round_trip(env, keys):
     got = env.pull()
     assert got.changed and got.downloaded_bytes == r.uploaded_bytes and got.cached_bytes == 0
     assert same_tree(env.art, env.tmp / "out")
-    m = json.loads(env.store.get(core.blob_key(r.manifest_digest)))
+    m = json.loads(env.store.get(blob_key(r.manifest_digest)))
     assert m["format"] == "gguf" and m["quant"] == "Q4_K" and m["bitsPerWeight"] == 4.5 and m["target"] == "cpu-x86_64"
     assert m["provenance"]["sourceDigest"] == "sha256:" + "ab" * 32
     f = {e["path"]: e for e in m["files"]}
@@ -177,10 +180,10 @@ def test_mix_and_match(env, keys):
         env.pull(ref="tiny:2.0", target="cpu")
     # A manifest of another target listed under this one (signed by a careless or hostile pusher).
     r = push(env.store, "tiny:1.0", env.art, "gpu", keys["signer"])
-    pred = core._read_index(env.store, "indexes/tiny/1.0.json", None)
+    pred = read_index(env.store, "indexes/tiny/1.0.json", None)
     pred["targets"]["cpu"] = pred["targets"]["gpu"]
     pred["version"] += 1
-    env.store.put("indexes/tiny/1.0.json", core._sign_doc(keys["signer"], core.INDEX_PREDICATE, "tiny:1.0", pred))
+    env.store.put("indexes/tiny/1.0.json", sign_doc(keys["signer"], INDEX_PREDICATE, "tiny:1.0", pred))
     with pytest.raises(MixAndMatchError, match="manifest is for target 'gpu', expected 'cpu'"):
         env.pull(target="cpu")
     assert r.index_version == 2
@@ -207,9 +210,9 @@ def test_rollback(env, keys):
 
 def test_altered_blob_refused(env, keys):
     r = push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
-    m = json.loads(env.store.get(core.blob_key(r.manifest_digest)))
+    m = json.loads(env.store.get(blob_key(r.manifest_digest)))
     big = next(f for f in m["files"] if f["path"] == "model.gguf")
-    p = env.store._path(core.blob_key(big["digest"]))
+    p = env.store._path(blob_key(big["digest"]))
     data = bytearray(p.read_bytes())
     data[100] ^= 1
     p.write_bytes(bytes(data))
@@ -219,7 +222,7 @@ def test_altered_blob_refused(env, keys):
     assert not any(env.tmp.glob(".out.pull-*"))
     assert not (env.cache / "blobs" / "sha256" / big["digest"][7:]).exists()
     # A manifest altered in place is caught by its signed digest.
-    mp = env.store._path(core.blob_key(r.manifest_digest))
+    mp = env.store._path(blob_key(r.manifest_digest))
     mp.write_bytes(mp.read_bytes().replace(b'"quant": null', b'"quant": "Q8_0"'))
     with pytest.raises(IntegrityError, match="manifest does not match its signed digest"):
         env.pull(target="cpu")
@@ -228,16 +231,16 @@ def test_altered_blob_refused(env, keys):
 @pytest.mark.parametrize("bad", ["../evil", "/etc/evil", "a/../../evil", "a\\evil", "", "a//b", "./a"])
 def test_unsafe_paths_refused(env, keys, bad):
     blob = b"evil"
-    d = "sha256:" + core._sha256(blob)
-    env.store.put_if_absent(core.blob_key(d), blob)
-    manifest = {"mediaType": core.MANIFEST_MEDIA_TYPE, "name": "tiny", "release": "1.0", "target": "cpu",
+    d = "sha256:" + sha256_hex(blob)
+    env.store.put_if_absent(blob_key(d), blob)
+    manifest = {"mediaType": MANIFEST_MEDIA_TYPE, "name": "tiny", "release": "1.0", "target": "cpu",
                 "files": [{"path": bad, "digest": d, "size": 4, "mediaType": "x"}]}
     mbytes = json.dumps(manifest).encode()
-    md = "sha256:" + core._sha256(mbytes)
-    env.store.put_if_absent(core.blob_key(md), mbytes)
+    md = "sha256:" + sha256_hex(mbytes)
+    env.store.put_if_absent(blob_key(md), mbytes)
     pred = {"name": "tiny", "release": "1.0", "version": 1, "expires": "2999-01-01T00:00:00Z",
-            "targets": {"cpu": {"digest": md, "size": len(mbytes), "mediaType": core.MANIFEST_MEDIA_TYPE}}}
-    env.store.put("indexes/tiny/1.0.json", core._sign_doc(keys["signer"], core.INDEX_PREDICATE, "tiny:1.0", pred))
+            "targets": {"cpu": {"digest": md, "size": len(mbytes), "mediaType": MANIFEST_MEDIA_TYPE}}}
+    env.store.put("indexes/tiny/1.0.json", sign_doc(keys["signer"], INDEX_PREDICATE, "tiny:1.0", pred))
     with pytest.raises(UnsafePathError, match="unsafe file path"):
         env.pull(target="cpu", out="sub/out")
     assert not (env.tmp / "evil").exists() and not (env.tmp / "sub").exists()

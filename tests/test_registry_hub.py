@@ -36,7 +36,7 @@ from slmpkg.registry import (
     IntegrityError,
     NotFoundError,
     StoreError,
-    core,
+    blob_key,
     pull,
     push,
 )
@@ -339,7 +339,7 @@ def test_round_trip(store, hub, keys, tmp_path):
     again = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out2", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert again.downloaded_bytes == 0 and same_tree(art, tmp_path / "out2")
     assert push(store, "tiny:1.0", art, "cpu-x86_64", signer).uploaded_bytes == 0
-    m = json.loads(store.get(core.blob_key(r.manifest_digest)))
+    m = json.loads(store.get(blob_key(r.manifest_digest)))
     assert {f["path"] for f in m["files"]} == {"model.gguf", "tokenizer.json"}
 
 
@@ -352,7 +352,7 @@ def test_tampered_blob_refused(store, hub, keys, tmp_path):
     digest = hashlib.sha256((art / "model.gguf").read_bytes()).hexdigest()
     bad = bytearray((art / "model.gguf").read_bytes())
     bad[len(bad) // 2] ^= 1
-    hub.tamper(store.repo_id, core.blob_key("sha256:" + digest), bytes(bad))
+    hub.tamper(store.repo_id, blob_key("sha256:" + digest), bytes(bad))
     with pytest.raises(IntegrityError):
         pull(store, "tiny:2.0", "cpu-x86_64", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,8 @@ import pytest
 
 from slmpkg import signing
 from slmpkg.registry import AuthError, ConflictError, IntegrityError, NotFoundError, gc, ls, open_store, pull, push
-from slmpkg.registry import core
+from slmpkg.registry.cache import hash_file
+from slmpkg.registry.names import blob_key
 
 seaweed = pytest.importorskip("seaweed")
 pytest.importorskip("boto3")
@@ -100,8 +101,8 @@ def test_round_trip_multipart(store, keys, tmp_path):
     art = make_artifact(tmp_path / "art", size=(11 << 20) + 123)  # 3 parts up, 3 ranges down
     r = push(store, "tiny:1.0", art, "cpu-x86_64", signer)
     assert r.uploaded_bytes > 11 << 20
-    files = {f["path"]: f for f in json.loads(store.get(core.blob_key(r.manifest_digest)))["files"]}
-    head = store._head(core.blob_key(files["model.gguf"]["digest"]))
+    files = {f["path"]: f for f in json.loads(store.get(blob_key(r.manifest_digest)))["files"]}
+    head = store._head(blob_key(files["model.gguf"]["digest"]))
     assert head["ETag"].endswith('-3"')  # it went up as a multipart upload
     got = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert got.downloaded_bytes == r.uploaded_bytes
@@ -142,11 +143,11 @@ def test_altered_blob_in_bucket_refused(store, keys, tmp_path):
     signer, verifier = keys
     art = make_artifact(tmp_path / "art")
     r = push(store, "tiny:1.0", art, "cpu", signer)
-    m = json.loads(store.get(core.blob_key(r.manifest_digest)))
+    m = json.loads(store.get(blob_key(r.manifest_digest)))
     big = next(f for f in m["files"] if f["path"] == "model.gguf")
     data = bytearray((art / "model.gguf").read_bytes())
     data[-1] ^= 0xFF
-    store.put(core.blob_key(big["digest"]), bytes(data))  # someone with bucket access swaps the bytes
+    store.put(blob_key(big["digest"]), bytes(data))  # someone with bucket access swaps the bytes
     with pytest.raises(IntegrityError, match="blob does not match its digest"):
         pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()
@@ -203,7 +204,7 @@ def interrupted_pull(store, verifier, tmp_path, after_bytes):
 
 
 def model_hex(art):
-    return core._hash_file(art / "model.gguf")
+    return hash_file(art / "model.gguf")
 
 
 def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
@@ -363,7 +364,7 @@ def test_server_killed_mid_push(killable, tmp_path):
         pull(store, "tiny:1.0", "cpu-x86_64-avx2", tmp_path / "out", verifier, tmp_path / "cache",
              state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()
-    assert not store.exists(core.blob_key("sha256:" + core._hash_file(big / "model.bin")))  # no half blob
+    assert not store.exists(blob_key("sha256:" + hash_file(big / "model.bin")))  # no half blob
     # Its parts wait in an incomplete multipart upload, which gc aborts once past the grace period.
     def uploads():
         return store.client.list_multipart_uploads(Bucket="models", Prefix=store.prefix + "/").get("Uploads", [])

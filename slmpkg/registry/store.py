@@ -29,13 +29,13 @@ import mmap
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import IntegrityError, StoreError
 
-__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable"]
+__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable", "parallel_map"]
 
 #: ``progress(n)``: ``n`` more bytes moved. Called from worker threads, one call at a time.
 Progress = Callable[[int], None]
@@ -330,6 +330,26 @@ def _first_failure(futures) -> BaseException | None:
             if e is not None and not isinstance(e, concurrent.futures.CancelledError):
                 return e
     return None
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on up to ``max_workers`` threads. The first failure cancels what has
+    not started (a dead server should fail the command once, not once per remaining file) and is
+    raised after the running calls return.
+
+    Example:
+        >>> parallel_map(lambda x: x * 2, [1, 2, 3], 2)
+        [2, 4, 6]
+    """
+    items = list(items)
+    if not items:
+        return []
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(max_workers, len(items))))
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_home() -> Path:

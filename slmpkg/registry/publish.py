@@ -1,0 +1,218 @@
+"""Publishing: :func:`push` an artifact for one target of a release, point a :func:`tag` at a release.
+
+Publishing order is blobs -> manifest -> index -> tag, so a reader never sees a reference to something
+missing; concurrent pushes of different targets of one release merge through compare-and-swap on the
+signed index.
+
+Example:
+    >>> from slmpkg.registry import open_store, push                        # doctest: +SKIP
+    >>> from slmpkg.signing import KeySigner                                # doctest: +SKIP
+    >>> push(open_store("/srv/registry"), "tiny-llama:1.0", "out/tiny-q4", "cpu-x86_64", KeySigner("release.pem"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from slmpkg.signing import Signer, Verifier
+
+from .errors import ConflictError, MixAndMatchError, NotFoundError, RegistryError
+from .manifest import MANIFEST_MEDIA_TYPE, build_manifest
+from .names import blob_key, check_release, check_target, index_key, parse_ref, tag_key
+from .signed import (
+    DEFAULT_EXPIRES,
+    INDEX_PREDICATE,
+    TAG_PREDICATE,
+    check_int,
+    fmt_time,
+    now_utc,
+    open_doc,
+    sha256_hex,
+    sign_doc,
+    verifier_for,
+)
+from .store import Progress, Store, parallel_map
+
+__all__ = ["PushResult", "push", "tag"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    name: str
+    release: str
+    target: str
+    manifest_digest: str
+    index_version: int
+    uploaded_bytes: int
+    existing_bytes: int
+    files: tuple[str, ...]
+
+
+def _retry_sleep(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(0.02 * (2**attempt), 1.0)))
+
+
+def push(
+    store: Store,
+    ref: str,
+    artifact: str | os.PathLike[str],
+    target: str,
+    signer: Signer,
+    *,
+    verifier: Verifier | None = None,
+    format: str | None = None,
+    quant: str | None = None,
+    bits_per_weight: float | None = None,
+    source_digest: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    expires_in: dt.timedelta = DEFAULT_EXPIRES,
+    force: bool = False,
+    tags: Iterable[str] = (),
+    max_workers: int = 4,
+    max_attempts: int = 100,
+    progress: Progress | None = None,
+) -> PushResult:
+    """Publish ``artifact`` as ``target`` of ``NAME:RELEASE``: blobs, then the manifest, then the signed
+    index (merged by compare-and-swap with concurrent pushers of other targets), then ``tags``.
+
+    Re-pushing identical content is a no-op; replacing a target's content needs ``force=True``.
+    ``verifier`` checks the index being updated (derived from a :class:`KeySigner` when omitted).
+    """
+    name, release = parse_ref(ref)
+    check_target(target)
+    check = verifier_for(signer, verifier)
+    manifest, entries = build_manifest(
+        artifact, name, release, target, format=format, quant=quant, bits_per_weight=bits_per_weight,
+        source_digest=source_digest, options=options,
+    )
+
+    # 1. blobs (create-only; a blob that exists is touched so a concurrent gc keeps it)
+    uploaded = existing = 0
+
+    def upload(item: tuple[dict[str, Any], Path]) -> tuple[bool, int]:
+        f, local = item
+        key = blob_key(f["digest"])
+        created = store.put_file(key, local, sha256=f["digest"].removeprefix("sha256:"), if_absent=True, progress=progress)
+        if not created:
+            store.touch(key)
+        return created, f["size"]
+
+    unique = list({f["digest"]: (f, p) for f, p in entries}.values())
+    for created, size in parallel_map(upload, unique, max_workers):
+        if created:
+            uploaded += size
+        else:
+            existing += size
+
+    # 2. manifest
+    mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    mdigest = f"sha256:{sha256_hex(mbytes)}"
+    if not store.put_if_absent(blob_key(mdigest), mbytes):
+        store.touch(blob_key(mdigest))
+
+    # 3. index, by compare-and-swap
+    ikey = index_key(name, release)
+    source = f"{store.url}/{ikey}"
+    entry = {"digest": mdigest, "size": len(mbytes), "mediaType": MANIFEST_MEDIA_TYPE}
+    version = 0
+    for attempt in range(max_attempts):
+        try:
+            data, etag = store.get_with_etag(ikey)
+            old = open_doc(data, check, INDEX_PREDICATE, source)
+            if old.get("name") != name or old.get("release") != release:
+                raise MixAndMatchError(f"{source}: index is for {old.get('name')}:{old.get('release')}, expected {name}:{release}")
+            old_version = check_int(old.get("version"), "version", source)
+            targets = dict(old.get("targets") or {})
+        except NotFoundError:
+            etag, old_version, targets = None, 0, {}
+        current = targets.get(target)
+        if current is not None and current.get("digest") == mdigest:
+            version = old_version
+            break
+        if current is not None and not force:
+            raise ConflictError(
+                f"{name}:{release} already has target {target} with other content ({current.get('digest', '')[:23]}); "
+                "push a new version or pass force"
+            )
+        targets[target] = entry
+        now = now_utc()
+        predicate = {
+            "name": name,
+            "release": release,
+            "version": old_version + 1,
+            "updated": fmt_time(now),
+            "expires": fmt_time(now + expires_in),
+            "targets": dict(sorted(targets.items())),
+        }
+        try:
+            store.compare_and_swap(ikey, etag, sign_doc(signer, INDEX_PREDICATE, f"{name}:{release}", predicate))
+        except ConflictError:
+            _retry_sleep(attempt)
+            continue
+        version = old_version + 1
+        break
+    else:
+        raise ConflictError(f"{source}: gave up after {max_attempts} concurrent updates")
+
+    # 4. tags
+    for t in tags:
+        tag(store, f"{name}:{t}", release, signer, verifier=check, expires_in=expires_in)
+
+    return PushResult(name, release, target, mdigest, version, uploaded, existing, tuple(f["path"] for f, _ in entries))
+
+
+def tag(
+    store: Store,
+    ref: str,
+    release: str,
+    signer: Signer,
+    *,
+    verifier: Verifier | None = None,
+    expires_in: dt.timedelta = DEFAULT_EXPIRES,
+    max_attempts: int = 100,
+) -> int:
+    """Point ``NAME:TAG`` at ``release`` (which must exist) with a signed tag moved by
+    compare-and-swap; return the tag's new version."""
+    name, t = parse_ref(ref)
+    check_release(release)
+    check = verifier_for(signer, verifier)
+    if not store.exists(index_key(name, release)):
+        raise NotFoundError(f"{name}:{release}: no such version in {store.url}")
+    if store.exists(index_key(name, t)):
+        raise RegistryError(f"{name}:{t}: is a version, not a tag; pick another tag name")
+    key = tag_key(name, t)
+    source = f"{store.url}/{key}"
+    for attempt in range(max_attempts):
+        try:
+            data, etag = store.get_with_etag(key)
+            old = open_doc(data, check, TAG_PREDICATE, source)
+            old_version = check_int(old.get("version"), "version", source)
+            if old.get("release") == release:
+                return old_version
+        except NotFoundError:
+            etag, old_version = None, 0
+        now = now_utc()
+        predicate = {
+            "name": name,
+            "tag": t,
+            "release": release,
+            "version": old_version + 1,
+            "updated": fmt_time(now),
+            "expires": fmt_time(now + expires_in),
+        }
+        try:
+            store.compare_and_swap(key, etag, sign_doc(signer, TAG_PREDICATE, f"{name}:{t}", predicate))
+            return old_version + 1
+        except ConflictError:
+            _retry_sleep(attempt)
+    raise ConflictError(f"{source}: gave up after {max_attempts} concurrent updates")
+
+
