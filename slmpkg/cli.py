@@ -201,8 +201,8 @@ def convert_command(
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
     or an ONNX decoder (a model directory or .onnx file: slmpkg's, onnxruntime-genai's or optimum's) to GGUF or a
     HF directory."""
-    from .formats.safetensors import parse_size
     from .pipeline import convert
+    from .sizes import parse_size
 
     linear_weights = None
     if block_size is not None or accuracy_level is not None or asymmetric or exact_mins:
@@ -380,7 +380,7 @@ def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
 @click.option("--target", default="auto", show_default=True, help="A target name, or auto: the best one this host runs.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to install into.")
 @click.option("--pub", required=True, type=click.Path(path_type=Path), help="Public key the index must be signed with.")
-@click.option("--max-memory", metavar="SIZE", help="Memory budget for --target auto (e.g. 8G; default: what this host has).")
+@click.option("--max-memory", metavar="SIZE", help="Memory budget for --target auto (8GB = 8e9 bytes, 8GiB = 8 * 2**30; default: what this host has).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_registry_option
 @_endpoint_option
@@ -416,7 +416,8 @@ def _auto_target(store, ref: str, verifier, max_memory: Optional[str]) -> str:
     Sizes come from the signed index's manifests (verified here; pull verifies everything again).
     """
     from .registry import ls, parse_ref
-    from .targets import choose_artifact, detect_host, parse_size
+    from .sizes import parse_size
+    from .targets import choose_artifact, detect_host
 
     name, release = parse_ref(ref)
     tags = ls(store, name, verifier=verifier).get("tags", {})
