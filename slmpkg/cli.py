@@ -322,10 +322,16 @@ _registry_option = click.option(
 _endpoint_option = click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (e.g. a local SeaweedFS/MinIO).")
 
 
-def _store(registry: Optional[str], endpoint_url: Optional[str]):
+def _store(registry: Optional[str], endpoint_url: Optional[str], quiet: bool = False):
     from .registry import open_store
 
-    options = {"endpoint_url": endpoint_url} if endpoint_url and str(registry or "").startswith("s3://") else {}
+    url = str(registry or "")
+    if quiet and url.startswith("hf://"):
+        # huggingface_hub draws its own bars for uploads and downloads; -q and --json mean none at all
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    options = {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {}
     return open_store(registry or None, **options)
 
 
@@ -352,11 +358,11 @@ def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[s
     quant, bpw = _artifact_quant(artifact)
     files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
     with ProgressBar(sum(p.stat().st_size for p in files), "push", enabled=False if quiet or as_json else None) as bar:
-        result = push(_store(registry, endpoint_url), ref, artifact, target, KeySigner(key),
+        result = push(_store(registry, endpoint_url, quiet or as_json), ref, artifact, target, KeySigner(key),
                       quant=quant, bits_per_weight=bpw, tags=tags, force=force, progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
-    else:
+    elif not quiet:
         click.echo(f"{result.name}:{result.release} [{result.target}] → index v{result.index_version}, "
                    f"{result.uploaded_bytes / 1e6:.1f} MB uploaded, {result.existing_bytes / 1e6:.1f} MB already there")
 
@@ -394,7 +400,7 @@ def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Option
     from .signing import KeyVerifier
     from .targets import get_target
 
-    store = _store(registry, endpoint_url)
+    store = _store(registry, endpoint_url, quiet or as_json)
     verifier = KeyVerifier(pub)
     if target == "auto":
         target = _auto_target(store, ref, verifier, max_memory)
@@ -404,7 +410,7 @@ def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Option
         result = pull(store, ref, target, out, verifier, overwrite=overwrite, progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
-    else:
+    elif not quiet:
         click.echo(f"{result.name}:{result.release} [{result.target}] → {result.out_dir} "
                    f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.resumed_bytes / 1e6:.1f} MB resumed, "
                    f"{result.cached_bytes / 1e6:.1f} MB from cache)")
@@ -436,7 +442,7 @@ def ls_command(ref: Optional[str], registry: Optional[str], endpoint_url: Option
     """List names, a name's versions and tags, or one version's targets (always JSON)."""
     from .registry import ls
 
-    _emit_json(ls(_store(registry, endpoint_url), ref))
+    _emit_json(ls(_store(registry, endpoint_url, quiet=True), ref))
 
 
 @main.command("tag")
@@ -454,7 +460,7 @@ def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], e
     name, release = parse_ref(source)
     if parse_ref(tag_ref)[0] != name:
         raise UsageError(f"{tag_ref}: a tag names the same model as {source}")
-    version = tag(_store(registry, endpoint_url), tag_ref, release, KeySigner(key))
+    version = tag(_store(registry, endpoint_url, quiet=True), tag_ref, release, KeySigner(key))
     click.echo(f"{tag_ref} → {source} (tag v{version})")
 
 
@@ -470,5 +476,5 @@ def gc_command(grace_hours: float, dry_run: bool, registry: Optional[str], endpo
 
     from .registry import gc
 
-    result = gc(_store(registry, endpoint_url), grace=dt.timedelta(hours=grace_hours), dry_run=dry_run)
+    result = gc(_store(registry, endpoint_url, quiet=True), grace=dt.timedelta(hours=grace_hours), dry_run=dry_run)
     _emit_json(dataclasses.asdict(result))

@@ -372,3 +372,35 @@ def test_wrong_token(hub, store, keys, tmp_path, monkeypatch):
         msg = str(e.value)
         assert "credentials rejected" in msg and "\n" not in msg
         assert bad_token not in msg and TOKEN not in msg and bad_token not in repr(bad)
+
+
+def test_quiet_silences_huggingface_hub_bars(hub, tmp_path):
+    """`slmpkg push/pull -q` print nothing, not even huggingface_hub's own upload and download
+    bars (which it draws to any stderr, terminal or not: the run without -q shows them)."""
+    import subprocess
+    import sys
+
+    priv, pub = signing.generate_keypair(tmp_path / "release")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SLMPKG_"))}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf-home"),
+               HF_XET_CACHE=str(tmp_path / "xet-cache"), HF_HUB_DISABLE_TELEMETRY="1",
+               SLMPKG_HOME=str(tmp_path / "home"))
+    if hub.mode == "lfs":
+        env["HF_HUB_DISABLE_XET"] = "1"
+    url = f"hf://org/q-{uuid.uuid4().hex[:8]}"
+
+    def slmpkg(*args):
+        return subprocess.run([sys.executable, "-c", "from slmpkg.cli import main; main()", *map(str, args),
+                               "--registry", url], env=env, capture_output=True, text=True, timeout=300)
+
+    for version, quiet in (("1", []), ("2", ["-q"])):
+        art = make_artifact(tmp_path / f"art{version}", seed=int(version), size=(2 << 20) + 1)
+        (art / "model.gguf").rename(art / "model.bin")  # not a GGUF: the CLI would inspect one
+        pushed = slmpkg("push", f"m:{version}", art, "--target", "cpu-x86_64", "--key", priv, *quiet)
+        pulled = slmpkg("pull", f"m:{version}", "--target", "cpu-x86_64", "-o", tmp_path / f"out{version}",
+                        "--pub", pub, *quiet)
+        assert pushed.returncode == 0 and pulled.returncode == 0, pushed.stderr + pulled.stderr
+        if quiet:
+            assert (pushed.stdout, pushed.stderr, pulled.stdout, pulled.stderr) == ("", "", "", "")
+        else:
+            assert "100%" in pushed.stderr + pulled.stderr  # huggingface_hub's bars, when not silenced
