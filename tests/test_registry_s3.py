@@ -261,6 +261,10 @@ def test_resumed_partial_that_went_bad_is_refetched(store, keys, tmp_path):
 # the test can kill the server at that exact point and then let the command go on.
 CHILD = """
 import itertools, os, signal, sys
+# Ctrl-C in a terminal reaches a foreground command whose SIGINT raises KeyboardInterrupt. A test run
+# started in the background by a shell (`pytest &`, nohup, CI runners) inherits SIGINT ignored, and
+# Python then leaves it ignored: the command would finish instead of stopping (a flaky test).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from slmpkg.registry import s3
 s3.S3Store.__init__.__kwdefaults__.update(part_size=5 << 20, multipart_threshold=5 << 20, max_workers=2)
 method, pause_after = sys.argv[1], int(sys.argv[2])
