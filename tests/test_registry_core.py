@@ -28,6 +28,7 @@ from slmpkg.registry import (
     push,
     tag,
 )
+from slmpkg.registry.cache import hash_file
 from slmpkg.registry.listing import read_index
 from slmpkg.registry.manifest import MANIFEST_MEDIA_TYPE
 from slmpkg.registry.names import blob_key
@@ -353,3 +354,95 @@ def test_pull_reports_progress_of_every_downloaded_byte(env, keys, tmp_path):
     result = pull(env.store, "p:1", "cpu-x86_64", tmp_path / "out", keys["verifier"], cache_dir=tmp_path / "cache",
                   progress=progress)
     assert sum(moved) == result.downloaded_bytes > 3 << 20
+
+
+# ---- gc against concurrent pushes and unreadable metadata ------------------------------------------
+
+
+def age(store, keys, seconds=7200):
+    """Make blobs look written ``seconds`` ago."""
+    import time
+
+    for k in keys:
+        t = time.time() - seconds
+        os.utime(store._path(k), (t, t))
+
+
+def test_gc_fails_closed_on_unreadable_index_or_manifest(env, keys):
+    """An index or manifest gc cannot read references blobs it cannot know: gc deletes nothing."""
+    r = push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    push(env.store, "tiny:2.0", make_artifact(env.tmp / "b", seed=1), "cpu", keys["signer"])
+    orphan = env.store.put_if_absent(blob_key("sha256:" + sha256_hex(b"orphan")), b"orphan")
+    assert orphan
+    blobs = set(env.store.list("blobs/"))
+    ikey = "indexes/tiny/1.0.json"
+    good_index = env.store.get(ikey)
+    mkey = blob_key(r.manifest_digest)
+    good_manifest = env.store.get(mkey)
+
+    def unchanged_after_gc(match):
+        with pytest.raises(RegistryError, match=match):
+            gc(env.store, grace=dt.timedelta(0))
+        assert set(env.store.list("blobs/")) >= blobs - {mkey}
+
+    env.store.put(ikey, good_index[: len(good_index) // 2])  # torn or bit-rotten
+    unchanged_after_gc(r"indexes/tiny/1.0.json: malformed signed document.*gc deleted nothing")
+    env.store.put(ikey, good_index)
+    env.store.delete(mkey)
+    unchanged_after_gc(r"indexes/tiny/1.0.json \(target cpu\): its manifest sha256:\w+ is missing")
+    env.store.put(mkey, good_manifest.replace(b"model.gguf", b"model.GGUF"))
+    unchanged_after_gc(r"manifest does not match its digest")
+    # Readable again: only the orphan goes.
+    env.store.put(mkey, good_manifest)
+    done = gc(env.store, grace=dt.timedelta(0))
+    assert done.deleted == (blob_key("sha256:" + sha256_hex(b"orphan")),)
+    env.pull(target="cpu")
+    assert same_tree(env.art, env.tmp / "out")
+
+
+def test_gc_keeps_a_blob_a_push_touches_between_gc_looking_and_deleting(env, keys):
+    """The race gc has with a push reusing an old unreferenced blob: gc reads the blob's age, the push
+    touches it (then writes an index referencing it), gc deletes. The age is re-checked when deleting."""
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    push(env.store, "tiny:1.0", make_artifact(env.tmp / "b", seed=1), "cpu", keys["signer"], force=True)
+    orphans = sorted(gc(env.store, grace=dt.timedelta(0), dry_run=True).deleted)
+    assert len(orphans) == 3
+    age(env.store, orphans)
+    victim = orphans[0]
+
+    class Racing(LocalStore):
+        def mtime(self, key):
+            t = super().mtime(key)
+            if key == victim:
+                LocalStore(self.root).touch(key)  # a push reusing it, right after gc looked
+            return t
+
+    done = gc(Racing(env.store.root), grace=dt.timedelta(hours=1))
+    assert sorted(done.deleted) == orphans[1:] and done.kept_young == (victim,)
+    assert env.store.exists(victim)
+
+
+def test_push_uploads_again_a_blob_gc_deleted_under_it(env, keys):
+    """A reused blob deleted by gc between the push's existence check and its touch, or right after
+    the touch (before the index lands): the push uploads it again, and the release pulls."""
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    big = blob_key("sha256:" + hash_file(env.art / "model.gguf"))
+
+    class GcBeforeTouch(LocalStore):
+        def touch(self, key):
+            if key == big:
+                self.delete(key)
+            return super().touch(key)
+
+    r = push(GcBeforeTouch(env.store.root), "tiny:2.0", env.art, "cpu", keys["signer"])
+    assert r.uploaded_bytes == 64 << 10 and env.store.exists(big)
+
+    class GcAfterTouch(LocalStore):
+        def compare_and_swap(self, key, etag, data):
+            self.delete(big)  # gc looked before the touch, deletes after it
+            return super().compare_and_swap(key, etag, data)
+
+    push(GcAfterTouch(env.store.root), "tiny:3.0", env.art, "cpu", keys["signer"])
+    assert env.store.exists(big)
+    env.pull(ref="tiny:3.0", target="cpu")
+    assert same_tree(env.art, env.tmp / "out")

@@ -404,3 +404,28 @@ def test_quiet_silences_huggingface_hub_bars(hub, tmp_path):
             assert (pushed.stdout, pushed.stderr, pulled.stdout, pulled.stderr) == ("", "", "", "")
         else:
             assert "100%" in pushed.stderr + pulled.stderr  # huggingface_hub's bars, when not silenced
+
+
+def test_delete_if_stale_checks_again_when_a_touch_lands_in_between(store, hub):
+    """gc's delete on the Hub is a commit whose parent is the commit it checked the age at: a touch in
+    between moves the branch, the Hub refuses the delete, and the touched blob is kept."""
+    import time
+
+    store.put("blobs/sha256/" + "ab" * 32, b"old")
+    store.put("blobs/sha256/" + "cd" * 32, b"old too")
+    time.sleep(0.05)
+    cutoff = time.time()
+    touched = []
+
+    class Racing(HubStore):
+        def _mtime_at(self, key, head):
+            found = super()._mtime_at(key, head)
+            if not touched and key.endswith("ab" * 32):
+                touched.append(key)
+                self.touch(key)  # a push reusing the blob, just after gc looked at its age
+            return found
+
+    racing = Racing(store.url)
+    assert racing.delete_if_stale("blobs/sha256/" + "ab" * 32, cutoff) is False
+    assert racing.delete_if_stale("blobs/sha256/" + "cd" * 32, cutoff) is True
+    assert store.exists("blobs/sha256/" + "ab" * 32) and not store.exists("blobs/sha256/" + "cd" * 32)

@@ -189,10 +189,21 @@ class LocalStore(Store):
         return self._stat(key).st_mtime
 
     def touch(self, key: str) -> None:
-        try:
-            os.utime(self._path(key))
-        except FileNotFoundError:
-            raise NotFoundError(f"{self.url}/{key}: not found") from None
+        with self._lock(key):  # never between delete_if_stale's check and its unlink
+            try:
+                os.utime(self._path(key))
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.url}/{key}: not found") from None
+
+    def delete_if_stale(self, key: str, cutoff: float) -> bool:
+        with self._lock(key):  # one step against touch(): check the age and unlink under the key's lock
+            if self._stat(key).st_mtime > cutoff:
+                return False
+            try:
+                self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+            return True
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         try:

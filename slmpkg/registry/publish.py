@@ -18,7 +18,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,22 @@ class PushResult:
     uploaded_bytes: int
     existing_bytes: int
     files: tuple[str, ...]
+
+
+def _create_or_touch(store: Store, key: str, create: Callable[[], bool], attempts: int = 3) -> bool:
+    """Create the blob ``key`` with ``create()`` (True), or, when it already exists, touch it so that a
+    concurrent gc keeps it (False). A gc may delete it between the existence check and the touch:
+    then it is created again."""
+    for _ in range(attempts):
+        if create():
+            return True
+        try:
+            store.touch(key)
+            return False
+        except NotFoundError:
+            continue  # collected in between: upload it again
+    raise ConflictError(f"{store.url}/{key}: deleted {attempts} times while this push wrote it "
+                        "(a gc with no grace period running alongside?)")
 
 
 def _retry_sleep(attempt: int) -> None:
@@ -96,14 +112,14 @@ def push(
 
     # 1. blobs (create-only; a blob that exists is touched so a concurrent gc keeps it)
     uploaded = existing = 0
+    creators: dict[str, Callable[[], bool]] = {}
 
     def upload(item: tuple[dict[str, Any], Path]) -> tuple[bool, int]:
         f, local = item
         key = blob_key(f["digest"])
-        created = store.put_file(key, local, sha256=f["digest"].removeprefix("sha256:"), if_absent=True, progress=progress)
-        if not created:
-            store.touch(key)
-        return created, f["size"]
+        creators[key] = lambda: store.put_file(key, local, sha256=f["digest"].removeprefix("sha256:"),
+                                               if_absent=True, progress=progress)
+        return _create_or_touch(store, key, creators[key]), f["size"]
 
     unique = list({f["digest"]: (f, p) for f, p in entries}.values())
     for created, size in parallel_map(upload, unique, max_workers):
@@ -115,8 +131,9 @@ def push(
     # 2. manifest
     mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     mdigest = f"sha256:{sha256_hex(mbytes)}"
-    if not store.put_if_absent(blob_key(mdigest), mbytes):
-        store.touch(blob_key(mdigest))
+    mkey = blob_key(mdigest)
+    creators[mkey] = lambda: store.put_if_absent(mkey, mbytes)
+    _create_or_touch(store, mkey, creators[mkey])
 
     # 3. index, by compare-and-swap
     ikey = index_key(name, release)
@@ -161,6 +178,12 @@ def push(
         break
     else:
         raise ConflictError(f"{source}: gave up after {max_attempts} concurrent updates")
+
+    # A gc that checked a reused blob's age just before this push touched it may still delete it
+    # (stores whose check-and-delete is not one step): make sure what the index references is there.
+    for key, create in creators.items():
+        if not store.exists(key):
+            _create_or_touch(store, key, create)
 
     # 4. tags
     for t in tags:

@@ -163,6 +163,18 @@ class Store(abc.ABC):
     def touch(self, key: str) -> None:
         """Refresh :meth:`mtime`, so a blob an in-flight push reuses survives a concurrent gc."""
 
+    def delete_if_stale(self, key: str, cutoff: float) -> bool:
+        """Delete ``key`` only if it was last written or touched before ``cutoff`` (unix seconds);
+        True when deleted. gc calls this so that a blob a push touched after gc listed it survives.
+
+        This default checks and then deletes, leaving a window of one request in which a touch is
+        missed; a store that can make the two one step (the local store holds the key's lock, the Hub
+        deletes in a commit whose parent is the one it checked) overrides it."""
+        if self.mtime(key) > cutoff:
+            return False
+        self.delete(key)
+        return True
+
     @abc.abstractmethod
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``key``."""
