@@ -402,35 +402,24 @@ def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Option
 
     store = _store(registry, endpoint_url, quiet or as_json)
     verifier = KeyVerifier(pub)
+    chosen: Any = target
     if target == "auto":
-        target = _auto_target(store, ref, verifier, max_memory)
+        from .sizes import parse_size
+        from .targets import choose_artifact, detect_host
+
+        # pull calls it with the artifact sizes of the very release it installs (the tag is read once)
+        chosen = functools.partial(choose_artifact, detect_host(),
+                                   max_memory=parse_size(max_memory) if max_memory else None)
     else:
         get_target(target)
     with ProgressBar(None, "pull", enabled=False if quiet or as_json else None) as bar:
-        result = pull(store, ref, target, out, verifier, overwrite=overwrite, progress=bar.advance)
+        result = pull(store, ref, chosen, out, verifier, overwrite=overwrite, progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
     elif not quiet:
         click.echo(f"{result.name}:{result.release} [{result.target}] → {result.out_dir} "
                    f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.resumed_bytes / 1e6:.1f} MB resumed, "
                    f"{result.cached_bytes / 1e6:.1f} MB from cache)")
-
-
-def _auto_target(store, ref: str, verifier, max_memory: Optional[str]) -> str:
-    """The best published target this host runs whose artifact fits the memory budget.
-
-    Sizes come from the signed index's manifests (verified here; pull verifies everything again).
-    """
-    from .registry import ls, parse_ref
-    from .sizes import parse_size
-    from .targets import choose_artifact, detect_host
-
-    name, release = parse_ref(ref)
-    tags = ls(store, name, verifier=verifier).get("tags", {})
-    release = tags.get(release, release)
-    manifests = ls(store, f"{name}:{release}", verifier=verifier)["manifests"]
-    sizes = {t: sum(f["size"] for f in m["files"]) for t, m in manifests.items()}
-    return choose_artifact(detect_host(), sizes, parse_size(max_memory) if max_memory else None)
 
 
 @main.command("ls")

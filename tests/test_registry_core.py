@@ -32,7 +32,7 @@ from slmpkg.registry.cache import hash_file
 from slmpkg.registry.listing import read_index
 from slmpkg.registry.manifest import MANIFEST_MEDIA_TYPE
 from slmpkg.registry.names import blob_key
-from slmpkg.registry.signed import INDEX_PREDICATE, sha256_hex, sign_doc
+from slmpkg.registry.signed import INDEX_PREDICATE, TAG_PREDICATE, sha256_hex, sign_doc
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def keys(tmp_path_factory):
         "verifier": signing.KeyVerifier(pub),
         "other_signer": signing.KeySigner(other_priv),
         "other_verifier": signing.KeyVerifier(other_pub),
+        "private_key": priv,
+        "public_key": pub,
     }
 
 
@@ -446,3 +448,83 @@ def test_push_uploads_again_a_blob_gc_deleted_under_it(env, keys):
     assert env.store.exists(big)
     env.pull(ref="tiny:3.0", target="cpu")
     assert same_tree(env.art, env.tmp / "out")
+
+
+# ---- names: a version never shadows a tag ------------------------------------------------------------
+
+
+def test_a_version_may_not_shadow_a_tag_nor_a_tag_a_version(env, keys):
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"], tags=["stable"])
+    with pytest.raises(RegistryError, match="tiny:stable: is a tag, not a version"):
+        push(env.store, "tiny:stable", env.art, "cpu", keys["signer"])
+    with pytest.raises(RegistryError, match="tiny:1.0: is a version, not a tag"):
+        tag(env.store, "tiny:1.0", "1.0", keys["signer"])
+    assert env.store.list("indexes/") == ["indexes/tiny/1.0.json"]
+
+    # A tag created while a push of that name uploads its blobs: the index is still not written.
+    class TagMeanwhile(LocalStore):
+        def put_file(self, key, path, **kw):
+            if not self.exists("tags/tiny/2.0.json"):
+                tag(LocalStore(self.root), "tiny:2.0", "1.0", keys["signer"])
+            return super().put_file(key, path, **kw)
+
+    with pytest.raises(RegistryError, match="tiny:2.0: is a tag, not a version"):
+        push(TagMeanwhile(env.store.root), "tiny:2.0", make_artifact(env.tmp / "b", seed=1), "cpu", keys["signer"])
+    assert env.store.list("indexes/") == ["indexes/tiny/1.0.json"]
+
+    # A registry that holds both anyway (older slmpkg, a hand edit): a pull refuses to guess.
+    push(env.store, "tiny:3.0", env.art, "cpu", keys["signer"])
+    pred = {"name": "tiny", "tag": "3.0", "release": "1.0", "version": 1, "expires": "2999-01-01T00:00:00Z"}
+    env.store.put("tags/tiny/3.0.json", sign_doc(keys["signer"], TAG_PREDICATE, "tiny:3.0", pred))
+    with pytest.raises(RegistryError, match="tiny:3.0: is both a version and a tag"):
+        env.pull(ref="tiny:3.0", target="cpu")
+
+
+# ---- pull --target auto: chosen from the index the pull installs ------------------------------------
+
+
+def test_pull_chooses_from_the_release_it_installs(env, keys):
+    big = make_artifact(env.tmp / "big", seed=1, size=1 << 20)
+    push(env.store, "tiny:1.0", env.art, "cpu-x86_64", keys["signer"])
+    push(env.store, "tiny:1.0", big, "cpu-x86_64-avx2", keys["signer"])
+    seen = []
+
+    def smallest(sizes):
+        seen.append(dict(sizes))
+        return min(sizes, key=sizes.get)
+
+    got = env.pull(target=smallest)
+    assert got.target == "cpu-x86_64" and same_tree(env.art, env.tmp / "out")
+    payload = sum(p.stat().st_size for p in env.art.rglob("*") if p.is_file())
+    assert seen == [{"cpu-x86_64": payload, "cpu-x86_64-avx2": payload - (64 << 10) + (1 << 20)}]
+    with pytest.raises(RegistryError, match="chooser picked 'cuda-sm80', which is not published"):
+        env.pull(target=lambda sizes: "cuda-sm80", out="o2")
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86-64 target ladder")
+def test_cli_pull_auto_reads_the_tag_once(env, keys, tmp_path, monkeypatch):
+    """`slmpkg pull NAME:TAG --target auto` while the tag moves to a release with other targets: the
+    target is chosen from the release the pull installs, never from one read a moment earlier."""
+    from click.testing import CliRunner
+
+    import slmpkg.registry
+    from slmpkg import cli
+
+    monkeypatch.setenv("SLMPKG_HOME", str(tmp_path / "home"))
+    push(env.store, "tiny:1.0", env.art, "cpu-x86_64", keys["signer"], tags=["stable"])
+    push(env.store, "tiny:2.0", make_artifact(env.tmp / "b", seed=2), "cuda-sm90", keys["signer"])
+
+    class TagMovesAfterRead(LocalStore):
+        def get(self, key):
+            data = super().get(key)
+            if key == "tags/tiny/stable.json" and b"2.0" not in data:
+                tag(LocalStore(self.root), "tiny:stable", "2.0", keys["signer"])
+            return data
+
+    monkeypatch.setattr(slmpkg.registry, "open_store", lambda *a, **kw: TagMovesAfterRead(env.store.root))
+    r = CliRunner().invoke(cli.main, ["pull", "tiny:stable", "-o", str(tmp_path / "auto"), "--pub",
+                                      str(keys["public_key"]), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert (got["release"], got["target"]) == ("1.0", "cpu-x86_64")
+    assert same_tree(env.art, tmp_path / "auto")

@@ -72,6 +72,13 @@ def _create_or_touch(store: Store, key: str, create: Callable[[], bool], attempt
                         "(a gc with no grace period running alongside?)")
 
 
+def _refuse_tag_name(store: Store, name: str, release: str) -> None:
+    """A version may not shadow a tag (nor a tag a version, see :func:`tag`): ``NAME:X`` must name one
+    thing, or which release a pull installs would depend on a lookup order."""
+    if store.exists(tag_key(name, release)):
+        raise RegistryError(f"{name}:{release}: is a tag, not a version; pick another version name")
+
+
 def _retry_sleep(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.02 * (2**attempt), 1.0)))
 
@@ -105,6 +112,7 @@ def push(
     name, release = parse_ref(ref)
     check_target(target)
     check = verifier_for(signer, verifier)
+    _refuse_tag_name(store, name, release)
     manifest, entries = build_manifest(
         artifact, name, release, target, format=format, quant=quant, bits_per_weight=bits_per_weight,
         source_digest=source_digest, options=options,
@@ -150,6 +158,7 @@ def push(
             targets = dict(old.get("targets") or {})
         except NotFoundError:
             etag, old_version, targets = None, 0, {}
+            _refuse_tag_name(store, name, release)  # again: a tag may have appeared while blobs went up
         current = targets.get(target)
         if current is not None and current.get("digest") == mdigest:
             version = old_version

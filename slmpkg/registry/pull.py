@@ -23,7 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from .names import blob_key, check_release, check_target, index_key, parse_ref, 
 from .signed import INDEX_PREDICATE, TAG_PREDICATE, TrustState, now_utc, sha256_hex, trusted_doc
 from .store import Progress, Store, default_home, parallel_map
 
-__all__ = ["PullResult", "pull"]
+__all__ = ["Chooser", "PullResult", "pull"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +76,47 @@ def _out_matches(out: Path, files: Sequence[Mapping[str, Any]], blobs: Mapping[s
 
 
 def _resolve(store: Store, name: str, ref: str, verifier: Verifier, state: TrustState, now: dt.datetime) -> str:
-    """The release ``NAME:REF`` names: ``REF`` itself when it is a version, else the tag's target."""
-    if store.exists(index_key(name, ref)):
+    """The release ``NAME:REF`` names: ``REF`` itself when it is a version, else the tag's target.
+    A name that is both (push and tag refuse to make one; an older registry or a hand edit may hold
+    one) is refused: which release a pull installs must not depend on a lookup order."""
+    is_version = store.exists(index_key(name, ref))
+    if is_version and store.exists(tag_key(name, ref)):
+        raise RegistryError(f"{name}:{ref}: is both a version and a tag in {store.url}; remove one of them")
+    if is_version:
         return ref
     pred, _ = trusted_doc(store, tag_key(name, ref), verifier, TAG_PREDICATE, {"name": name, "tag": ref},
-                           state, now, f"{name}:{ref}: no such version or tag in {store.url}")
+                          state, now, f"{name}:{ref}: no such version or tag in {store.url}")
     return check_release(str(pred.get("release")))
+
+
+def _manifest(store: Store, name: str, release: str, target: str, entry: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The manifest the signed index lists for ``target`` (checked against its signed digest and for
+    what it names): its digest and file entries."""
+    mdigest = str(entry.get("digest", "")) if isinstance(entry, dict) else ""
+    mkey = blob_key(mdigest)
+    msource = f"{store.url}/{mkey}"
+    try:
+        mbytes = store.get(mkey)
+    except NotFoundError:
+        raise IntegrityError(f"{msource}: manifest of {name}:{release} {target} is missing from the store") from None
+    if f"sha256:{sha256_hex(mbytes)}" != mdigest:
+        raise IntegrityError(f"{msource}: manifest does not match its signed digest; refusing it")
+    try:
+        manifest = json.loads(mbytes)
+    except (UnicodeDecodeError, ValueError):
+        raise IntegrityError(f"{msource}: manifest is not JSON") from None
+    return mdigest, check_manifest(manifest, msource, name, release, target)
+
+
+#: ``choose({target: artifact bytes, ...}) -> target``: picks one of the published targets of the release
+#: being pulled (e.g. the best one this host runs that fits its memory: :func:`slmpkg.targets.choose_artifact`).
+Chooser = Callable[[Mapping[str, int]], str]
 
 
 def pull(
     store: Store,
     ref: str,
-    target: str | Sequence[str],
+    target: str | Sequence[str] | Chooser,
     out_dir: str | os.PathLike[str],
     verifier: Verifier,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -102,18 +131,25 @@ def pull(
 ) -> PullResult:
     """Fetch, verify and install ``target`` of ``NAME:RELEASE`` (or ``NAME:TAG``) into ``out_dir``.
 
-    ``target`` is one target or a ranked list (most specific first; the first one published wins).
+    ``target`` is one target, a ranked list (most specific first; the first one published wins), or a
+    :data:`Chooser` called with the size of every target's artifact in the release being installed:
+    the choice is made from the same verified index the pull installs from, so a tag moved meanwhile
+    cannot pair one release's choice with another release's artifact.
     Nothing appears at ``out_dir`` unless every check passed; an existing non-empty ``out_dir`` holding
     something else is replaced only with ``overwrite=True``. ``cache_dir`` defaults to
     ``$SLMPKG_HOME/cache``; ``state`` (the rollback memory) to ``$SLMPKG_HOME/trust.json``.
     If the pull fails half-way (server gone, Ctrl-C), the ranges it fetched stay in the cache and the
     same pull run again fetches only the rest (``PullResult.resumed_bytes``).
+
+    Example:
+        >>> pull(store, "tiny:stable", lambda sizes: min(sizes, key=sizes.get), "models/tiny", verifier)  # doctest: +SKIP
     """
     name, ref_part = parse_ref(ref)
-    candidates = [target] if isinstance(target, str) else list(target)
+    choose = target if callable(target) else None
+    candidates = [] if choose else [target] if isinstance(target, str) else list(target)
     for t in candidates:
         check_target(t)
-    if not candidates:
+    if not candidates and not choose:
         raise RegistryError(f"{ref}: no target given")
     now = now or now_utc()
     trust = state if isinstance(state, TrustState) else TrustState(state)
@@ -125,33 +161,29 @@ def pull(
     ikey = index_key(name, release)
     source = f"{store.url}/{ikey}"
     idx, version = trusted_doc(store, ikey, verifier, INDEX_PREDICATE, {"name": name, "release": release},
-                                trust, now, f"{name}:{release}: no such version in {store.url}")
+                               trust, now, f"{name}:{release}: no such version in {store.url}")
 
     targets = idx.get("targets")
     if not isinstance(targets, dict):
         raise TrustError(f"{source}: index has no targets")
-    chosen = next((t for t in candidates if t in targets), None)
-    if chosen is None:
-        raise NotFoundError(
-            f"{name}:{release} has no artifact for {', '.join(candidates)} (published: {', '.join(sorted(targets)) or 'none'})"
-        )
-    entry = targets[chosen]
-    mdigest = str(entry.get("digest", "")) if isinstance(entry, dict) else ""
 
-    # 2. the manifest (content-addressed: its digest is signed)
-    mkey = blob_key(mdigest)
-    msource = f"{store.url}/{mkey}"
-    try:
-        mbytes = store.get(mkey)
-    except NotFoundError:
-        raise IntegrityError(f"{msource}: manifest of {name}:{release} {chosen} is missing from the store") from None
-    if f"sha256:{sha256_hex(mbytes)}" != mdigest:
-        raise IntegrityError(f"{msource}: manifest does not match its signed digest; refusing it")
-    try:
-        manifest = json.loads(mbytes)
-    except (UnicodeDecodeError, ValueError):
-        raise IntegrityError(f"{msource}: manifest is not JSON") from None
-    files = check_manifest(manifest, msource, name, release, chosen)
+    # 2. the target and its manifest (content-addressed: its digest is signed)
+    if choose is not None:
+        listed = parallel_map(lambda t: (t, _manifest(store, name, release, t, targets[t])), sorted(targets),
+                              max_workers)
+        manifests = dict(listed)
+        chosen = choose({t: sum(f["size"] for f in files) for t, (_, files) in manifests.items()})
+        if chosen not in manifests:
+            raise RegistryError(f"{name}:{release}: the target chooser picked {chosen!r}, which is not published")
+        mdigest, files = manifests[chosen]
+    else:
+        chosen = next((t for t in candidates if t in targets), None)
+        if chosen is None:
+            raise NotFoundError(
+                f"{name}:{release} has no artifact for {', '.join(candidates)} "
+                f"(published: {', '.join(sorted(targets)) or 'none'})"
+            )
+        mdigest, files = _manifest(store, name, release, chosen, targets[chosen])
 
     # 3. blobs into the cache, each verified; an interrupted earlier pull's ranges are kept
     blobs: dict[str, Path] = {}
