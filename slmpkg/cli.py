@@ -7,6 +7,7 @@ stderr (``slmpkg: error: FILE: problem``) and exit non-zero, without a traceback
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -320,6 +321,10 @@ _registry_option = click.option(
     help="A directory or file:// URL (default $SLMPKG_HOME/registry), or s3://bucket/prefix.",
 )
 _endpoint_option = click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (e.g. a local SeaweedFS/MinIO).")
+_expires_option = click.option(
+    "--expires-in", "expires_days", type=click.FloatRange(min=0, min_open=True), default=365.0, show_default=True,
+    metavar="DAYS", help="The signed index/tag expires this many days from now (pulls refuse expired metadata).",
+)
 
 
 def _store(registry: Optional[str], endpoint_url: Optional[str], quiet: bool = False):
@@ -342,13 +347,15 @@ def _store(registry: Optional[str], endpoint_url: Optional[str], quiet: bool = F
 @click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signs the index.")
 @click.option("--tag", "tags", multiple=True, help="Also point NAME:TAG at this version (repeatable).")
 @click.option("--force", is_flag=True, help="Replace this target's artifact if the version already has a different one.")
+@_expires_option
 @_registry_option
 @_endpoint_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
 def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[str, ...], force: bool,
-                 registry: Optional[str], endpoint_url: Optional[str], quiet: bool, as_json: bool) -> None:
+                 expires_days: float, registry: Optional[str], endpoint_url: Optional[str], quiet: bool,
+                 as_json: bool) -> None:
     """Publish a file or directory as NAME:VERSION for one hardware target, signed."""
     from .registry import push
     from .signing import KeySigner
@@ -359,7 +366,8 @@ def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[s
     files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
     with ProgressBar(sum(p.stat().st_size for p in files), "push", enabled=False if quiet or as_json else None) as bar:
         result = push(_store(registry, endpoint_url, quiet or as_json), ref, artifact, target, KeySigner(key),
-                      quant=quant, bits_per_weight=bpw, tags=tags, force=force, progress=bar.advance)
+                      quant=quant, bits_per_weight=bpw, tags=tags, force=force,
+                      expires_in=datetime.timedelta(days=expires_days), progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
     elif not quiet:
@@ -438,10 +446,12 @@ def ls_command(ref: Optional[str], registry: Optional[str], endpoint_url: Option
 @click.argument("source", metavar="NAME:VERSION")
 @click.argument("tag_ref", metavar="NAME:TAG")
 @click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signs the tag.")
+@_expires_option
 @_registry_option
 @_endpoint_option
 @handle_errors
-def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], endpoint_url: Optional[str]) -> None:
+def tag_command(source: str, tag_ref: str, key: Path, expires_days: float, registry: Optional[str],
+                endpoint_url: Optional[str]) -> None:
     """Point NAME:TAG at NAME:VERSION (a signed tag, moved by compare-and-swap)."""
     from .registry import parse_ref, tag
     from .signing import KeySigner
@@ -449,8 +459,29 @@ def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], e
     name, release = parse_ref(source)
     if parse_ref(tag_ref)[0] != name:
         raise UsageError(f"{tag_ref}: a tag names the same model as {source}")
-    version = tag(_store(registry, endpoint_url, quiet=True), tag_ref, release, KeySigner(key))
+    version = tag(_store(registry, endpoint_url, quiet=True), tag_ref, release, KeySigner(key),
+                  expires_in=datetime.timedelta(days=expires_days))
     click.echo(f"{tag_ref} → {source} (tag v{version})")
+
+
+@main.command("refresh")
+@click.argument("ref", metavar="NAME[:VERSION|:TAG]")
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signed the metadata.")
+@_expires_option
+@_registry_option
+@_endpoint_option
+@handle_errors
+def refresh_command(ref: str, key: Path, expires_days: float, registry: Optional[str],
+                    endpoint_url: Optional[str]) -> None:
+    """Re-sign a version's index, a tag, or all of NAME's, with a new expiry (content unchanged; always JSON).
+
+    Run it (e.g. weekly from a scheduled job) so releases that should stay installable never expire."""
+    from .registry import refresh
+    from .signing import KeySigner
+
+    done = refresh(_store(registry, endpoint_url, quiet=True), ref, KeySigner(key),
+                   expires_in=datetime.timedelta(days=expires_days))
+    _emit_json([dataclasses.asdict(r) for r in done])
 
 
 @main.command("gc")
@@ -461,9 +492,8 @@ def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], e
 @handle_errors
 def gc_command(grace_hours: float, dry_run: bool, registry: Optional[str], endpoint_url: Optional[str]) -> None:
     """Delete blobs no index references (never one younger than the grace period)."""
-    import datetime as dt
-
     from .registry import gc
 
-    result = gc(_store(registry, endpoint_url, quiet=True), grace=dt.timedelta(hours=grace_hours), dry_run=dry_run)
+    result = gc(_store(registry, endpoint_url, quiet=True), grace=datetime.timedelta(hours=grace_hours),
+                dry_run=dry_run)
     _emit_json(dataclasses.asdict(result))

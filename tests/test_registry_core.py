@@ -528,3 +528,37 @@ def test_cli_pull_auto_reads_the_tag_once(env, keys, tmp_path, monkeypatch):
     got = json.loads(r.output)
     assert (got["release"], got["target"]) == ("1.0", "cpu-x86_64")
     assert same_tree(env.art, tmp_path / "auto")
+
+
+# ---- refreshing expiry -------------------------------------------------------------------------------
+
+
+def test_refresh_extends_expiry_and_nothing_else(env, keys, tmp_path):
+    from click.testing import CliRunner
+
+    from slmpkg import cli
+    from slmpkg.registry import refresh
+
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"], tags=["stable"], expires_in=dt.timedelta(days=1))
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    with pytest.raises(ExpiredError):
+        env.pull(ref="tiny:stable", target="cpu", now=later)
+    before = ls(env.store, "tiny:1.0", verifier=keys["verifier"])
+    with pytest.raises(TrustError, match="signed by a different key"):
+        refresh(env.store, "tiny", keys["other_signer"])
+
+    done = refresh(env.store, "tiny", keys["signer"], expires_in=dt.timedelta(days=30))
+    assert [(r.what, r.version) for r in done] == [("index tiny:1.0", 2), ("tag tiny:stable", 2)]
+    after = ls(env.store, "tiny:1.0", verifier=keys["verifier"])
+    assert after["targets"] == before["targets"] and after["version"] == 2 and after["expires"] == done[0].expires
+    got = env.pull(ref="tiny:stable", target="cpu", now=later)  # the same client: versions went up
+    assert got.index_version == 2 and same_tree(env.art, env.tmp / "out")
+    with pytest.raises(NotFoundError, match="tiny:9: no such version or tag"):
+        refresh(env.store, "tiny:9", keys["signer"])
+
+    r = CliRunner().invoke(cli.main, ["refresh", "tiny:stable", "--key", str(keys["private_key"]), "--expires-in", "0.5",
+                                      "--registry", str(env.store.root)])
+    assert r.exit_code == 0, r.output
+    (one,) = json.loads(r.output)
+    assert one["what"] == "tag tiny:stable" and one["version"] == 3
+    assert ls(env.store, "tiny", verifier=keys["verifier"])["versions"]["1.0"]["version"] == 2

@@ -22,7 +22,7 @@ from .collect import DEFAULT_GRACE, GcResult, gc
 from .listing import ls
 from .manifest import MANIFEST_MEDIA_TYPE, build_manifest
 from .names import blob_key, index_key, parse_ref, tag_key
-from .publish import PushResult, push, tag
+from .publish import PushResult, Refreshed, push, refresh, tag
 from .pull import PullResult, pull
 from .signed import DEFAULT_EXPIRES, INDEX_PREDICATE, TAG_PREDICATE, TrustState
 from .errors import (
@@ -44,10 +44,10 @@ from .store import Store
 __all__ = [
     "DEFAULT_EXPIRES", "DEFAULT_GRACE", "INDEX_PREDICATE", "MANIFEST_MEDIA_TYPE", "TAG_PREDICATE",
     "AuthError", "ConflictError", "ExpiredError", "GcResult", "IntegrityError", "LocalStore", "MixAndMatchError",
-    "NotFoundError", "PullResult", "PushResult", "RegistryError", "RollbackError", "Store", "StoreError",
+    "NotFoundError", "PullResult", "PushResult", "Refreshed", "RegistryError", "RollbackError", "Store", "StoreError",
     "TrustError", "TrustState", "UnsafePathError",
     "blob_key", "build_manifest", "default_root", "fetch_blob", "gc", "index_key", "ls", "open_store", "parse_ref",
-    "pull", "push", "tag", "tag_key",
+    "pull", "push", "refresh", "tag", "tag_key",
 ]
 
 

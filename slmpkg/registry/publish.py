@@ -26,7 +26,7 @@ from slmpkg.signing import Signer, Verifier
 
 from .errors import ConflictError, MixAndMatchError, NotFoundError, RegistryError
 from .manifest import MANIFEST_MEDIA_TYPE, build_manifest
-from .names import blob_key, check_release, check_target, index_key, parse_ref, tag_key
+from .names import blob_key, check_name, check_release, check_target, index_key, parse_ref, tag_key
 from .signed import (
     DEFAULT_EXPIRES,
     INDEX_PREDICATE,
@@ -41,7 +41,7 @@ from .signed import (
 )
 from .store import Progress, Store, parallel_map
 
-__all__ = ["PushResult", "push", "tag"]
+__all__ = ["PushResult", "Refreshed", "push", "refresh", "tag"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,3 +248,77 @@ def tag(
     raise ConflictError(f"{source}: gave up after {max_attempts} concurrent updates")
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Refreshed:
+    """One signed document :func:`refresh` re-signed: ``"index NAME:VERSION"`` or ``"tag NAME:TAG"``,
+    its new version and expiry."""
+
+    what: str
+    version: int
+    expires: str
+
+
+def refresh(
+    store: Store,
+    ref: str,
+    signer: Signer,
+    *,
+    verifier: Verifier | None = None,
+    expires_in: dt.timedelta = DEFAULT_EXPIRES,
+    max_attempts: int = 100,
+) -> list[Refreshed]:
+    """Re-sign signed metadata with a new expiry, content unchanged: the index of ``NAME:VERSION``, the
+    tag ``NAME:TAG``, or every index and tag of ``NAME``. Each gets ``version + 1`` (so clients that saw
+    the old one accept it, and never go back to it) and ``expires = now + expires_in``.
+
+    Signed metadata expires so that a registry frozen by an attacker (or a stale mirror) is noticed;
+    a release that should stay installable needs a refresh before it expires, e.g. from a scheduled job.
+    The current document must verify (``verifier``, derived from a :class:`KeySigner` when omitted),
+    expired or not: a refresh never re-signs what someone else wrote.
+
+    Example:
+        >>> [r.what for r in refresh(store, "tiny", KeySigner("release.pem"))]   # doctest: +SKIP
+        ['index tiny:1.0', 'index tiny:2.0', 'tag tiny:stable']
+    """
+    check = verifier_for(signer, verifier)
+    if ":" in ref:
+        name, part = parse_ref(ref)
+        if store.exists(index_key(name, part)):
+            docs = [(index_key(name, part), part)]
+        elif store.exists(tag_key(name, part)):
+            docs = [(tag_key(name, part), part)]
+        else:
+            raise NotFoundError(f"{name}:{part}: no such version or tag in {store.url}")
+    else:
+        name = check_name(ref)
+        docs = [(k, k.rpartition("/")[2][: -len(".json")])
+                for prefix in (f"indexes/{name}/", f"tags/{name}/") for k in store.list(prefix)
+                if k.endswith(".json") and "/" not in k[len(prefix):]]
+        if not docs:
+            raise NotFoundError(f"{name}: not in {store.url}")
+    return [_resign(store, key, name, part, signer, check, expires_in, max_attempts) for key, part in docs]
+
+
+def _resign(store: Store, key: str, name: str, part: str, signer: Signer, check: Verifier,
+            expires_in: dt.timedelta, max_attempts: int) -> Refreshed:
+    is_tag = key.startswith("tags/")
+    predicate_type, field = (TAG_PREDICATE, "tag") if is_tag else (INDEX_PREDICATE, "release")
+    source = f"{store.url}/{key}"
+    for attempt in range(max_attempts):
+        data, etag = store.get_with_etag(key)
+        old = open_doc(data, check, predicate_type, source)
+        if old.get("name") != name or old.get(field) != part:
+            raise MixAndMatchError(f"{source}: signed document is for {old.get('name')}:{old.get(field)}, "
+                                   f"expected {name}:{part}")
+        version = check_int(old.get("version"), "version", source) + 1
+        now = now_utc()
+        predicate = {**old, "version": version, "updated": fmt_time(now), "expires": fmt_time(now + expires_in)}
+        try:
+            store.compare_and_swap(key, etag, sign_doc(signer, predicate_type, f"{name}:{part}", predicate))
+        except ConflictError:
+            _retry_sleep(attempt)
+            continue
+        return Refreshed(f"{'tag' if is_tag else 'index'} {name}:{part}", version, predicate["expires"])
+    raise ConflictError(f"{source}: gave up after {max_attempts} concurrent updates")
