@@ -562,3 +562,163 @@ def test_refresh_extends_expiry_and_nothing_else(env, keys, tmp_path):
     (one,) = json.loads(r.output)
     assert one["what"] == "tag tiny:stable" and one["version"] == 3
     assert ls(env.store, "tiny", verifier=keys["verifier"])["versions"]["1.0"]["version"] == 2
+
+
+# ---- durability and the local cache's temporary files -----------------------------------------------
+
+
+def test_every_rename_into_a_directory_is_followed_by_a_sync_of_that_directory(env, keys, monkeypatch):
+    """A rename or link survives a power cut only once its directory is synced: the registry (blobs,
+    manifest, index), the cache, the pulled directory and the client's trust state all do it."""
+    import stat as st_
+
+    events = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        s = os.fstat(fd)
+        if st_.S_ISDIR(s.st_mode):
+            events.append(("sync", (s.st_dev, s.st_ino)))
+        return real_fsync(fd)
+
+    def moved(dst):
+        s = os.stat(os.path.dirname(os.path.abspath(dst)))
+        events.append(("move", (s.st_dev, s.st_ino), str(dst)))
+
+    def replace(src, dst, **kw):
+        real_replace(src, dst, **kw)
+        moved(dst)
+
+    def link(src, dst, **kw):
+        real_link(src, dst, **kw)
+        moved(dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    env.pull(target="cpu")
+    moves = [e for e in events if e[0] == "move"]
+    where = {e[2].split("/")[-1] if "/out/" not in e[2] else "out/*" for e in moves}
+    assert any(e[2].endswith("indexes/tiny/1.0.json") for e in moves) and any("/cache/blobs/" in e[2] for e in moves)
+    assert any(e[2] == str(env.tmp / "out") for e in moves) and any(e[2] == str(env.state) for e in moves)
+    for i, e in enumerate(events):
+        if e[0] != "move" or "/.out.pull-" in e[2]:
+            continue  # links into the staging directory are synced before it is renamed (checked below)
+        assert ("sync", e[1]) in events[i + 1:], f"{e[2]}: its directory was not synced after the rename ({where})"
+    staged = [i for i, e in enumerate(events) if e[0] == "move" and "/.out.pull-" in e[2]]
+    installed = next(i for i, e in enumerate(events) if e[0] == "move" and e[2] == str(env.tmp / "out"))
+    assert staged and all(any(x == ("sync", events[i][1]) for x in events[i + 1: installed]) for i in staged)
+
+
+def test_partial_downloads_have_unpredictable_names_in_a_private_directory(env, keys, tmp_path):
+    """A file planted at a predictable name (a symlink to something of the user's) is never written
+    through: partial downloads get mkstemp names in a 0700 directory."""
+    import stat as st_
+
+    art = make_artifact(tmp_path / "big", size=3 << 20)
+    push(env.store, "big:1", art, "cpu", keys["signer"])
+    hexd = hash_file(art / "model.gguf")
+    (env.cache / "tmp").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in (f"{hexd}.partial", f"{hexd}.partial.ranges"):
+        os.symlink(victim, env.cache / "tmp" / name)
+    env.store.range_size = 1 << 20  # three ranges; stop after the first
+    seen = []
+
+    def stop_after_one(n):
+        seen.append(n)
+        if sum(seen) >= 1 << 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        env.pull(ref="big:1", target="cpu", progress=stop_after_one, max_workers=1)
+    assert victim.read_text() == "precious"
+    kept = [p.name for p in (env.cache / "tmp").glob(f"{hexd}.*.partial")]
+    assert len(kept) == 1 and kept[0] != f"{hexd}.partial"
+    got = env.pull(ref="big:1", target="cpu")
+    assert 1 << 20 <= got.resumed_bytes < 3 << 20 and got.resumed_bytes + got.downloaded_bytes == 3 << 20
+    assert same_tree(art, env.tmp / "out") and victim.read_text() == "precious"
+    assert st_.S_IMODE(os.stat(env.cache / "tmp").st_mode) == 0o700
+
+
+def test_stale_partials_are_pruned_unless_a_pull_holds_them(env, keys, tmp_path):
+    import time
+
+    from slmpkg.registry.cache import file_lock, prune_partials
+
+    tmpdir = env.cache / "tmp"
+    tmpdir.mkdir(parents=True)
+    old = time.time() - 8 * 86400
+    for hexd in ("aa" * 32, "bb" * 32, "cc" * 32):
+        for name in (f"{hexd}.x1.partial", f"{hexd}.x1.partial.ranges"):
+            (tmpdir / name).write_bytes(b"x")
+            if hexd != "cc" * 32:  # cc: recent activity, kept
+                os.utime(tmpdir / name, (old, old))
+    (tmpdir / f"{'dd' * 32}.lock").touch()
+    os.utime(tmpdir / f"{'dd' * 32}.lock", (old, old))  # a lock left by a pull killed before its first range
+    with file_lock(tmpdir / f"{'bb' * 32}.lock"):  # bb: a pull is working on it
+        assert prune_partials(env.cache) == 1
+    assert sorted(p.name for p in tmpdir.iterdir()) == sorted(
+        [f"{'bb' * 32}.x1.partial", f"{'bb' * 32}.x1.partial.ranges", f"{'bb' * 32}.lock",
+         f"{'cc' * 32}.x1.partial", f"{'cc' * 32}.x1.partial.ranges"])
+    # Every pull prunes on its way in.
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    env.pull(target="cpu")
+    assert sorted(p.name for p in tmpdir.iterdir()) == sorted(
+        [f"{'cc' * 32}.x1.partial", f"{'cc' * 32}.x1.partial.ranges"])
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_shared_by_two_waiters(tmp_path):
+    """The holder of a blob's lock removes the lock file when done. A pull that opened the old file
+    and one that creates a new file must still take turns: after locking, the path is re-checked."""
+    import threading
+    import time
+
+    from slmpkg.registry import cache
+
+    lock = tmp_path / "x.lock"
+    inside, overlaps = [], []
+    guard = threading.Lock()
+    opened = threading.Event()
+    real_open = os.open
+
+    def holding(name):
+        with guard:
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+        time.sleep(0.2)
+        with guard:
+            inside.remove(name)
+
+    def second():  # opens the old lock file, then waits on it
+        def spy(path, *a, **kw):
+            fd = real_open(path, *a, **kw)
+            opened.set()
+            return fd
+
+        cache.os.open = spy
+        try:
+            with cache.file_lock(lock):
+                holding("second")
+        finally:
+            cache.os.open = real_open
+
+    with cache.file_lock(lock):
+        t2 = threading.Thread(target=second)
+        t2.start()
+        assert opened.wait(5)
+        time.sleep(0.1)
+        lock.unlink()  # done with it, as fetch_blob does
+
+        def third():
+            with cache.file_lock(lock):  # a new lock file at the same path
+                holding("third")
+
+        t3 = threading.Thread(target=third)
+        t3.start()
+        time.sleep(0.05)
+    t2.join(5), t3.join(5)
+    assert overlaps == []

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ConflictError, IntegrityError, NotFoundError, StoreError
-from .store import CHUNK, Progress, Store, check_key, default_home
+from .store import CHUNK, Progress, Store, check_key, default_home, fsync_dir
 
 __all__ = ["LocalStore", "default_root"]
 
@@ -83,17 +83,30 @@ class LocalStore(Store):
             raise
         return tmp
 
+    def _makedirs(self, d: Path) -> None:
+        """``mkdir -p`` that also syncs each parent a directory was created in, so the new path
+        survives a power cut together with what is renamed into it."""
+        if d.is_dir():
+            return
+        self._makedirs(d.parent)
+        try:
+            d.mkdir()
+        except FileExistsError:
+            return
+        fsync_dir(d.parent)
+
     def _publish(self, tmp: Path, key: str, *, if_absent: bool) -> bool:
         target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._makedirs(target.parent)
             if if_absent:
                 try:
                     os.link(tmp, target)  # atomic create-only
                 except FileExistsError:
                     return False
-                return True
-            os.replace(tmp, target)
+            else:
+                os.replace(tmp, target)
+            fsync_dir(target.parent)
             return True
         except OSError as e:
             raise StoreError(f"{self.url}/{key}: cannot write: {e.strerror or e}") from None

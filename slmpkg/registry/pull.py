@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -29,12 +30,12 @@ from typing import Any
 
 from slmpkg.signing import Verifier
 
-from .cache import Fetched, fetch_blob, hash_file
+from .cache import Fetched, fetch_blob, hash_file, prune_partials
 from .errors import IntegrityError, NotFoundError, RegistryError, TrustError
 from .manifest import check_manifest
 from .names import blob_key, check_release, check_target, index_key, parse_ref, tag_key
 from .signed import INDEX_PREDICATE, TAG_PREDICATE, TrustState, now_utc, sha256_hex, trusted_doc
-from .store import Progress, Store, default_home, parallel_map
+from .store import Progress, Store, default_home, fsync_dir, parallel_map
 
 __all__ = ["Chooser", "PullResult", "pull"]
 
@@ -155,6 +156,8 @@ def pull(
     trust = state if isinstance(state, TrustState) else TrustState(state)
     cache = Path(cache_dir) if cache_dir is not None else default_home() / "cache"
     out = Path(out_dir)
+    with contextlib.suppress(OSError):  # housekeeping: never the reason a pull fails
+        prune_partials(cache)
 
     # 1. the signed index: signature, name/release, expiry, rollback
     release = _resolve(store, name, ref_part, verifier, trust, now)
@@ -221,9 +224,11 @@ def pull(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.pull-", dir=out.parent))
     try:
+        dirs = {staging}
         for f in files:
             dest = staging.joinpath(*f["path"].split("/"))
             dest.parent.mkdir(parents=True, exist_ok=True)
+            dirs.update(p for p in dest.parents if p.is_relative_to(staging))
             src = blobs[f["digest"]]
             if link:
                 try:
@@ -233,7 +238,11 @@ def pull(
                     pass  # other file system, or links not allowed: copy
             shutil.copyfile(src, dest)
             os.chmod(dest, 0o644)
+            with open(dest, "rb") as copied:
+                os.fsync(copied.fileno())
         os.chmod(staging, 0o755)
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # names inside, deepest first
+            fsync_dir(d)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, backup / "d")
@@ -245,6 +254,7 @@ def pull(
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(staging, out)
+        fsync_dir(out.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

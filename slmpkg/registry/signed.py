@@ -34,7 +34,7 @@ from slmpkg.errors import SignatureError
 from slmpkg.signing import PAYLOAD_TYPE, KeySigner, KeyVerifier, Signer, Verifier
 
 from .errors import ExpiredError, MixAndMatchError, NotFoundError, RegistryError, RollbackError, TrustError
-from .store import Store, default_home
+from .store import Store, default_home, fsync_dir
 
 __all__ = [
     "DEFAULT_EXPIRES",
@@ -196,6 +196,7 @@ class TrustState:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from .errors import IntegrityError, StoreError
 
-__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable", "parallel_map"]
+__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable", "fsync_dir", "parallel_map"]
 
 #: ``progress(n)``: ``n`` more bytes moved. Called from worker threads, one call at a time.
 Progress = Callable[[int], None]
@@ -271,7 +271,7 @@ def fetch_resumable(
     makes the digest check fail, and the caller then starts over.
 
     Example:
-        >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...partial")  # doctest: +SKIP
+        >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...x1y2.partial")  # doctest: +SKIP
         >>> st.sha256 == "ab.." and st.fetched_bytes + st.resumed_bytes == st.size                   # doctest: +SKIP
         True
     """
@@ -362,6 +362,16 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], max_workers: in
         return [f.result() for f in futures]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries to disk: a rename or link into it survives a power cut only once
+    the directory itself is synced (the file's own fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def default_home() -> Path:
