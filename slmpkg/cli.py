@@ -316,6 +316,40 @@ def targets_command(detect: bool, as_json: bool) -> None:
 
 # ---- registry -----------------------------------------------------------------------------------
 
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a command SIGTERM ended
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `timeout`, a CI job cancelled): unwinds like Ctrl-C, so every
+    cleanup runs (staging directories, temporary files); resumable transfers keep what they moved."""
+
+
+def _stops_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a registry command with SIGTERM raised as :class:`_Terminated` in the main thread (unless
+    SIGTERM is ignored, as for a command started with nohup-like wrappers), then exit 143."""
+    import signal
+    import threading
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            return fn(*args, **kwargs)
+
+        def terminate(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; let the cleanup finish
+            raise _Terminated
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+        try:
+            return fn(*args, **kwargs)
+        except _Terminated:
+            _fail("terminated", EXIT_TERMINATED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
 _registry_option = click.option(
     "--registry", "registry", envvar="SLMPKG_REGISTRY", metavar="URL",
     help="A directory or file:// URL (default $SLMPKG_HOME/registry), or s3://bucket/prefix.",
@@ -353,6 +387,7 @@ def _store(registry: Optional[str], endpoint_url: Optional[str], quiet: bool = F
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
+@_stops_cleanly
 def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[str, ...], force: bool,
                  expires_days: float, registry: Optional[str], endpoint_url: Optional[str], quiet: bool,
                  as_json: bool) -> None:
@@ -401,6 +436,7 @@ def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
+@_stops_cleanly
 def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Optional[str], overwrite: bool,
                  registry: Optional[str], endpoint_url: Optional[str], quiet: bool, as_json: bool) -> None:
     """Fetch the artifact made for this host (or --target), verify every signature and digest, install it."""
@@ -435,6 +471,7 @@ def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Option
 @_registry_option
 @_endpoint_option
 @handle_errors
+@_stops_cleanly
 def ls_command(ref: Optional[str], registry: Optional[str], endpoint_url: Optional[str]) -> None:
     """List names, a name's versions and tags, or one version's targets (always JSON)."""
     from .registry import ls
@@ -450,6 +487,7 @@ def ls_command(ref: Optional[str], registry: Optional[str], endpoint_url: Option
 @_registry_option
 @_endpoint_option
 @handle_errors
+@_stops_cleanly
 def tag_command(source: str, tag_ref: str, key: Path, expires_days: float, registry: Optional[str],
                 endpoint_url: Optional[str]) -> None:
     """Point NAME:TAG at NAME:VERSION (a signed tag, moved by compare-and-swap)."""
@@ -471,6 +509,7 @@ def tag_command(source: str, tag_ref: str, key: Path, expires_days: float, regis
 @_registry_option
 @_endpoint_option
 @handle_errors
+@_stops_cleanly
 def refresh_command(ref: str, key: Path, expires_days: float, registry: Optional[str],
                     endpoint_url: Optional[str]) -> None:
     """Re-sign a version's index, a tag, or all of NAME's, with a new expiry (content unchanged; always JSON).
@@ -490,6 +529,7 @@ def refresh_command(ref: str, key: Path, expires_days: float, registry: Optional
 @_registry_option
 @_endpoint_option
 @handle_errors
+@_stops_cleanly
 def gc_command(grace_hours: float, dry_run: bool, registry: Optional[str], endpoint_url: Optional[str]) -> None:
     """Delete blobs no index references (never one younger than the grace period)."""
     from .registry import gc

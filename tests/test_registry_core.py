@@ -722,3 +722,114 @@ def test_a_lock_file_removed_by_its_holder_is_not_shared_by_two_waiters(tmp_path
         time.sleep(0.05)
     t2.join(5), t3.join(5)
     assert overlaps == []
+
+
+# ---- SIGTERM: the commands stop cleanly ----------------------------------------------------------------
+
+# The real `slmpkg` command in a child that stops itself (SIGSTOP) once its progress callback has seen
+# PAUSE_AFTER bytes, so the test can send a signal at that exact point and let it go on.
+SIGNAL_CHILD = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from slmpkg import _progress
+from slmpkg.registry import local
+local.LocalStore.range_size = 1 << 20
+pause_after, seen, advance = int(sys.argv[1]), [0], _progress.ProgressBar.advance
+def paused(self, n, detail=""):
+    before = seen[0]
+    seen[0] += n
+    advance(self, n, detail)
+    if before < pause_after <= seen[0]:
+        os.kill(os.getpid(), signal.SIGSTOP)
+_progress.ProgressBar.advance = paused
+from slmpkg.cli import main
+sys.argv = ["slmpkg"] + sys.argv[2:]
+main()
+"""
+
+
+def signalled(tmp_path, pause_after, sig, *args):
+    """Run ``slmpkg ARGS`` until it has moved ``pause_after`` bytes, send it ``sig``, let it go on;
+    return its exit code, stdout and stderr."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SLMPKG_HOME": str(tmp_path / "home")}
+    out, err = open(tmp_path / "stdout", "w+b"), open(tmp_path / "stderr", "w+b")
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(pause_after), *map(str, args)], env=env,
+                            stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        err.seek(0)
+        pytest.fail(f"the command ended before the pause point: {err.read().decode()}")
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    rc = proc.wait()
+    out.seek(0), err.seek(0)
+    return rc, out.read().decode(), err.read().decode()
+
+
+def test_sigterm_mid_push_and_mid_pull_leaves_nothing_behind(keys, tmp_path, monkeypatch):
+    """SIGTERM unwinds like Ctrl-C: exit 143, one line, no temporary file in the registry, no staging
+    directory beside the output; what a pull fetched stays (as its resumable partial) and the next pull
+    resumes from it."""
+    import signal
+
+    reg = tmp_path / "reg"
+    art = make_artifact(tmp_path / "art", size=(3 << 20) + 17)
+    (art / "model.gguf").rename(art / "model.bin")  # not a GGUF: the CLI would inspect one
+    push_args = ("push", "m:1", art, "--target", "cpu-x86_64", "--key", keys["private_key"], "--registry", reg, "--json")
+    rc, out, err = signalled(tmp_path, 1 << 20, signal.SIGTERM, *push_args)
+    assert (rc, out, err) == (143, "", "slmpkg: error: terminated\n")
+    assert list((reg / ".tmp").iterdir()) == [] and not (reg / "indexes").exists()
+
+    push(LocalStore(reg), "m:1", art, "cpu-x86_64", keys["signer"])
+    out_dir = tmp_path / "models" / "m"
+    out_dir.parent.mkdir()
+    pull_args = ("pull", "m:1", "--target", "cpu-x86_64", "-o", out_dir, "--pub", keys["public_key"],
+                 "--registry", reg, "--json")
+    rc, out, err = signalled(tmp_path, 1 << 20, signal.SIGTERM, *pull_args)
+    assert (rc, out, err) == (143, "", "slmpkg: error: terminated\n")
+    assert not out_dir.exists() and list(out_dir.parent.iterdir()) == []
+    kept = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "home" / "cache" / "tmp").iterdir())
+    assert len(kept) == 2 and kept[0].endswith(".partial") and kept[1] == kept[0] + ".ranges"  # no lock file
+
+    from click.testing import CliRunner
+
+    from slmpkg.cli import main
+
+    monkeypatch.setenv("SLMPKG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(LocalStore, "range_size", 1 << 20)  # as in the child: the ledger is kept per range size
+    r = CliRunner().invoke(main, [str(a) for a in pull_args])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["resumed_bytes"] >= 1 << 20 and same_tree(art, out_dir)
+    assert list((tmp_path / "home" / "cache" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("when", ["staging", "between the renames"])
+def test_interrupted_install_leaves_the_old_directory_and_no_staging(env, keys, monkeypatch, when):
+    """Stopped while the pulled directory is assembled or swapped in (overwrite): the previous contents
+    stay, and no staging or backup directory is left beside it."""
+    push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
+    out = env.tmp / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_link, real_replace = os.link, os.replace
+
+    def link(src, dst, **kw):
+        if when == "staging" and "/.out.pull-" in str(dst) and os.listdir(os.path.dirname(dst)):
+            raise KeyboardInterrupt  # SIGTERM or Ctrl-C arriving here
+        return real_link(src, dst, **kw)
+
+    def replace(src, dst, **kw):
+        real_replace(src, dst, **kw)
+        if when == "between the renames" and str(src) == str(out):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        env.pull(target="cpu", overwrite=True)
+    assert sorted(os.listdir(env.tmp)) == sorted(["art", "cache", "out", "reg", "trust.json", "trust.json.lock"])
+    assert os.listdir(out) == ["old.txt"]

@@ -321,17 +321,17 @@ class Cli:
         out.seek(0), err.seek(0)
         return rc, out.read().decode(), err.read().decode()
 
-    def interrupt(self, *args, method: str, after: int, ctrl_c: bool = False):
-        """Run the command until its ``after``-th ``method`` call, then kill the server there (or, with
-        ``ctrl_c``, send the command SIGINT as a terminal's Ctrl-C does) and let the command go on;
-        return its exit code, stdout and stderr."""
+    def interrupt(self, *args, method: str, after: int, sig: int | None = None):
+        """Run the command until its ``after``-th ``method`` call, then kill the server there (or send
+        the command ``sig``: SIGINT as a terminal's Ctrl-C does, SIGTERM as a service manager does) and
+        let the command go on; return its exit code, stdout and stderr."""
         proc, out, err = self.start(*args, pause=(method, after))
         _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child stopped itself
         if not os.WIFSTOPPED(status):
             err.seek(0)
             pytest.fail(f"the command ended before the pause point: {err.read().decode()}")
-        if ctrl_c:
-            os.kill(proc.pid, signal.SIGINT)  # pending until the child runs again
+        if sig is not None:
+            os.kill(proc.pid, sig)  # pending until the child runs again
         else:
             self.sw.kill()
         os.kill(proc.pid, signal.SIGCONT)
@@ -421,7 +421,7 @@ def test_ctrl_c_mid_pull(sw, tmp_path):
     out_dir = tmp_path / "out"
     args = ("pull", "tiny:1.0", "--target", "cpu-x86_64", "-o", out_dir, "--pub", cli.pub, "--json")
 
-    rc, out, err = cli.interrupt(*args, method="read_range_into", after=1, ctrl_c=True)
+    rc, out, err = cli.interrupt(*args, method="read_range_into", after=1, sig=signal.SIGINT)
     assert (rc, out, err) == (130, "", "slmpkg: error: interrupted\n")
     assert not out_dir.exists() and not list(tmp_path.glob(".out.*"))
 
@@ -430,3 +430,87 @@ def test_ctrl_c_mid_pull(sw, tmp_path):
     got = json.loads(out)
     assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] < 15 << 20
     assert same_tree(art, out_dir)
+
+
+def count_calls(store, operation):
+    """How many ``operation`` requests (e.g. UploadPart) the store's client makes from now on."""
+    calls = []
+    store.client.meta.events.register(f"after-call.s3.{operation}", lambda **_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["server killed", "SIGTERM"])
+def test_push_resumes_the_parts_an_interrupted_push_uploaded(killable, tmp_path, how):
+    """A big blob's multipart upload cut off (the server died; or the command was stopped with SIGTERM,
+    which exits 143 with one line) is continued by the next push: the parts the store holds, with
+    matching sizes and checksums, are not sent again."""
+    cli = Cli(killable, tmp_path)
+    big = make_artifact(tmp_path / "big", seed=5, size=(5 << 20) * 4 + 1)  # 5 parts of 5 MiB
+    (big / "model.gguf").rename(big / "model.bin")
+    args = ("push", "tiny:1.0", big, "--target", "cpu-x86_64", "--key", cli.priv)
+    if how == "server killed":
+        one_clear_error(*cli.interrupt(*args, method="_upload_part", after=2), killable)
+        killable.start()
+    else:
+        rc, out, err = cli.interrupt(*args, method="_upload_part", after=2, sig=signal.SIGTERM)
+        assert (rc, out, err) == (143, "", "slmpkg: error: terminated\n")
+    store = cli.store()
+    k = store._k(blob_key("sha256:" + hash_file(big / "model.bin")))
+    (upload,) = store.client.list_multipart_uploads(Bucket="models", Prefix=k)["Uploads"]
+    held = store.client.list_parts(Bucket="models", Key=k, UploadId=upload["UploadId"]).get("Parts", [])
+    assert 2 <= len(held) < 5
+
+    sent = count_calls(store, "UploadPart")
+    r = push(store, "tiny:1.0", big, "cpu-x86_64", signing.KeySigner(cli.priv))
+    assert len(sent) == 5 - len(held) and r.uploaded_bytes == (5 << 20) * 4 + 1  # (tokenizer.json was up already)
+    assert store.client.list_multipart_uploads(Bucket="models", Prefix=k).get("Uploads", []) == []
+    got = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out", signing.KeyVerifier(cli.pub), tmp_path / "cache",
+               state=tmp_path / "t.json")
+    assert got.downloaded_bytes > 20 << 20 and same_tree(big, tmp_path / "out")
+
+
+def test_push_does_not_reuse_a_held_part_whose_bytes_differ(store, keys, tmp_path):
+    """An unfinished upload under the blob's key holding a part with other bytes (same size): that part
+    is uploaded again, and the blob that lands has the right digest."""
+    signer, verifier = keys
+    art = make_artifact(tmp_path / "art", seed=6, size=(5 << 20) * 2 + 3)
+    data = (art / "model.gguf").read_bytes()
+    k = store._k(blob_key("sha256:" + hash_file(art / "model.gguf")))
+    upload_id = store.client.create_multipart_upload(Bucket="models", Key=k, ChecksumAlgorithm="SHA256")["UploadId"]
+    wrong = bytes(b ^ 1 for b in data[: 5 << 20])
+    store.client.upload_part(Bucket="models", Key=k, UploadId=upload_id, PartNumber=1, Body=wrong)
+    store.client.upload_part(Bucket="models", Key=k, UploadId=upload_id, PartNumber=2, Body=data[5 << 20: 10 << 20])
+    sent = count_calls(store, "UploadPart")
+    push(store, "tiny:1.0", art, "cpu", signer)
+    assert len(sent) == 2  # part 1 (other bytes) and part 3 (missing); part 2 was kept
+    pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
+    assert same_tree(art, tmp_path / "out")
+
+
+def test_touch_above_the_single_copy_limit_is_a_multipart_copy(store, tmp_path):
+    """CopyObject copies at most 5 GiB; above the limit (lowered here) touch copies the object onto itself
+    part by part (UploadPartCopy): LastModified moves, the bytes and the key stay."""
+    import time
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(random.Random(7).randbytes((5 << 20) * 2 + 11))
+    digest = hash_file(big)
+    key = blob_key("sha256:" + digest)
+    assert store.put_file(key, big, sha256=digest)
+    small = blob_key("sha256:" + "00" * 32)
+    store.put(small, b"tiny")
+    store.max_copy_size = 6 << 20
+    before = {k: store.mtime(k) for k in (key, small)}
+    time.sleep(1.1)  # S3 times have one-second resolution
+    part_copies, copies = count_calls(store, "UploadPartCopy"), count_calls(store, "CopyObject")
+    store.touch(key)
+    store.touch(small)
+    assert len(part_copies) == 3 and len(copies) == 1
+    assert all(store.mtime(k) > before[k] for k in (key, small))
+    with open(tmp_path / "back", "wb") as f:
+        store.download(key, f)
+    assert hash_file(tmp_path / "back") == digest and store.get(small) == b"tiny"
+    assert store.client.list_multipart_uploads(Bucket="models", Prefix=store.prefix + "/").get("Uploads", []) == []
+    store.delete(key)
+    with pytest.raises(NotFoundError):
+        store.touch(key)

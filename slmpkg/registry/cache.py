@@ -24,7 +24,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import IntegrityError, RegistryError, StoreError
@@ -166,46 +166,55 @@ def fetch_blob(
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = tmpdir / f"{hexd}.lock"
     with file_lock(lock):
-        if cached():  # another pull finished it while we waited for the lock
-            return Fetched(path, 0, 0, True)
-        earlier = _partials(tmpdir, hexd)
-        for extra in earlier[1:]:  # one partial per blob is enough: keep the most recent
-            _remove(extra, _ledger(extra))
-        if earlier:
-            partial = earlier[0]
-        else:
-            fd, name = tempfile.mkstemp(prefix=f"{hexd}.", suffix=".partial", dir=tmpdir)
-            os.close(fd)
-            partial = Path(name)
-        ledger = _ledger(partial)
-        fetched = resumed = 0
-        for attempt in range(2):
-            try:
-                st = fetch_resumable(store, key, size, partial, progress=progress)
-            except StoreError as e:
-                kept = _ranges_kept(ledger, size)
-                hint = f"; {kept / 1e6:.1f} of {size / 1e6:.1f} MB kept, rerun to resume" if kept else ""
-                raise type(e)(f"{e}{hint}") from None
-            fetched += st.fetched_bytes
-            resumed += st.resumed_bytes
-            if st.sha256 == hexd:
-                break
-            # Throw the bytes away: a resumed range may be stale (a file system that lost a write);
-            # one more full download tells a bad store from a bad partial file.
-            _remove(ledger)
-            if attempt or not st.resumed_bytes:
-                _remove(partial)
-                raise IntegrityError(
-                    f"{store.url}/{key}: blob does not match its digest (got sha256:{st.sha256[:16]}, "
-                    f"expected {size} bytes sha256:{hexd[:16]}); refusing it"
-                )
-            resumed = 0
-        os.chmod(partial, 0o444)  # hard-linked into outputs: make in-place edits fail loudly
-        os.replace(partial, path)
-        fsync_dir(path.parent)
-        # The ledger and the lock file go too: a pull waiting on this lock, or opening a new lock
-        # file, then finds the blob cached.
-        _remove(ledger, lock)
+        try:
+            return _fetch_locked(store, key, hexd, size, path, tmpdir, cached, progress)
+        finally:
+            # Done, or stopped: what a later pull resumes from is the partial and its ledger. A pull
+            # waiting on this lock, or opening a new lock file, then finds the blob cached or resumes.
+            _remove(lock)
+
+
+def _fetch_locked(store: Store, key: str, hexd: str, size: int, path: Path, tmpdir: Path,
+                  cached: Callable[[], bool], progress: Progress | None) -> Fetched:
+    """:func:`fetch_blob` once it holds the blob's lock."""
+    if cached():  # another pull finished it while we waited for the lock
+        return Fetched(path, 0, 0, True)
+    earlier = _partials(tmpdir, hexd)
+    for extra in earlier[1:]:  # one partial per blob is enough: keep the most recent
+        _remove(extra, _ledger(extra))
+    if earlier:
+        partial = earlier[0]
+    else:
+        fd, name = tempfile.mkstemp(prefix=f"{hexd}.", suffix=".partial", dir=tmpdir)
+        os.close(fd)
+        partial = Path(name)
+    ledger = _ledger(partial)
+    fetched = resumed = 0
+    for attempt in range(2):
+        try:
+            st = fetch_resumable(store, key, size, partial, progress=progress)
+        except StoreError as e:
+            kept = _ranges_kept(ledger, size)
+            hint = f"; {kept / 1e6:.1f} of {size / 1e6:.1f} MB kept, rerun to resume" if kept else ""
+            raise type(e)(f"{e}{hint}") from None
+        fetched += st.fetched_bytes
+        resumed += st.resumed_bytes
+        if st.sha256 == hexd:
+            break
+        # Throw the bytes away: a resumed range may be stale (a file system that lost a write);
+        # one more full download tells a bad store from a bad partial file.
+        _remove(ledger)
+        if attempt or not st.resumed_bytes:
+            _remove(partial)
+            raise IntegrityError(
+                f"{store.url}/{key}: blob does not match its digest (got sha256:{st.sha256[:16]}, "
+                f"expected {size} bytes sha256:{hexd[:16]}); refusing it"
+            )
+        resumed = 0
+    os.chmod(partial, 0o444)  # hard-linked into outputs: make in-place edits fail loudly
+    os.replace(partial, path)
+    fsync_dir(path.parent)
+    _remove(ledger)
     return Fetched(path, fetched, resumed, False)
 
 

@@ -130,7 +130,12 @@ def push(
         return _create_or_touch(store, key, creators[key]), f["size"]
 
     unique = list({f["digest"]: (f, p) for f, p in entries}.values())
-    for created, size in parallel_map(upload, unique, max_workers):
+    # Small blobs side by side; blobs the store splits into parallel parts one after another, from this
+    # thread, so that an interrupt stops their parts (it is raised here, not in a worker thread).
+    split = store.multipart_threshold
+    small = [x for x in unique if split is None or x[0]["size"] <= split]
+    large = [x for x in unique if split is not None and x[0]["size"] > split]
+    for created, size in parallel_map(upload, small, max_workers) + [upload(x) for x in large]:
         if created:
             uploaded += size
         else:

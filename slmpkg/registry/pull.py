@@ -245,13 +245,13 @@ def pull(
             fsync_dir(d)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, backup / "d")
             try:
+                os.replace(out, backup / "d")
                 os.replace(staging, out)
-            except BaseException:
-                os.replace(backup / "d", out)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
+            finally:
+                if (backup / "d").exists() and not out.exists():
+                    os.replace(backup / "d", out)  # interrupted between the two renames: put it back
+                shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(staging, out)
         fsync_dir(out.parent)

@@ -113,6 +113,10 @@ class Store(abc.ABC):
     #: How many ranges of one blob :func:`fetch_resumable` reads at once; a backend whose
     #: :meth:`read_range_into` is thread-safe and gains from parallel requests raises it.
     range_concurrency: int = 1
+    #: Blobs above this size are uploaded by :meth:`put_file` in parallel parts (S3 multipart), so a
+    #: caller uploads them one at a time, from its own thread (where Ctrl-C and SIGTERM land, and stop
+    #: the parts promptly). None: the store never splits an upload.
+    multipart_threshold: int | None = None
 
     # ---- small values -----------------------------------------------------------------------------
 
