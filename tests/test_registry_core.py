@@ -78,16 +78,19 @@ def env(tmp_path, keys):
 
 
 def same_tree(a, b):
+    """``b`` (pulled) holds ``a``'s files, byte for byte, plus the model.sig push adds to an unsigned
+    artifact (its content is checked by test_pull_model_signing.py)."""
     fa = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     fb = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+    added = [] if "model.sig" in fa else ["model.sig"]
+    return fb == sorted(fa + added) and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
 
 
 def test_round_trip(env, keys):
     r = push(env.store, "tiny:1.0", env.art, "cpu-x86_64", keys["signer"], quant="Q4_K", bits_per_weight=4.5,
              source_digest="sha256:" + "ab" * 32, options={"arch": "llama"})
     assert r.index_version == 1 and r.uploaded_bytes > 64 << 10 and r.existing_bytes == 0
-    assert sorted(r.files) == ["model.gguf", "sub/config.json", "tokenizer.json"]
+    assert sorted(r.files) == ["model.gguf", "model.sig", "sub/config.json", "tokenizer.json"]
     got = env.pull()
     assert got.changed and got.downloaded_bytes == r.uploaded_bytes and got.cached_bytes == 0
     assert same_tree(env.art, env.tmp / "out")
@@ -114,7 +117,7 @@ def test_round_trip(env, keys):
 def test_single_file_and_ranked_targets(env, keys):
     push(env.store, "tiny:1.0", env.art / "model.gguf", "cpu-x86_64", keys["signer"])
     got = env.pull(target=["cuda-sm80", "cpu-x86_64-avx2", "cpu-x86_64"])
-    assert got.target == "cpu-x86_64" and got.files == ("model.gguf",)
+    assert got.target == "cpu-x86_64" and got.files == ("model.gguf", "model.sig")
     assert (env.tmp / "out" / "model.gguf").read_bytes() == (env.art / "model.gguf").read_bytes()
     with pytest.raises(NotFoundError, match=r"no artifact for cuda-sm80 \(published: cpu-x86_64\)"):
         env.pull(target="cuda-sm80", out="o3")
@@ -307,15 +310,15 @@ def test_bad_refs(env, keys):
 def test_gc(env, keys):
     push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
     other = make_artifact(env.tmp / "b", seed=1)
-    push(env.store, "tiny:1.0", other, "cpu", keys["signer"], force=True)  # orphans the first manifest + 2 blobs
+    push(env.store, "tiny:1.0", other, "cpu", keys["signer"], force=True)  # orphans the first manifest, 2 blobs and model.sig
     before = set(env.store.list("blobs/"))
     young = gc(env.store)
-    assert young.deleted == () and len(young.kept_young) == 3 and set(env.store.list("blobs/")) == before
+    assert young.deleted == () and len(young.kept_young) == 4 and set(env.store.list("blobs/")) == before
     dry = gc(env.store, grace=dt.timedelta(0), dry_run=True)
-    assert len(dry.deleted) == 3 and set(env.store.list("blobs/")) == before
+    assert len(dry.deleted) == 4 and set(env.store.list("blobs/")) == before
     done = gc(env.store, grace=dt.timedelta(0))
     assert sorted(done.deleted) == sorted(dry.deleted) and done.freed_bytes > 64 << 10
-    assert len(env.store.list("blobs/")) == len(before) - 3
+    assert len(env.store.list("blobs/")) == len(before) - 4
     env.pull(target="cpu")
     assert same_tree(other, env.tmp / "out")
     # Pushing the old artifact again re-uploads the collected blobs.
@@ -408,7 +411,7 @@ def test_gc_keeps_a_blob_a_push_touches_between_gc_looking_and_deleting(env, key
     push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"])
     push(env.store, "tiny:1.0", make_artifact(env.tmp / "b", seed=1), "cpu", keys["signer"], force=True)
     orphans = sorted(gc(env.store, grace=dt.timedelta(0), dry_run=True).deleted)
-    assert len(orphans) == 3
+    assert len(orphans) == 4
     age(env.store, orphans)
     victim = orphans[0]
 
@@ -496,7 +499,10 @@ def test_pull_chooses_from_the_release_it_installs(env, keys):
     got = env.pull(target=smallest)
     assert got.target == "cpu-x86_64" and same_tree(env.art, env.tmp / "out")
     payload = sum(p.stat().st_size for p in env.art.rglob("*") if p.is_file())
-    assert seen == [{"cpu-x86_64": payload, "cpu-x86_64-avx2": payload - (64 << 10) + (1 << 20)}]
+    sig = {t: next(f["size"] for f in m["files"] if f["path"] == "model.sig")
+           for t, m in ls(env.store, "tiny:1.0")["manifests"].items()}
+    assert seen == [{"cpu-x86_64": payload + sig["cpu-x86_64"],
+                     "cpu-x86_64-avx2": payload - (64 << 10) + (1 << 20) + sig["cpu-x86_64-avx2"]}]
     with pytest.raises(RegistryError, match="chooser picked 'cuda-sm80', which is not published"):
         env.pull(target=lambda sizes: "cuda-sm80", out="o2")
 
@@ -833,3 +839,22 @@ def test_interrupted_install_leaves_the_old_directory_and_no_staging(env, keys, 
         env.pull(target="cpu", overwrite=True)
     assert sorted(os.listdir(env.tmp)) == sorted(["art", "cache", "out", "reg", "trust.json", "trust.json.lock"])
     assert os.listdir(out) == ["old.txt"]
+
+
+def test_push_adds_a_signature_only_where_none_travels(env, keys, tmp_path):
+    """The model.sig push adds is left out on request, never replaces the artifact's own, and the name
+    is reserved: a directory called model.sig, or a lone signature file, is not pushed."""
+    r = push(env.store, "tiny:1.0", env.art, "cpu", keys["signer"], sign_artifact=False)
+    assert "model.sig" not in r.files
+    signing.sign(env.art, keys["other_signer"])  # signed by someone else: it travels as it is
+    own = (env.art / "model.sig").read_bytes()
+    r = push(env.store, "tiny:2.0", env.art, "cpu", keys["signer"])
+    env.pull(ref="tiny:2.0", target="cpu")
+    assert "model.sig" in r.files and (env.tmp / "out" / "model.sig").read_bytes() == own
+    odd = make_artifact(tmp_path / "odd")
+    (odd / "model.sig").mkdir()
+    (odd / "model.sig" / "x").write_text("x")
+    with pytest.raises(RegistryError, match="model.sig: not a signature file"):
+        push(env.store, "tiny:3.0", odd, "cpu", keys["signer"])
+    with pytest.raises(RegistryError, match="a signature file is not an artifact"):
+        push(env.store, "tiny:3.0", env.art / "model.sig", "cpu", keys["signer"])

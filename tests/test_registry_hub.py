@@ -130,9 +130,12 @@ def make_artifact(root, seed=0, size=64 << 10):
 
 
 def same_tree(a, b):
+    """``b`` (pulled) holds ``a``'s files, byte for byte, plus the model.sig push adds to an unsigned
+    artifact (its content is checked by test_pull_model_signing.py)."""
     fa = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     fb = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+    added = [] if "model.sig" in fa else ["model.sig"]
+    return fb == sorted(fa + added) and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
 
 
 def test_store_semantics(store, hub):
@@ -340,7 +343,7 @@ def test_round_trip(store, hub, keys, tmp_path):
     assert again.downloaded_bytes == 0 and same_tree(art, tmp_path / "out2")
     assert push(store, "tiny:1.0", art, "cpu-x86_64", signer).uploaded_bytes == 0
     m = json.loads(store.get(blob_key(r.manifest_digest)))
-    assert {f["path"] for f in m["files"]} == {"model.gguf", "tokenizer.json"}
+    assert {f["path"] for f in m["files"]} == {"model.gguf", "model.sig", "tokenizer.json"}
 
 
 def test_tampered_blob_refused(store, hub, keys, tmp_path):

@@ -64,9 +64,12 @@ def make_artifact(root, seed=0, size=64 << 10):
 
 
 def same_tree(a, b):
+    """``b`` (pulled) holds ``a``'s files, byte for byte, plus the model.sig push adds to an unsigned
+    artifact (its content is checked by test_pull_model_signing.py)."""
     fa = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     fb = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+    added = [] if "model.sig" in fa else ["model.sig"]
+    return fb == sorted(fa + added) and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
 
 
 def test_store_semantics(store):
@@ -228,7 +231,8 @@ def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
     assert sorted(start // (5 << 20) for start, _, _ in big_gets) == sorted(set(range(6)) - kept)
     kept_bytes = sum(min(size, (i + 1) * (5 << 20)) - i * (5 << 20) for i in kept)
     assert sum(n for _, n, _ in big_gets) == size - kept_bytes
-    total = size + (art / "tokenizer.json").stat().st_size  # (the small blob came before the interruption)
+    # (the small blobs, tokenizer.json and the model.sig push added, came before the interruption)
+    total = sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     assert got.downloaded_bytes + got.resumed_bytes + got.cached_bytes == total
     assert got.resumed_bytes == kept_bytes > 0 and got.cached_bytes == total - size
     assert not list((tmp_path / "cache" / "tmp").iterdir())  # no partial, ledger or lock left behind
@@ -392,7 +396,6 @@ def test_server_killed_mid_pull(killable, tmp_path):
     art = make_artifact(tmp_path / "art", seed=3, size=(5 << 20) * 4 + 5)  # 5 ranges of 5 MiB
     (art / "model.gguf").rename(art / "model.bin")
     push(cli.store(), "tiny:1.0", art, "cpu-x86_64", signing.KeySigner(cli.priv))
-    total = sum(f.stat().st_size for f in art.iterdir())
     out_dir = tmp_path / "models" / "tiny"
     args = ("pull", "tiny:1.0", "--target", "cpu-x86_64", "-o", out_dir, "--pub", cli.pub, "--json")
 
@@ -408,6 +411,7 @@ def test_server_killed_mid_pull(killable, tmp_path):
     rc, out, err = cli.run(*args)
     assert rc == 0, err
     got = json.loads(out)
+    total = sum(f.stat().st_size for f in out_dir.iterdir())
     assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] + got["resumed_bytes"] + got["cached_bytes"] == total
     assert got["downloaded_bytes"] < total - (5 << 20)
     assert same_tree(art, out_dir)

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +19,16 @@ from typing import Any
 
 from slmpkg import __version__
 from slmpkg.errors import SignatureError
-from slmpkg.signing import DEFAULT_SIGNATURE_NAME, hash_artifact, stale_signature
+from slmpkg.signing import (
+    DEFAULT_SIGNATURE_NAME,
+    GIT_PATHS,
+    Manifest,
+    Resource,
+    Signer,
+    hash_artifact,
+    signature_bytes,
+    stale_signature,
+)
 
 from .errors import IntegrityError, MixAndMatchError, RegistryError, UnsafePathError
 from .names import blob_key
@@ -87,38 +97,63 @@ def build_manifest(
     bits_per_weight: float | None = None,
     source_digest: str | None = None,
     options: Mapping[str, Any] | None = None,
+    signer: Signer | None = None,
     progress: Any = None,
-) -> tuple[dict[str, Any], list[tuple[dict[str, Any], Path]]]:
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], Path | bytes]]]:
     """Hash ``artifact`` (a file or directory) into a manifest dict; also return ``(file entry, local
-    path)`` pairs for upload. Symlinks and special files are refused (by :func:`slmpkg.signing.hash_artifact`)."""
+    path or bytes)`` pairs for upload. Symlinks and special files are refused (by
+    :func:`slmpkg.signing.hash_artifact`).
+
+    The files listed are the ones a pull installs: a directory's files by their relative paths (git
+    files left out), or a single file by its name. A directory's own ``model.sig`` travels with it and
+    must still describe it (else the push is refused). Otherwise, given a ``signer``, the artifact gets a
+    ``model.sig`` made here from the same digests — an OpenSSF model-signing bundle of exactly the files
+    listed, so ``model_signing verify key PULLED --signature PULLED/model.sig`` accepts a pulled copy.
+    It is published only (the artifact on disk is never written to), and since the signer is
+    deterministic the same files always give the same signature.
+
+    Example:
+        >>> manifest, entries = build_manifest("out/tiny-q4", "tiny", "1.0", "cpu-x86_64", signer=signer)  # doctest: +SKIP
+        >>> [f["path"] for f in manifest["files"]]                                                          # doctest: +SKIP
+        ['model.gguf', 'model.sig', 'tokenizer.json']
+    """
     root = Path(artifact)
+    single = root.is_file()
+    own_signature = root / DEFAULT_SIGNATURE_NAME
     try:
         hashed = hash_artifact(root, ignore_git_paths=True, progress=progress)
-        if root.is_dir() and (root / DEFAULT_SIGNATURE_NAME).is_file():
+        if not single and (own_signature.exists() or own_signature.is_symlink()):
+            if not own_signature.is_file():
+                raise RegistryError(f"{own_signature}: not a signature file (the name is reserved for one)")
             # a signature that travels with the artifact must still describe it, or every device
             # that checks it (model_signing verify) would refuse what this push publishes
             stale = stale_signature(root, hashed)
             if stale is not None:
                 raise RegistryError(f"{stale}; re-run `slmpkg sign` before pushing")
+            signer = None
     except SignatureError as e:
         raise RegistryError(str(e)) from None
-    single = root.is_file()
-    entries: list[tuple[dict[str, Any], Path]] = []
-    for r in hashed.resources:
-        path = root.name if single else r.name
-        local = root if single else root.joinpath(*r.name.split("/"))
+    if single and root.name == DEFAULT_SIGNATURE_NAME:
+        raise RegistryError(f"{root}: a signature file is not an artifact; push the model it signs")
+    entries: list[tuple[dict[str, Any], Path | bytes]] = []
+
+    def add(path: str, digest: str, size: int, local: Path | bytes) -> None:
         ext = os.path.splitext(path)[1].lower()
-        entries.append(
-            (
-                {
-                    "path": path,
-                    "digest": f"sha256:{r.digest}",
-                    "size": r.size,
-                    "mediaType": _MEDIA_TYPES.get(ext, "application/octet-stream"),
-                },
-                local,
-            )
+        entry = {"path": path, "digest": f"sha256:{digest}", "size": size,
+                 "mediaType": _MEDIA_TYPES.get(ext, "application/octet-stream")}
+        entries.append((entry, local))
+
+    for r in hashed.resources:
+        add(root.name if single else r.name, r.digest, r.size, root if single else root.joinpath(*r.name.split("/")))
+    if signer is not None and entries:
+        installed = Manifest(
+            root.name,
+            tuple(Resource(f["path"], f["digest"].removeprefix("sha256:"), f["size"]) for f, _ in entries),
+            (*GIT_PATHS, DEFAULT_SIGNATURE_NAME),
         )
+        sig = signature_bytes(installed, signer)
+        add(DEFAULT_SIGNATURE_NAME, hashlib.sha256(sig).hexdigest(), len(sig), sig)
+        entries.sort(key=lambda e: e[0]["path"])
     if not entries:
         raise RegistryError(f"{root}: no files to push")
     if format is None:

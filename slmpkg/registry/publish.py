@@ -99,12 +99,18 @@ def push(
     expires_in: dt.timedelta = DEFAULT_EXPIRES,
     force: bool = False,
     tags: Iterable[str] = (),
+    sign_artifact: bool = True,
     max_workers: int = 4,
     max_attempts: int = 100,
     progress: Progress | None = None,
 ) -> PushResult:
     """Publish ``artifact`` as ``target`` of ``NAME:RELEASE``: blobs, then the manifest, then the signed
     index (merged by compare-and-swap with concurrent pushers of other targets), then ``tags``.
+
+    An artifact without its own ``model.sig`` gets one made with ``signer`` (unless
+    ``sign_artifact=False``), published with it and never written into ``artifact``: see
+    :func:`~slmpkg.registry.manifest.build_manifest`. Every pulled copy then verifies with
+    ``model_signing verify key``.
 
     Re-pushing identical content is a no-op; replacing a target's content needs ``force=True``.
     ``verifier`` checks the index being updated (derived from a :class:`KeySigner` when omitted).
@@ -115,18 +121,21 @@ def push(
     _refuse_tag_name(store, name, release)
     manifest, entries = build_manifest(
         artifact, name, release, target, format=format, quant=quant, bits_per_weight=bits_per_weight,
-        source_digest=source_digest, options=options,
+        source_digest=source_digest, options=options, signer=signer if sign_artifact else None,
     )
 
     # 1. blobs (create-only; a blob that exists is touched so a concurrent gc keeps it)
     uploaded = existing = 0
     creators: dict[str, Callable[[], bool]] = {}
 
-    def upload(item: tuple[dict[str, Any], Path]) -> tuple[bool, int]:
+    def upload(item: tuple[dict[str, Any], Path | bytes]) -> tuple[bool, int]:
         f, local = item
         key = blob_key(f["digest"])
-        creators[key] = lambda: store.put_file(key, local, sha256=f["digest"].removeprefix("sha256:"),
-                                               if_absent=True, progress=progress)
+        if isinstance(local, bytes):  # made here (the artifact's signature)
+            creators[key] = lambda: store.put_if_absent(key, local)
+        else:
+            creators[key] = lambda: store.put_file(key, local, sha256=f["digest"].removeprefix("sha256:"),
+                                                   if_absent=True, progress=progress)
         return _create_or_touch(store, key, creators[key]), f["size"]
 
     unique = list({f["digest"]: (f, p) for f, p in entries}.values())
