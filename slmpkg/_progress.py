@@ -9,6 +9,12 @@ from typing import Optional, TextIO
 from tqdm import tqdm
 
 
+class _Bar(tqdm):
+    #: No monitor thread (tqdm starts one by default): one thread fewer that could catch a Ctrl-C meant
+    #: for the main thread (see slmpkg._threads).
+    monitor_interval = 0
+
+
 class ProgressBar:
     """``with ProgressBar(total, "quantize") as bar: bar.advance(n)``; silent unless ``enabled``
     (default: when ``stream`` is a terminal).
@@ -30,7 +36,7 @@ class ProgressBar:
         self.enabled = stream.isatty() if enabled is None else enabled
         self.done = 0
         self._lock = threading.Lock()  # tqdm's counter is not atomic across threads
-        self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=stream,
+        self._bar = _Bar(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000, file=stream,
                          disable=not self.enabled, mininterval=0.1, dynamic_ncols=True, leave=True)
 
     def __enter__(self) -> "ProgressBar":

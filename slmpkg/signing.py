@@ -48,7 +48,6 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -60,6 +59,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ._io import PathLike, atomic_writes
+from ._threads import results, worker_pool
 from .errors import SignatureError
 
 __all__ = [
@@ -418,8 +418,8 @@ def hash_artifact(
     if workers == 1:
         resources = [one(name, p) for name, p, _ in files]
     else:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="slmpkg-hash") as pool:
-            resources = list(pool.map(lambda f: one(f[0], f[1]), files))
+        with worker_pool(workers, "slmpkg-hash") as pool:
+            resources = results([pool.submit(one, name, p) for name, p, _ in files])
     return Manifest(_model_name(root), tuple(resources), tuple(ignore))
 
 

@@ -262,9 +262,12 @@ def test_resumed_partial_that_went_bad_is_refetched(store, keys, tmp_path):
 # The real `slmpkg` command in a child process. Small parts (S3's 5 MiB minimum) keep the artifacts
 # small; with `pause_after=N` the child stops itself (SIGSTOP) right after the Nth call of the named
 # S3Store method that moved a whole part (its last argument, the part's bytes, is 5 MiB) returns, so
-# the test can kill the server at that exact point and then let the command go on.
+# the test can kill the server at that exact point and then let the command go on. Once continued,
+# every call of the method holds its thread a moment first: a signal sent while the command was stopped
+# is handled by the main thread (which then lets no new range or part start) before the workers could
+# move much more; without the pause, which of the two comes first is a race.
 CHILD = """
-import itertools, os, signal, sys
+import itertools, os, signal, sys, time
 # Ctrl-C in a terminal reaches a foreground command whose SIGINT raises KeyboardInterrupt. A test run
 # started in the background by a shell (`pytest &`, nohup, CI runners) inherits SIGINT ignored, and
 # Python then leaves it ignored: the command would finish instead of stopping (a flaky test).
@@ -272,11 +275,15 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 from slmpkg.registry import s3
 s3.S3Store.__init__.__kwdefaults__.update(part_size=5 << 20, multipart_threshold=5 << 20, max_workers=2)
 method, pause_after = sys.argv[1], int(sys.argv[2])
-orig, calls = getattr(s3.S3Store, method), itertools.count(1)
+orig, calls, continued = getattr(s3.S3Store, method), itertools.count(1), []
 def paused(self, *a, **kw):
+    if continued:
+        time.sleep(0.5)
     r = orig(self, *a, **kw)
     if len(a[-1]) >= 5 << 20 and next(calls) == pause_after:
         os.kill(os.getpid(), signal.SIGSTOP)
+        continued.append(True)
+        time.sleep(0.5)
     return r
 setattr(s3.S3Store, method, paused)
 from slmpkg.cli import main

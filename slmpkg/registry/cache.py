@@ -19,17 +19,19 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import IntegrityError, RegistryError, StoreError
 from .names import blob_key
-from .store import Progress, Store, fetch_resumable, fsync_dir
+from .store import FetchStats, Progress, Store, fetch_resumable, fsync_dir
 
 __all__ = ["STALE_PARTIAL_AGE", "Fetched", "fetch_blob", "file_lock", "hash_file", "prune_partials"]
 
@@ -139,7 +141,8 @@ def _remove(*paths: Path) -> None:
 
 
 def fetch_blob(
-    store: Store, digest: str, size: int, cache: Path, *, verify_cache: bool, progress: Progress | None
+    store: Store, digest: str, size: int, cache: Path, *, verify_cache: bool, progress: Progress | None,
+    slots: threading.Semaphore | None = None, cancel: threading.Event | None = None,
 ) -> Fetched:
     """Make ``cache/blobs/sha256/<hex>`` hold the verified blob.
 
@@ -147,7 +150,8 @@ def fetch_blob(
     (:func:`~slmpkg.registry.store.fetch_resumable`), so a pull interrupted by a dead server, a
     network failure, Ctrl-C or SIGTERM keeps what it fetched and the next pull reads only the rest.
     The digest is checked before the file is renamed into the cache. A lock per blob lets concurrent
-    pulls (threads or processes) share one cache.
+    pulls (threads or processes) share one cache. ``slots`` and ``cancel`` go to
+    :func:`~slmpkg.registry.store.fetch_resumable` (blobs fetched side by side).
     """
     hexd = digest.removeprefix("sha256:")
     key = blob_key(digest)
@@ -167,7 +171,8 @@ def fetch_blob(
     lock = tmpdir / f"{hexd}.lock"
     with file_lock(lock):
         try:
-            return _fetch_locked(store, key, hexd, size, path, tmpdir, cached, progress)
+            return _fetch_locked(store, key, hexd, size, path, tmpdir, cached,
+                                 functools.partial(fetch_resumable, progress=progress, slots=slots, cancel=cancel))
         finally:
             # Done, or stopped: what a later pull resumes from is the partial and its ledger. A pull
             # waiting on this lock, or opening a new lock file, then finds the blob cached or resumes.
@@ -175,7 +180,7 @@ def fetch_blob(
 
 
 def _fetch_locked(store: Store, key: str, hexd: str, size: int, path: Path, tmpdir: Path,
-                  cached: Callable[[], bool], progress: Progress | None) -> Fetched:
+                  cached: Callable[[], bool], fetch: Callable[..., FetchStats]) -> Fetched:
     """:func:`fetch_blob` once it holds the blob's lock."""
     if cached():  # another pull finished it while we waited for the lock
         return Fetched(path, 0, 0, True)
@@ -192,7 +197,7 @@ def _fetch_locked(store: Store, key: str, hexd: str, size: int, path: Path, tmpd
     fetched = resumed = 0
     for attempt in range(2):
         try:
-            st = fetch_resumable(store, key, size, partial, progress=progress)
+            st = fetch(store, key, size, partial)
         except StoreError as e:
             kept = _ranges_kept(ledger, size)
             hint = f"; {kept / 1e6:.1f} of {size / 1e6:.1f} MB kept, rerun to resume" if kept else ""

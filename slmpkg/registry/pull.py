@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,15 +194,21 @@ def pull(
     downloaded = cached = resumed = 0
     unique = {f["digest"]: f["size"] for f in files}
 
+    # Small blobs side by side. Blobs of several ranges two at a time, sharing store.range_concurrency
+    # ranges in flight: while one blob's last ranges are hashed, the next one's keep the connections
+    # busy (one after another, the connections idled during every blob's hash tail). An interrupt
+    # (raised in this thread) sets `cancel`: no new range starts, the ones in flight finish and stay.
+    slots, cancel = threading.Semaphore(max(1, store.range_concurrency)), threading.Event()
+
     def fetch(item: tuple[str, int]) -> tuple[str, Fetched]:
         d, size = item
-        return d, fetch_blob(store, d, size, cache, verify_cache=verify_cache, progress=progress)
+        return d, fetch_blob(store, d, size, cache, verify_cache=verify_cache, progress=progress,
+                             slots=slots, cancel=cancel)
 
-    # Small blobs side by side; blobs of several ranges one after another, since each already reads
-    # store.range_concurrency ranges at once (more would only add connections and memory).
     small = [(d, n) for d, n in unique.items() if n <= store.range_size]
     large = [(d, n) for d, n in unique.items() if n > store.range_size]
-    for d, got in parallel_map(fetch, small, max_workers) + [fetch(x) for x in large]:
+    fetched = parallel_map(fetch, small, max_workers, cancel=cancel) + parallel_map(fetch, large, 2, cancel=cancel)
+    for d, got in fetched:
         blobs[d] = got.path
         downloaded += got.fetched
         resumed += got.resumed

@@ -34,6 +34,8 @@ import os
 import threading
 from typing import Any, BinaryIO
 
+from slmpkg._threads import results, worker_pool
+
 from .errors import AuthError, ConflictError, IntegrityError, NotFoundError, StoreError
 from .store import Progress, Store, check_key, parallel_map
 
@@ -423,11 +425,11 @@ class S3Store(Store):
                     progress(len(data))
             return entry
 
-        pool = concurrent.futures.ThreadPoolExecutor(min(self.max_workers, n))
+        pool = worker_pool(min(self.max_workers, n), "slmpkg-part")
         try:
             try:
                 futures = [pool.submit(part, i) for i in range(n)]
-                parts = [f.result() for f in futures]
+                parts = results(futures)
             finally:
                 # The first failure (a dead server) cancels the parts not yet started.
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -483,7 +485,7 @@ class S3Store(Store):
             self.read_range_into(key, start, memoryview(buf))
             return buf
 
-        pool = concurrent.futures.ThreadPoolExecutor(max(1, self.max_workers))
+        pool = worker_pool(self.max_workers, "slmpkg-range")
         pending: list[concurrent.futures.Future] = []
         try:
             for s in starts:
@@ -491,7 +493,7 @@ class S3Store(Store):
                 if len(pending) > self.max_workers:
                     break
             while pending:
-                data = pending.pop(0).result()
+                data = results([pending.pop(0)])[0]
                 nxt = next(starts, None)
                 if nxt is not None:
                     pending.append(pool.submit(get, nxt))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import mmap
@@ -32,6 +33,8 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from slmpkg._threads import results, wait, worker_pool
 
 from .errors import IntegrityError, StoreError
 
@@ -257,7 +260,8 @@ def _read_ledger(ledger: Path, partial: Path, size: int, range_size: int) -> set
 
 
 def fetch_resumable(
-    store: Store, key: str, size: int, partial: str | os.PathLike[str], *, progress: Progress | None = None
+    store: Store, key: str, size: int, partial: str | os.PathLike[str], *, progress: Progress | None = None,
+    slots: threading.Semaphore | None = None, cancel: threading.Event | None = None,
 ) -> FetchStats:
     """Download ``key`` (``size`` bytes) into the local file ``partial`` and return its sha256.
 
@@ -273,6 +277,10 @@ def fetch_resumable(
 
     Nothing is fsynced: a range recorded in the ledger but lost with the page cache (power loss)
     makes the digest check fail, and the caller then starts over.
+
+    Several blobs can be fetched at once sharing ``slots`` (at most that many ranges in flight in
+    all), so the next blob's ranges keep the connections busy while this one's last ranges are
+    hashed; ``cancel``, once set, stops ranges not yet started (an interrupt in the caller's thread).
 
     Example:
         >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...x1y2.partial")  # doctest: +SKIP
@@ -300,18 +308,17 @@ def fetch_resumable(
         view = memoryview(mm)
 
         def fetch(i: int) -> None:
-            if stop.is_set():
-                raise concurrent.futures.CancelledError
-            try:
-                store.read_range_into(key, i * rs, view[i * rs: min(size, (i + 1) * rs)])
-            except BaseException:
-                stop.set()  # a dead server fails every range: do not start the others
-                raise
+            with slots or contextlib.nullcontext():
+                if stop.is_set() or (cancel is not None and cancel.is_set()):
+                    raise concurrent.futures.CancelledError
+                try:
+                    store.read_range_into(key, i * rs, view[i * rs: min(size, (i + 1) * rs)])
+                except BaseException:
+                    stop.set()  # a dead server fails every range: do not start the others
+                    raise
             log.write(f"{i}\n".encode("ascii"))  # O_APPEND, unbuffered: one write, one whole line
 
-        pool = concurrent.futures.ThreadPoolExecutor(
-            max(1, min(int(store.range_concurrency), len(missing) or 1)), thread_name_prefix="slmpkg-range"
-        )
+        pool = worker_pool(min(int(store.range_concurrency), len(missing) or 1), "slmpkg-range")
         futures = {i: pool.submit(fetch, i) for i in missing}
         try:
             for i in range(n):
@@ -320,7 +327,8 @@ def fetch_resumable(
                 if fu is None:
                     resumed += end - start
                 else:
-                    if fu.exception() is not None or fu.cancelled():
+                    wait(fu)  # in slices: an interrupt of this thread is not held up by a long range
+                    if fu.cancelled() or fu.exception() is not None:
                         raise _first_failure(futures.values()) or fu.exception()
                     fetched += end - start
                 h.update(view[start:end])
@@ -348,10 +356,13 @@ def _first_failure(futures) -> BaseException | None:
     return None
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int) -> list[Any]:
+def parallel_map(
+    fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int, *, cancel: threading.Event | None = None
+) -> list[Any]:
     """``[fn(x) for x in items]`` on up to ``max_workers`` threads. The first failure cancels what has
     not started (a dead server should fail the command once, not once per remaining file) and is
-    raised after the running calls return.
+    raised after the running calls return. A failure, or an interrupt of the calling thread (Ctrl-C,
+    SIGTERM: raised there, never in the workers), also sets ``cancel``, which long calls watch.
 
     Example:
         >>> parallel_map(lambda x: x * 2, [1, 2, 3], 2)
@@ -360,10 +371,14 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], max_workers: in
     items = list(items)
     if not items:
         return []
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(max_workers, len(items))))
+    pool = worker_pool(min(max_workers, len(items)))
     try:
         futures = [pool.submit(fn, x) for x in items]
-        return [f.result() for f in futures]
+        return results(futures)
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
