@@ -3,9 +3,10 @@ small :class:`~slmpkg.registry.store.Store` interface (local directory, S3, Hugg
 
 Modules, one concern each: :mod:`~.names` (references and store keys), :mod:`~.manifest` (artifact
 manifests), :mod:`~.signed` (signed indexes and tags, the client's rollback memory), :mod:`~.publish`
-(push, tag), :mod:`~.pull` (pull) over :mod:`~.cache` (the local blob cache), :mod:`~.listing` (ls),
-:mod:`~.collect` (gc); :mod:`~.store` is the interface, :mod:`~.local`, :mod:`~.s3` and :mod:`~.hub`
-implement it.
+(push, tag, refresh), :mod:`~.pulling` (pull) over :mod:`~.cache` (the local blob cache),
+:mod:`~.listing` (ls), :mod:`~.collect` (gc); :mod:`~.store` is the interface, :mod:`~.local`,
+:mod:`~.s3` and :mod:`~.hub` implement it. (No module is named after a function the package
+exports, so ``slmpkg.registry.pull`` is always the function.)
 
 Example:
     >>> from slmpkg.registry import open_store, push, pull      # doctest: +SKIP
@@ -23,7 +24,7 @@ from .listing import ls
 from .manifest import MANIFEST_MEDIA_TYPE, build_manifest
 from .names import blob_key, index_key, parse_ref, tag_key
 from .publish import PushResult, Refreshed, push, refresh, tag
-from .pull import PullResult, pull
+from .pulling import Chooser, PullResult, pull
 from .signed import DEFAULT_EXPIRES, INDEX_PREDICATE, TAG_PREDICATE, TrustState
 from .errors import (
     AuthError,
@@ -43,7 +44,7 @@ from .store import Store
 
 __all__ = [
     "DEFAULT_EXPIRES", "DEFAULT_GRACE", "INDEX_PREDICATE", "MANIFEST_MEDIA_TYPE", "TAG_PREDICATE",
-    "AuthError", "ConflictError", "ExpiredError", "GcResult", "IntegrityError", "LocalStore", "MixAndMatchError",
+    "AuthError", "Chooser", "ConflictError", "ExpiredError", "GcResult", "IntegrityError", "LocalStore", "MixAndMatchError",
     "NotFoundError", "PullResult", "PushResult", "Refreshed", "RegistryError", "RollbackError", "Store", "StoreError",
     "TrustError", "TrustState", "UnsafePathError",
     "blob_key", "build_manifest", "default_root", "fetch_blob", "gc", "index_key", "ls", "open_store", "parse_ref",
