@@ -185,6 +185,55 @@ class Rule:
         return "{x}" in self.hf
 
 
+@dataclass(frozen=True)
+class Fused:
+    """One tensor of another layout that holds several of the family's own (inside a layer).
+
+    transformers 5 saves MoE experts fused (``save_pretrained(save_original_format=False)``):
+    ``mlp.experts.gate_up_proj`` [experts, 2·ff, hidden] holds every expert's gate rows then up rows.
+    ``parts`` are the family's own names (with suffix) in row order; with ``{x}`` the leading axis is
+    the expert and each expert's rows are split equally among the parts.
+
+    Example:
+        >>> Fused("mlp.experts.down_proj", ("block_sparse_moe.experts.{x}.w2.weight",)).parts[0]
+        'block_sparse_moe.experts.{x}.w2.weight'
+    """
+
+    hf: str
+    parts: tuple[str, ...]
+
+    def split(self, t: LazyTensor, prefix: str) -> list[LazyTensor]:
+        """``t`` (named ``prefix + hf``) as lazy views of its parts, each a byte range of ``t``."""
+        per_expert = "{x}" in self.parts[0]
+        experts = t.shape[0] if per_expert else 1
+        rows = t.shape[1] if per_expert else t.shape[0]
+        tail = tuple(t.shape[2:] if per_expert else t.shape[1:])
+        if rows % len(self.parts):
+            raise FormatError(f"tensor {t.name}: {rows} rows do not split into {len(self.parts)} equal parts")
+        part_rows = rows // len(self.parts)
+        row_bytes = t.nbytes // (experts * rows)
+        out = []
+        for x in range(experts):
+            for i, name in enumerate(self.parts):
+                offset = (x * rows + i * part_rows) * row_bytes
+                size = part_rows * row_bytes
+                out.append(LazyTensor(prefix + name.format(x=x), (part_rows, *tail), t.qtype,
+                                      lambda o=offset, n=size: np.asarray(t.byte_range(o, n)).reshape(-1).view(np.uint8).copy()))
+        return out
+
+
+@dataclass(frozen=True)
+class Multimodal:
+    """A multimodal checkpoint whose language model is a supported family: the HF name prefixes of its
+    language model (mapped to the text class's) and of the other towers (left out, with a warning)."""
+
+    hf_class: str
+    text_class: str
+    prefixes: tuple[tuple[str, str], ...]
+    dropped: tuple[str, ...]
+    note: str
+
+
 # ---- hyperparameters ----------------------------------------------------------------------------
 
 
@@ -276,12 +325,18 @@ class Family:
     layer_prefix: str = "model.layers"
     activations: tuple[str, ...] = ("silu",)  # hidden_act values llama.cpp's graph computes
     # llama.cpp's output matrix: "optional" (absent = tied to token_embd), "tied" (the graph always
-    # reads token_embd: an untied lm_head cannot be expressed), "none" (no output matrix: encoders)
+    # reads token_embd: an untied lm_head cannot be expressed), "required" (a tied one cannot be
+    # expressed), "none" (no output matrix: encoders)
     output: str = "optional"
     dropped: tuple[str, ...] = ()  # HF tensors with no place in llama.cpp's graph, left out
     # among families sharing gguf_arch, this one is chosen when {arch}.<selector> is non-zero
     gguf_selector: Optional[str] = None
     encoder: bool = False
+    # other layouts transformers saves the same tensors in (read by from_hf; to_hf writes the family's own)
+    saved_as: tuple["Fused", ...] = ()
+    # config.json in the keys the tables read, for families that name their settings otherwise (OpenELM)
+    config_view: Optional[Callable[[Mapping[str, Any]], dict[str, Any]]] = None
+    to_hf_supported: bool = True
 
     @property
     def name(self) -> str:
@@ -347,13 +402,22 @@ def _llama3_factors(rope: Mapping[str, Any], base: float, head_dim: int) -> np.n
     return np.array(factors, dtype=np.float32)
 
 
-def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dict[str, Any]:
-    """Llama 3 rope parameters that reproduce ``factors`` (a GGUF made elsewhere, without our key).
+def llama3_rope_parameters(factors: np.ndarray, base: float, head_dim: int, source: str = "GGUF → HF",
+                           check: bool = True) -> dict[str, Any]:
+    """Llama 3 rope parameters that reproduce ``factors`` (a GGUF's ``rope_freqs`` made elsewhere,
+    without our key; or the divisors an ONNX graph's rotary caches hold).
 
     Between the two wavelength bounds, ``smooth = (1/f - 1/factor) / (1 - 1/factor)`` is linear in
     ``1/wavelength``: ``a / wavelength + b`` with ``a = original_ctx / (high - low)`` and
     ``b = -low / (high - low)``. Scaling all three leaves the factors unchanged, so the convention
-    ``low_freq_factor = 1`` (every Llama 3.x release) fixes the rest.
+    ``low_freq_factor = 1`` (every Llama 3.x release) fixes the rest. ``check``: recompute the factors
+    and refuse parameters that do not give them (off for a caller that checks another way).
+
+    Example:
+        >>> rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        ...         "original_max_position_embeddings": 8192}
+        >>> llama3_rope_parameters(_llama3_factors(rope, 500000.0, 64), 500000.0, 64) == rope
+        True
     """
     factors = np.asarray(factors, dtype=np.float64)
     factor = float(factors.max())
@@ -363,8 +427,8 @@ def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dic
                if not (math.isclose(f, 1.0, rel_tol=1e-6) or math.isclose(f, factor, rel_tol=1e-6))]
     if factor <= 1.0 or len(between) < 2:
         raise FormatError(
-            "GGUF → HF: rope_freqs does not determine the Llama 3 rope scaling (fewer than two factors between 1 "
-            f"and the maximum) and the GGUF lacks {ROPE_SCALING_KEY}"
+            f"{source}: the rope factors do not determine the Llama 3 rope scaling (fewer than two between 1 "
+            f"and the maximum) and nothing records it ({ROPE_SCALING_KEY})"
         )
     smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
     a, b = np.polyfit(inv_wavelen[between], smooth, 1)
@@ -374,8 +438,8 @@ def _llama3_from_factors(factors: np.ndarray, base: float, head_dim: int) -> dic
         "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
         "high_freq_factor": float(round(high, 4)), "original_max_position_embeddings": int(round(-a / b * low)),
     }
-    if not np.allclose(_llama3_factors(rope, base, head_dim), factors, rtol=1e-4, atol=0):
-        raise FormatError("GGUF → HF: rope_freqs is not a Llama 3 rope scaling that config.json can describe")
+    if check and not np.allclose(_llama3_factors(rope, base, head_dim), factors, rtol=1e-4, atol=0):
+        raise FormatError(f"{source}: the rope factors are not a Llama 3 rope scaling that config.json can describe")
     return rope
 
 
@@ -460,7 +524,7 @@ def _rope_backward(ctx: _Backward, *, per_layer_type: bool, original_context: bo
         if stored.get("rope_type") == "llama3":
             full.update(stored)
         else:
-            full.update(_llama3_from_factors(tensor("rope_freqs.weight"), full["rope_theta"], dims.head_dim))
+            full.update(llama3_rope_parameters(tensor("rope_freqs.weight"), full["rope_theta"], dims.head_dim))
     if "rope_factors_long.weight" in ctx.names and "rope_factors_short.weight" in ctx.names:
         ctx.skip.update(("rope_factors_long.weight", "rope_factors_short.weight"))
         full.update(
@@ -592,10 +656,17 @@ def _ignored_window_backward(ctx: _Backward) -> None:
     ctx.config["sliding_window"] = int(window) if window else None
 
 
+def _recorded_window_backward(ctx: _Backward) -> None:
+    """The window a GGUF records for runtimes that honour it, kept in config.json only when there is one."""
+    window = ctx.get("attention.sliding_window")
+    if window:
+        ctx.config["sliding_window"] = int(window)
+
+
 _IGNORED_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), _ignored_window_backward)
 # Mistral's window: recorded for runtimes that honour it (ONNX's GroupQueryAttention); to_hf writes
 # LlamaForCausalLM, which has no such setting
-_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), lambda c: None)
+_WARN_WINDOW = Hook("sliding_window", lambda c: _ignored_window_forward(c, True), _recorded_window_backward)
 
 
 def _softcap_forward(ctx: _Forward, attn: bool, final_required: bool) -> None:
@@ -708,6 +779,71 @@ def _bert_backward(ctx: _Backward) -> None:
 _BERT = Hook("bert", lambda ctx: None, _bert_backward)
 
 
+def _refuse_forward(key: str, why: str) -> Callable[[_Forward], None]:
+    def forward(ctx: _Forward) -> None:
+        if ctx.config.get(key):
+            raise FormatError(f"config.json: {key}={ctx.config[key]!r}, but llama.cpp's {ctx.arch} graph {why}")
+    return forward
+
+
+def _require_forward(key: str, why: str) -> Callable[[_Forward], None]:
+    def forward(ctx: _Forward) -> None:
+        if ctx.config.get(key, True) is False:
+            raise FormatError(f"config.json: {key}=false, but llama.cpp's {ctx.arch} graph {why}")
+    return forward
+
+
+# Phi-1/2 optionally normalize q and k per head (LayerNorm); llama.cpp's phi2 graph does not
+_NO_QK_LAYERNORM = Hook("qk_layernorm", _refuse_forward("qk_layernorm", "has no q/k LayerNorm"), lambda ctx: None)
+# StarCoder2 without biases: llama.cpp's starcoder2 loader requires the output and down-projection biases
+_USE_BIAS = Hook("use_bias", _require_forward("use_bias", "requires the attention output and MLP biases"), lambda ctx: None)
+
+
+def _make_divisible(value: float, divisor: int) -> int:
+    """OpenELM's rounding of its layer widths (its configuration's ``make_divisible``)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _openelm_view(config: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenELM's config.json (per-layer head counts and MLP widths) in the keys the tables read; the
+    per-layer lists stay under ``_per_layer`` for the hook that writes llama.cpp's arrays."""
+    missing = [k for k in ("model_dim", "num_transformer_layers", "head_dim", "num_query_heads", "num_kv_heads",
+                           "ffn_multipliers") if k not in config]
+    if missing:
+        raise FormatError(f"config.json: OpenELM without {', '.join(missing)}")
+    n = config["num_transformer_layers"]
+    multipliers = config["ffn_multipliers"]
+    if not isinstance(multipliers, list):
+        multipliers = [multipliers] * n
+    ff = [_make_divisible(m * config["model_dim"], config.get("ffn_dim_divisor", 256)) for m in multipliers]
+    heads, kv = list(config["num_query_heads"]), list(config["num_kv_heads"])
+    if not len(heads) == len(kv) == len(ff) == n:
+        raise FormatError(f"config.json: OpenELM's per-layer lists do not have {n} entries")
+    if not config.get("normalize_qk_projections", True) or not config.get("share_input_output_layers", True) \
+            or not config.get("ffn_with_glu", True):
+        raise FormatError("config.json: llama.cpp's openelm graph needs normalize_qk_projections, "
+                          "share_input_output_layers and ffn_with_glu")
+    return {
+        **config,
+        "hidden_size": config["model_dim"], "num_hidden_layers": n, "num_attention_heads": max(heads),
+        "num_key_value_heads": max(kv), "intermediate_size": max(ff),
+        "max_position_embeddings": config.get("max_context_length", 2048),
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.get("rope_freq_constant", 10000)},
+        "rms_norm_eps": 1e-6,  # fixed in OpenELM's code
+        "tie_word_embeddings": True, "hidden_act": "silu",
+        "_per_layer": {"attention.head_count": heads, "attention.head_count_kv": kv, "feed_forward_length": ff},
+    }
+
+
+def _per_layer_forward(ctx: _Forward) -> None:
+    for key, values in ctx.config["_per_layer"].items():
+        ctx.put(key, MetaValue(V.ARRAY, [int(v) for v in values], V.UINT32))
+
+
+_PER_LAYER = Hook("per_layer", _per_layer_forward, lambda ctx: None)
+
+
 # ---- the families -------------------------------------------------------------------------------
 
 
@@ -719,6 +855,11 @@ _DECODER_PARAMS = (
     Param("attention.head_count", "num_attention_heads"),
     Param("attention.head_count_kv", "num_key_value_heads", fallback="num_attention_heads"),
     Param("attention.layer_norm_rms_epsilon", "rms_norm_eps", V.FLOAT32, default=1e-6),
+)
+
+# decoders with LayerNorm (weight and bias) instead of RMS norm: Phi-2, StarCoder2
+_LAYERNORM_PARAMS = _DECODER_PARAMS[:-1] + (
+    Param("attention.layer_norm_epsilon", "layer_norm_eps", V.FLOAT32, default=1e-5),
 )
 
 _ATTENTION = (
@@ -791,6 +932,11 @@ FAMILIES: tuple[Family, ...] = (
         hooks=(_VOCAB_SIZE, _HEAD_DIM, _rope(dimension_count=True), _IGNORED_WINDOW),
         hf_config={"hidden_act": "silu"},
         gguf_selector="expert_count",
+        saved_as=(  # transformers 5's own layout
+            Fused("mlp.gate.weight", ("block_sparse_moe.gate.weight",)),
+            Fused("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{x}.w1.weight", "block_sparse_moe.experts.{x}.w3.weight")),
+            Fused("mlp.experts.down_proj", ("block_sparse_moe.experts.{x}.w2.weight",)),
+        ),
     ),
     Family(
         "llama", ("LlamaForCausalLM", "MistralForCausalLM"), "llama",
@@ -829,6 +975,77 @@ FAMILIES: tuple[Family, ...] = (
         global_tensors=_DECODER_GLOBALS, params=_DECODER_PARAMS,
         hooks=(_rope(dimension_count=True, original_context=True), _IGNORED_WINDOW),
         hf_config={"hidden_act": "silu"},
+    ),
+    Family(
+        # Phi-1/1.5/2: one LayerNorm feeds attention and the MLP in parallel; partial rotary (NeoX
+        # halves, as HF keeps them); a plain GELU MLP; biases everywhere, the output matrix's too
+        "phi2", ("PhiForCausalLM",), "phi",
+        layer_tensors=(
+            Rule("attn_norm", "input_layernorm", ("hidden",)),
+            Rule("attn_q", "self_attn.q_proj", ("q", "hidden")),
+            Rule("attn_k", "self_attn.k_proj", ("kv", "hidden")),
+            Rule("attn_v", "self_attn.v_proj", ("kv", "hidden")),
+            Rule("attn_output", "self_attn.dense", ("hidden", "q")),
+            Rule("ffn_up", "mlp.fc1", ("ff", "hidden")),
+            Rule("ffn_down", "mlp.fc2", ("hidden", "ff")),
+        ),
+        global_tensors=(
+            Rule("token_embd", "model.embed_tokens", ("*", "hidden")),
+            Rule("output_norm", "model.final_layernorm", ("hidden",)),
+            Rule("output", "lm_head", ("*", "hidden")),
+        ),
+        params=_LAYERNORM_PARAMS,
+        hooks=(_rope(dimension_count=True), _NO_QK_LAYERNORM),
+        hf_config={"hidden_act": "gelu_new", "qk_layernorm": False},
+        activations=("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # llama.cpp's GELU is the tanh approximation
+        output="required",
+    ),
+    Family(
+        # StarCoder2: LayerNorms with biases, biased projections, a plain GELU MLP (c_fc, c_proj)
+        "starcoder2", ("Starcoder2ForCausalLM",), "starcoder2",
+        layer_tensors=(
+            Rule("attn_norm", "input_layernorm", ("hidden",)),
+            Rule("attn_q", "self_attn.q_proj", ("q", "hidden")),
+            Rule("attn_k", "self_attn.k_proj", ("kv", "hidden")),
+            Rule("attn_v", "self_attn.v_proj", ("kv", "hidden")),
+            Rule("attn_output", "self_attn.o_proj", ("hidden", "q")),
+            Rule("ffn_norm", "post_attention_layernorm", ("hidden",)),
+            Rule("ffn_up", "mlp.c_fc", ("ff", "hidden")),
+            Rule("ffn_down", "mlp.c_proj", ("hidden", "ff")),
+        ),
+        global_tensors=_DECODER_GLOBALS,
+        params=_DECODER_PARAMS[:-1] + (Param("attention.layer_norm_epsilon", "norm_epsilon", V.FLOAT32, default=1e-5),),
+        hooks=(_rope(), _IGNORED_WINDOW, _USE_BIAS),
+        hf_config={"hidden_act": "gelu_pytorch_tanh", "use_bias": True},
+        activations=("gelu_pytorch_tanh", "gelu_new"),
+    ),
+    Family(
+        # Apple's OpenELM (no transformers class: its own code, trust_remote_code): per-layer head counts
+        # and MLP widths (llama.cpp reads them as arrays), fused q/k/v with per-head q/k RMS norms, a
+        # fused gate/up (gate rows first) that llama.cpp's converter splits, the embedding as the head
+        "openelm", ("OpenELMForCausalLM",), "openelm",
+        layer_tensors=(
+            Rule("attn_norm", "attn_norm", ("hidden",)),
+            Rule("attn_qkv", "attn.qkv_proj", ("*", "hidden")),
+            Rule("attn_q_norm", "attn.q_norm", ("head_dim",)),
+            Rule("attn_k_norm", "attn.k_norm", ("head_dim",)),
+            Rule("attn_output", "attn.out_proj", ("hidden", "*")),
+            Rule("ffn_norm", "ffn_norm", ("hidden",)),
+            Rule("ffn_gate", "ffn.proj_1.gate", ("*", "hidden")),
+            Rule("ffn_up", "ffn.proj_1.up", ("*", "hidden")),
+            Rule("ffn_down", "ffn.proj_2", ("hidden", "*")),
+        ),
+        global_tensors=(
+            Rule("token_embd", "transformer.token_embeddings", ("*", "hidden")),
+            Rule("output_norm", "transformer.norm", ("hidden",)),
+        ),
+        params=_DECODER_PARAMS,
+        hooks=(_HEAD_DIM, _rope(dimension_count=True), _PER_LAYER),
+        layer_prefix="transformer.layers",
+        output="tied",
+        saved_as=(Fused("ffn.proj_1.weight", ("ffn.proj_1.gate.weight", "ffn.proj_1.up.weight")),),
+        config_view=_openelm_view,
+        to_hf_supported=False,
     ),
     Family(
         "gemma", ("GemmaForCausalLM",), "gemma",
@@ -904,9 +1121,59 @@ FAMILIES: tuple[Family, ...] = (
 # buffers transformers recomputes and some checkpoints still carry
 _BUFFERS = ("rotary_emb.inv_freq", "position_ids")
 
+MULTIMODAL: tuple[Multimodal, ...] = (
+    Multimodal(
+        "Gemma3ForConditionalGeneration", "Gemma3ForCausalLM",
+        # transformers' original layout (save_pretrained's default), then its own (save_original_format=False)
+        prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model.")),
+        dropped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+        note="llama.cpp reads the vision tower from a separate mmproj GGUF, which slmpkg does not write",
+    ),
+)
+
 
 def supported_hf_classes() -> list[str]:
-    return [c for f in FAMILIES for c in f.hf_classes]
+    return [c for f in FAMILIES for c in f.hf_classes] + [m.hf_class for m in MULTIMODAL]
+
+
+def _multimodal(config: Mapping[str, Any]) -> Optional[Multimodal]:
+    classes = config.get("architectures") or []
+    return next((m for m in MULTIMODAL if m.hf_class in classes), None)
+
+
+def _language_model(tensors: Sequence[LazyTensor], wrapper: Multimodal) -> list[LazyTensor]:
+    """The language model's tensors of a multimodal checkpoint under the text class's names; the other
+    towers are left out with one warning."""
+    kept, dropped = [], 0
+    for t in tensors:
+        new = next((to + t.name[len(frm):] for frm, to in wrapper.prefixes if t.name.startswith(frm)), None)
+        if new is not None:
+            kept.append(t.renamed(new))
+        elif t.name.startswith(wrapper.dropped):
+            dropped += 1
+        else:
+            raise FormatError(f"tensor {t.name} belongs to neither the language model nor a known tower of {wrapper.hf_class}")
+    if dropped:
+        warnings.warn(f"{wrapper.hf_class}: converting the language model only; the vision tower and projector "
+                      f"({dropped} tensors) are left out: {wrapper.note}", stacklevel=3)
+    return kept
+
+
+def _own_layout(family: Family, tensors: Sequence[LazyTensor]) -> list[LazyTensor]:
+    """Tensors saved in another layout (:attr:`Family.saved_as`) as lazy views in the family's own names."""
+    if not family.saved_as:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        head, _, rest = t.name.partition(f"{family.layer_prefix}.")
+        layer, _, inner = rest.partition(".")
+        fused = next((f for f in family.saved_as if f.hf == inner), None) if not head and layer.isdigit() else None
+        if fused is None:
+            out.append(t)
+        else:
+            out += fused.split(t, f"{family.layer_prefix}.{layer}.")
+    return out
 
 
 def family_for_hf(config: Mapping[str, Any], source: str = "config.json") -> Family:
@@ -1051,6 +1318,8 @@ def hf_dims(config: Mapping[str, Any]) -> tuple[Family, Dims]:
         ('llama', 64)
     """
     family = family_for_hf(config)
+    if family.config_view is not None:
+        config = family.config_view(config)
     return family, _dims_from_config(config, family)
 
 
@@ -1087,6 +1356,8 @@ def hf_metadata(
     from .tokenizer import gguf_tokenizer_metadata
 
     family = family_for_hf(config)
+    if family.config_view is not None:
+        config = family.config_view(config)
     _check_activation(family, config)
     dims = _dims_from_config(config, family)
     arch = family.gguf_arch
@@ -1125,24 +1396,32 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         config = json.loads(ckpt.sidecar["config.json"])
     except ValueError as e:
         raise FormatError(f"config.json: not valid JSON ({e})") from None
+    wrapper = _multimodal(config)
+    source = list(ckpt.tensors)
     if "text_config" in config:  # multimodal wrappers keep the language model's settings here
         config = {**config, **config["text_config"]}
+    if wrapper is not None:
+        config["architectures"] = [wrapper.text_class]
+        source = _language_model(source, wrapper)
     metadata, extra = hf_metadata(config, ckpt.sidecar, name, tokenizer_required=True)
     family, dims = hf_dims(config)
+    if family.config_view is not None:
+        config = family.config_view(config)
     arch = family.gguf_arch
+    source = _own_layout(family, source)
 
     plan = _hf_plan(family, dims)
     tensors: list[LazyTensor] = list(extra)
     groups: dict[str, list[Optional[LazyTensor]]] = {}
     tied = config.get("tie_word_embeddings", True)
-    for t in ckpt.tensors:
+    for t in source:
         if t.name.endswith(_BUFFERS) or t.name in family.dropped:
             continue
         entry = plan.get(t.name)
         if entry is None:
             raise FormatError(f"tensor {t.name} does not belong to a {family.name} checkpoint")
         rule, target, expert = entry
-        if family.output != "optional" and rule.gguf == "output":
+        if family.output in ("tied", "none") and rule.gguf == "output":
             if family.output == "tied" and tied:
                 continue  # the same matrix as the embedding; llama.cpp reads token_embd
             raise FormatError(f"tensor {t.name}: llama.cpp's {arch} has no separate output matrix (untied lm_head)")
@@ -1160,6 +1439,8 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         if rule.transform is not None:
             mapped = rule.transform.forward(mapped, dims)
         tensors.append(_as_type(mapped, QuantType.F32) if len(t.shape) == 1 else mapped)
+    if family.output == "required" and not any(t.name == "output.weight" for t in tensors):
+        raise FormatError(f"llama.cpp's {arch} graph needs its own output matrix; the checkpoint ties lm_head to the embedding")
     if groups:
         target, group = next(iter(groups.items()))
         missing = [i for i, p in enumerate(group) if p is None]
@@ -1204,16 +1485,14 @@ def _split_expert(t: LazyTensor, name: str, x: int) -> LazyTensor:
     return LazyTensor(name, shape, t.qtype, lambda: np.asarray(t.raw()).reshape(-1)[x * per : (x + 1) * per])
 
 
-def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
-    """A llama.cpp-style checkpoint → HF names, ``config.json``, ``generation_config.json`` and tokenizer files.
-
-    Quantized tensors are dequantized; every tensor is stored as ``dtype`` (norms included, as
-    transformers saves them).
-    """
-    from .tokenizer import hf_tokenizer_files
-
+def _backward(ckpt: Checkpoint, dtype: Optional[QuantType]) -> tuple[Family, _Backward]:
+    """The family of a llama.cpp-style checkpoint and its config.json, built by the family's hooks
+    (which also name the GGUF tensors config.json holds and the extra sidecar files)."""
     arch = ckpt.architecture
     family = family_for_gguf(arch, metadata=ckpt.metadata)
+    if not family.to_hf_supported:
+        raise FormatError(f"GGUF → HF: {family.name} has no transformers class to write for (its checkpoints run "
+                          "with their own code); convert it from its Hugging Face directory instead")
     dims = _dims_from_gguf(ckpt, arch)
     names = {t.name for t in ckpt.tensors}
     token_embd = next((t for t in ckpt.tensors if t.name == "token_embd.weight"), None)
@@ -1230,7 +1509,8 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
     if family.output != "none":
         config["tie_word_embeddings"] = "output.weight" not in names
     config.update(family.hf_config)
-    config["dtype"] = {QuantType.F32: "float32", QuantType.F16: "float16", QuantType.BF16: "bfloat16"}[dtype]
+    if dtype is not None:
+        config["dtype"] = {QuantType.F32: "float32", QuantType.F16: "float16", QuantType.BF16: "bfloat16"}[dtype]
     if not family.encoder:
         config["bos_token_id"] = bos
         config["eos_token_id"] = eos
@@ -1239,6 +1519,31 @@ def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
     backward = _Backward(ckpt, dims, arch, config, {}, set(), names)
     for hook in family.hooks:
         hook.backward(backward)
+    return family, backward
+
+
+def hf_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """The Hugging Face config.json of a llama.cpp-style checkpoint (what :func:`to_hf` writes, without
+    ``dtype``); it needs no tokenizer, so a writer can store it beside weights of any format.
+
+    Example:
+        >>> hf_config(canonical)["architectures"]        # doctest: +SKIP
+        ['LlamaForCausalLM']
+    """
+    return _backward(ckpt, None)[1].config
+
+
+def to_hf(ckpt: Checkpoint, dtype: QuantType = QuantType.BF16) -> Checkpoint:
+    """A llama.cpp-style checkpoint → HF names, ``config.json``, ``generation_config.json`` and tokenizer files.
+
+    Quantized tensors are dequantized; every tensor is stored as ``dtype`` (norms included, as
+    transformers saves them).
+    """
+    from .tokenizer import hf_tokenizer_files
+
+    family, backward = _backward(ckpt, dtype)
+    dims, config = backward.dims, backward.config
+    bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
 
     plan: dict[str, tuple[Rule, str]] = {}
     for rule in family.global_tensors:

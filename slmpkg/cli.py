@@ -120,6 +120,26 @@ def _preset_names() -> str:
     return ", ".join(PRESETS)
 
 
+def _tensor_type_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The per-tensor options of llama.cpp's quantizer, for every command that writes a GGUF preset."""
+    for option in reversed([
+        click.option("--pure", is_flag=True, help="Every quantizable tensor at the preset's type (no k-quant mixture)."),
+        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                     help="Type for tensors whose name matches REGEX (repeatable; first match wins)."),
+        click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight as it is."),
+        click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight."),
+        click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd.weight."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _tensor_type_choices(pure: bool, tensor_types: tuple[str, ...], leave_output_tensor: bool,
+                         output_tensor_type: Optional[str], token_embedding_type: Optional[str]) -> dict[str, Any]:
+    return dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
+                token_embedding_type=token_embedding_type, tensor_type_overrides=tensor_types)
+
+
 @main.command("quantize")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
@@ -128,12 +148,7 @@ def _preset_names() -> str:
                    "Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (llama-imatrix GGUF or legacy .dat).")
 @click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing tensors that are already quantized.")
-@click.option("--pure", is_flag=True, help="Every quantizable tensor at the preset's type (no k-quant mixture).")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Type for tensors whose name matches REGEX (repeatable; first match wins).")
-@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight as it is.")
-@click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight.")
-@click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd.weight.")
+@_tensor_type_options
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document describing the result.")
@@ -147,15 +162,8 @@ def quantize_command(
     from .pipeline import quantize_file
     from .presets import QuantOptions
 
-    options = QuantOptions(
-        preset,
-        pure=pure,
-        leave_output_tensor=leave_output_tensor,
-        output_tensor_type=output_tensor_type,
-        token_embedding_type=token_embedding_type,
-        tensor_type_overrides=tensor_types,
-        allow_requantize=allow_requantize,
-    )
+    options = QuantOptions(preset, allow_requantize=allow_requantize, **_tensor_type_choices(
+        pure, tensor_types, leave_output_tensor, output_tensor_type, token_embedding_type))
     result = quantize_file(src, dst, options, imatrix=imatrix, threads=threads, progress=False if quiet else None)
     if as_json:
         _emit_json(result.to_dict())
@@ -186,6 +194,7 @@ def quantize_command(
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for GGUF presets.")
 @click.option("--allow-requantize", is_flag=True,
               help="GGUF output from a quantized source (an int4 ONNX): allow re-quantizing its blocks to another type.")
+@_tensor_type_options
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--split-max-size", metavar="SIZE", help="Split GGUF output into NAME-0000i-of-0000N.gguf files of at most SIZE (e.g. 2G).")
@@ -196,7 +205,8 @@ def quantize_command(
 def convert_command(
     src: Path, dst: Path, to: Optional[str], preset: Optional[str], block_size: Optional[int],
     accuracy_level: Optional[int], asymmetric: bool, exact_mins: bool, imatrix: Optional[Path],
-    allow_requantize: bool, dtype: Optional[str],
+    allow_requantize: bool, pure: bool, tensor_types: tuple[str, ...], leave_output_tensor: bool,
+    output_tensor_type: Optional[str], token_embedding_type: Optional[str], dtype: Optional[str],
     max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
 ) -> None:
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
@@ -214,12 +224,13 @@ def convert_command(
         linear_weights = LinearWeights(block_size=block_size or 32, accuracy_level=accuracy_level or 0,
                                        symmetric=not asymmetric, separate_min=exact_mins)
     quant: Any = preset
-    if allow_requantize:
-        if preset is None:
-            raise UsageError("--allow-requantize needs --quant PRESET")
+    choices = _tensor_type_choices(pure, tensor_types, leave_output_tensor, output_tensor_type, token_embedding_type)
+    if allow_requantize or any(choices.values()):
+        if preset is None or to in ("onnx", "safetensors"):
+            raise UsageError("--allow-requantize and the per-tensor type options need --quant PRESET and GGUF output")
         from .presets import QuantOptions
 
-        quant = QuantOptions(preset, allow_requantize=True)
+        quant = QuantOptions(preset, allow_requantize=allow_requantize, **choices)
     result = convert(src, dst, to=to, quant=quant, imatrix=imatrix, dtype=dtype,
                      max_shard_size=parse_size(max_shard_size),
                      split_max_size=parse_size(split_max_size) if split_max_size else None,
@@ -277,18 +288,35 @@ def sign_command(path: Path, key: Path, signature: Optional[Path], ignore: tuple
 @click.option("--sig", "signature", type=click.Path(path_type=Path),
               help="Signature file (default: DIR/model.sig, or FILE.sig beside a file).")
 @click.option("--ignore", "ignore", multiple=True, type=click.Path(path_type=Path), help="Path left out when signing.")
+@click.option("--provenance", "check_provenance", is_flag=True,
+              help="Also check the build provenance (provenance.sigstore.json): signed by this key, naming these files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
-def verify_command(path: Path, pub: Path, signature: Optional[Path], ignore: tuple[Path, ...], as_json: bool) -> None:
+def verify_command(path: Path, pub: Path, signature: Optional[Path], ignore: tuple[Path, ...], check_provenance: bool,
+                   as_json: bool) -> None:
     """Check a signature: every file's digest, no file added or missing, signed by this key. Exit 1 if not."""
-    from .signing import verify
+    from .signing import KeyVerifier, verify
 
-    result = verify(path, pub, signature, ignore_paths=ignore)
+    verifier = KeyVerifier(pub)
+    result = verify(path, verifier, signature, ignore_paths=ignore)
+    prov = None
+    if check_provenance:
+        from .provenance import verify_provenance
+
+        prov = verify_provenance(path, verifier)
     if as_json:
-        _emit_json({"path": str(path), "verified": True, "signature": str(result.signature_path),
-                    "root_digest": result.root_digest, "files": [r.name for r in result.resources]})
+        document = {"path": str(path), "verified": True, "signature": str(result.signature_path),
+                    "root_digest": result.root_digest, "files": [r.name for r in result.resources]}
+        if prov is not None:
+            document["provenance"] = prov.summary()
+        _emit_json(document)
     else:
         click.echo(f"{path}: verified ({len(result.resources)} files, signed by {result.signer or pub})")
+        if prov is not None:
+            summary = prov.summary()
+            artifact = summary["artifact"] or {}
+            click.echo(f"provenance: {artifact.get('id', '?')} for {', '.join(summary['targets'] or [])}, built from "
+                       f"{summary['source']} by {summary['builder']} (slmpkg {summary['slmpkg']}, {summary['finished']})")
 
 
 # ---- hardware targets ---------------------------------------------------------------------------
@@ -537,3 +565,136 @@ def gc_command(grace_hours: float, dry_run: bool, registry: Optional[str], endpo
     result = gc(_store(registry, endpoint_url, quiet=True), grace=datetime.timedelta(hours=grace_hours),
                 dry_run=dry_run)
     _emit_json(dataclasses.asdict(result))
+
+
+# ---- build and eval -----------------------------------------------------------------------------
+
+
+@main.command("build")
+@click.argument("recipe", required=False, type=click.Path(path_type=Path), default=Path("slmpkg.toml"))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Build directory (default: slmpkg-build beside the recipe).")
+@click.option("--plan", "show_plan", is_flag=True, help="Print the jobs and the commands they run; build nothing.")
+@click.option("--only", metavar="JOB", help="Run one job (an artifact id or a target name) and what it needs.")
+@click.option("--no-publish", is_flag=True, help="Build, measure and sign, but push nothing.")
+@click.option("--no-eval", is_flag=True, help="Skip the quality report (and the gate).")
+@click.option("--check", is_flag=True, help="Rebuild from scratch and compare digests with the published artifacts.")
+@click.option("--key", type=click.Path(path_type=Path), help="Signing key (default: the recipe's publish.key).")
+@click.option("--pub", type=click.Path(path_type=Path), help="Public key for --check (default: from --key).")
+@_registry_option
+@_endpoint_option
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
+@click.option("-q", "--quiet", is_flag=True, help="No step lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def build_command(recipe: Path, out: Optional[Path], show_plan: bool, only: Optional[str], no_publish: bool,
+                  no_eval: bool, check: bool, key: Optional[Path], pub: Optional[Path], registry: Optional[str],
+                  endpoint_url: Optional[str], threads: Optional[int], quiet: bool, as_json: bool) -> None:
+    """Build every target of a recipe (slmpkg.toml): convert, quantize, measure, sign, publish."""
+    from .build import Builder
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    out = out or r.path.parent / "slmpkg-build"
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    builder = Builder(r, out, key=key, registry=registry, endpoint_url=endpoint_url, threads=threads, log=log)
+    if show_plan:
+        _print_plan(builder, only, as_json)
+        return
+    if check:
+        checked = builder.check(pub=pub)
+        if as_json:
+            _emit_json(checked.to_dict())
+        else:
+            for target, row in checked.targets.items():
+                verdict = "reproducible" if row["match"] else (
+                    "not published" if not row["published"] else f"DIFFERS: {', '.join(row['differ'][:4])}")
+                click.echo(f"{target:<20} {row['artifact']:<22} {verdict}")
+        if not checked.reproducible:
+            sys.exit(EXIT_ERROR)
+        return
+    result = builder.run(only, publish=not no_publish, evaluate=not no_eval)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    if quiet:
+        return
+    built = sum(s.status == "built" for s in result.steps)
+    click.echo(f"{r.name}:{r.version}: {built} step(s) run, {len(result.steps) - built} up to date, "
+               f"{result.seconds:.1f} s")
+    for artifact_id, directory in result.artifacts.items():
+        q = result.reports.get(artifact_id, {})
+        quality = (f"mean KLD {q['mean_kld']:.4g}, top-1 {100 * q['same_top1']:.1f}%" if "mean_kld" in q
+                   else f"max tensor error {q['max_tensor_relative_error']:.3g}" if q else "")
+        targets = ", ".join(builder.plan.nodes[artifact_id].targets)
+        click.echo(f"  {artifact_id:<22} {quality:<32} {targets}")
+    if result.report_files:
+        click.echo(f"quality report: {result.report_files.get('html')}")
+    for p in result.published:
+        click.echo(f"published {r.name}:{r.version} [{p['target']}] (index v{p['index_version']})")
+    if result.tags:
+        click.echo(f"tagged {', '.join(result.tags)}")
+
+
+def _print_plan(builder, only: Optional[str], as_json: bool) -> None:
+    plan = builder.plan
+    jobs = [plan.job(only)] if only else plan.jobs
+    document = {
+        "name": builder.recipe.name, "version": builder.recipe.version, "source": builder.recipe.source,
+        "jobs": [{**n.spec.to_dict(), "needs": [d for d in plan.closure([n.id]) if d != n.id],
+                  "commands": [s.command for s in builder.commands(n.id)]} for n in jobs],
+        "commands": [s.command for s in builder.commands(only)],
+        "matrix": {"include": [{"job": n.id} for n in jobs]},
+    }
+    if as_json:
+        _emit_json(document)
+        return
+    click.echo(f"{document['name']}:{document['version']} from {document['source']}")
+    for job in document["jobs"]:
+        click.echo(f"\njob {job['id']}: {', '.join(job['targets'])}")
+        for command in job["commands"]:
+            click.echo(f"  {command}")
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="The float source: a HF directory, GGUF or ONNX model.")
+@click.option("--text", type=click.Path(path_type=Path), help="Evaluation text (default: a built-in text).")
+@click.option("--context", default=256, show_default=True, type=click.IntRange(min=4), help="Tokens per chunk.")
+@click.option("--chunks", default=4, show_default=True, type=click.IntRange(min=1), help="Chunks at most.")
+@click.option("--runtime/--no-runtime", default=None,
+              help="Require (or skip) the runtime statistics; default: when the runtimes are installed.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path),
+              help="Also write quality.json, quality.md, quality.html and plots into this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def eval_command(artifact: Path, reference: Path, text: Optional[Path], context: int, chunks: int,
+                 runtime: Optional[bool], report_dir: Optional[Path], as_json: bool) -> None:
+    """Measure an artifact against its float source: per-tensor error and, with the runtimes installed,
+    KL divergence, same-top-1 rate and perplexity (llama-perplexity --kl-divergence's statistics)."""
+    from .evaluation import evaluate, write_report
+
+    body = None
+    if text is not None:
+        try:
+            body = text.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{text}: cannot read the text ({getattr(e, 'strerror', None) or e})") from None
+    report = evaluate(artifact, reference, text=body, context=context, max_chunks=chunks, runtime=runtime)
+    if report_dir is not None:
+        write_report([report], report_dir, title=f"{artifact.name} against {reference.name}")
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    click.echo(f"{artifact}: {report.file_type or report.format}, {report.bits_per_weight:.2f} bits per weight")
+    worst = sorted(report.tensors, key=lambda t: -t.relative_error)[:3]
+    click.echo("largest tensor errors: " + ", ".join(f"{t.name} {t.relative_error:.3g} ({t.type})" for t in worst))
+    rt = report.runtime
+    if rt is None:
+        click.echo(f"runtime statistics: none ({report.runtime_skipped})")
+        return
+    click.echo(f"{rt.positions} positions ({rt.chunks} chunks of {rt.context}), {rt.runtime} vs {rt.reference_runtime}")
+    click.echo(f"mean KLD {rt.mean_kld:.6f} ± {rt.mean_kld_stderr:.6f}   median {rt.median_kld:.6f}   "
+               f"p99 {rt.p99_kld:.6f}   max {rt.max_kld:.6f}")
+    click.echo(f"same top-1 {100 * rt.same_top1:.2f}%   PPL {rt.perplexity:.4f} (reference {rt.reference_perplexity:.4f})")

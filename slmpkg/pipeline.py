@@ -82,6 +82,7 @@ def quantize_file(
         ckpt, options, matrix, threads, imatrix_label=str(imatrix) if imatrix is not None else None
     )
     total = sum(t.nbytes for t in ckpt.tensors)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     with ProgressBar(total, f"quantize {options.preset.name}", enabled=progress) as bar:
         sizes = {t.name: t.nbytes for t in ckpt.tensors}
         gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(sizes[t.name], t.name))
@@ -179,7 +180,8 @@ def convert(
     ``to`` is ``"gguf"`` or ``"safetensors"``; by default it follows ``dst`` (``*.gguf`` → GGUF, else a
     Hugging Face directory). HF or ONNX → GGUF takes any preset of :mod:`slmpkg.presets` (default: keep
     the source's float type); GGUF → HF dequantizes to ``dtype`` (``bf16`` default, ``f16``, ``f32``);
-    ONNX → HF keeps the source's float type unless ``dtype`` says otherwise.
+    ONNX → HF keeps the source's float type unless ``dtype`` says otherwise; HF → HF casts the float
+    tensors to ``dtype`` (default: as stored) and keeps every other file, config.json's dtype updated.
     When ``dst`` is an existing directory and the target is GGUF, the file inside it is named as
     llama.cpp names its files (``Name-Size-PRESET.gguf``); ``split_max_size`` splits GGUF output into
     ``NAME-00001-of-0000N.gguf`` files of at most that many bytes of tensor data.
@@ -226,6 +228,7 @@ def convert(
                                      imatrix_label=str(imatrix) if imatrix is not None else None)
         if dst.is_dir():
             dst = dst / _default_gguf_name(src, canonical, options.preset.name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
         total = sum(t.nbytes for t in out.tensors)
         with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
             files = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(t.nbytes, t.name),
@@ -236,7 +239,11 @@ def convert(
     if quant is not None or imatrix is not None:
         raise UsageError("--quant and --imatrix apply to GGUF output; safetensors output takes --dtype")
     if not source_is_gguf and not source_is_onnx:
-        raise UsageError(f"{src}: safetensors → safetensors is not a conversion; give a GGUF or ONNX source")
+        hf = _recast_hf(st_format.read(src), dtype, src)
+        total = sum(t.nbytes for t in hf.tensors)
+        with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
+            files = st_format.write(dst, hf, max_shard_size=max_shard_size, on_tensor=lambda t: bar.advance(t.nbytes, t.name))
+        return ConvertResult(src, dst, "safetensors", files, sum(f.stat().st_size for f in files), time.monotonic() - start)
     if source_is_onnx:
         source = _naming(src, lambda: onnx_import.read(src))
         # an ONNX source keeps its float type by default (its weights are usually f32 or f16, not bf16)
@@ -254,9 +261,40 @@ def convert(
     return ConvertResult(src, dst, "safetensors", files, size, time.monotonic() - start)
 
 
+def _recast_hf(hf: "Checkpoint", dtype: Optional[str], src: Path) -> "Checkpoint":
+    """A Hugging Face checkpoint with its float tensors in ``dtype`` (default: as stored), as
+    ``model.to(dtype).save_pretrained()`` would write it: config.json's dtype follows, every other
+    file is kept as it is."""
+    import json
+
+    from .checkpoint import Checkpoint
+    from .quant import QuantType
+
+    if dtype is None:
+        return hf
+    names = {"bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16"), "f32": ("F32", "float32")}
+    if dtype.lower() not in names:
+        raise UsageError(f"unknown --dtype {dtype!r} (bf16, f16, f32)")
+    qname, torch_name = names[dtype.lower()]
+    target = QuantType[qname]
+    floats = (QuantType.F32, QuantType.F16, QuantType.BF16)
+    tensors = [t.converted(target) if t.qtype in floats else t for t in hf.tensors]
+    sidecar = dict(hf.sidecar)
+    if "config.json" in sidecar:
+        try:
+            config = json.loads(sidecar["config.json"])
+        except ValueError:
+            raise FormatError(f"{src / 'config.json'}: not JSON") from None
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = torch_name
+        sidecar["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return Checkpoint(dict(hf.metadata), tensors, sidecar)
+
+
 # tokenizer files onnxruntime-genai loads from the model directory
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.txt", "vocab.json", "merges.txt")
+                    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def _convert_to_onnx(

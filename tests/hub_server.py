@@ -17,6 +17,8 @@ with the request/response shapes taken from its source (``hf_api.py``, ``_commit
   ``EntryNotFound`` if missing), ``deletedFolder``; all applied atomically under one lock;
 - ``GET|HEAD /{repo}/resolve/{rev}/{path}``: ``X-Repo-Commit``, ``ETag`` (git blob sha1), ranges (206);
   LFS files answer 302 to the other origin with ``X-Linked-Etag`` (sha256) and ``X-Linked-Size``;
+  ``hub.cut_at[oid] = [offset, n]`` makes the next n downloads of an LFS object stop at that offset (a
+  dropped connection), and ``hub.ranges`` records every Range header (resumed downloads);
 - 404s carry ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound`` (the codes
   ``hf_raise_for_status`` dispatches on); a missing or wrong bearer token gets 401 with
   ``X-Error-Message: Invalid credentials in Authorization header``.
@@ -207,6 +209,10 @@ class HubServer:
         self.lfs: dict[str, bytes] = {}
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, str]] = []  # (path, Range header) of every ranged GET
+        # oid -> [offset, times]: the next `times` GETs of that LFS object stop at byte `offset` of the
+        # object and drop the connection (a network that keeps failing at the same point)
+        self.cut_at: dict[str, list[int]] = {}
         self._secret = os.urandom(16)
         self._n = 0
         hub, cdn = self, self
@@ -383,14 +389,26 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(403, None, "bad signature")
         with hub.lock:
             data = hub.lfs.get(oid)
+            cut = hub.cut_at.get(oid) if self.command == "GET" else None
+            if cut is not None:
+                cut[1] -= 1
+                if cut[1] <= 0:
+                    del hub.cut_at[oid]
         if data is None:
             return self._error(404, None, "no such object")
+        if cut is not None:
+            return self._ranged(data, {"ETag": f'"{oid}"'}, cut_at=cut[0])
         return self._ranged(data, {"ETag": f'"{oid}"'})
 
-    def _ranged(self, data: bytes, headers: dict) -> None:
+    def _ranged(self, data: bytes, headers: dict, cut_at: int | None = None) -> None:
+        """Answer a GET with ``data`` or the range asked for; with ``cut_at``, send the headers of the
+        whole answer but only the bytes before offset ``cut_at``, then drop the connection."""
         rng = self.headers.get("Range")
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **headers}
+        status, start, end = 200, 0, len(data) - 1
         if rng:
+            with self.owner.lock:
+                self.owner.ranges.append((urlsplit(self.path).path, rng))
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if not m:
                 return self._error(416, None, "bad range")
@@ -398,8 +416,18 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(len(data) - 1, int(m.group(2)) if m.group(2) else len(data) - 1)
             if start >= len(data):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}", **headers})
-            return self._send(206, data[start:end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}", **headers})
-        return self._send(200, data, headers)
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        if cut_at is None:
+            return self._send(status, data[start:end + 1], headers)
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, str(v))
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.end_headers()
+        self.wfile.write(data[start:max(start, min(cut_at, end + 1))])
+        self.wfile.flush()
+        self.close_connection = True
 
     # ---- the Hub ----------------------------------------------------------------------------------
 

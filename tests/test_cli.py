@@ -149,19 +149,27 @@ def test_targets_lists_the_catalog_and_ranks_this_host():
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    """The README's main job: tiny model → quantize → sign → push (two targets) → pull --target auto."""
+    """The README's main job: a HF checkpoint → `slmpkg build` (five targets, measured, signed, published)
+    → a second build that does nothing → pull --target auto of the artifact made for this host, verified."""
     import os
     import subprocess
 
+    pytest.importorskip("transformers")
     done = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh"), str(tmp_path / "qs")],
-                          capture_output=True, text=True, env={**os.environ, "SLMPKG_REGISTRY": ""}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    pulled = tmp_path / "qs" / "pulled"
-    assert (pulled / "model.sig").exists() and (pulled / "tiny.gguf").exists()
-    # this host runs an x86-64 or arm64 CPU target: the artifact pulled is the one pushed for it
-    host_arch = "arm" if os.uname().machine in ("aarch64", "arm64") else "avx2"
-    assert (pulled / "tiny.gguf").read_bytes() == (tmp_path / "qs" / host_arch / "tiny.gguf").read_bytes()
-    assert "verified" in done.stdout
+                          capture_output=True, text=True, env={**os.environ, "SLMPKG_REGISTRY": ""}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    qs = tmp_path / "qs"
+    builds = [line for line in done.stdout.splitlines() if line.startswith("tiny-llama:1.0: ")]
+    assert len(builds) == 2 and "0 step(s) run" in builds[1], builds  # the second build did nothing
+    pulled = qs / "pulled"
+    # this host runs an x86-64 or arm64 CPU target: the artifact pulled is the one built for its best one
+    runs = json.loads(run("targets", "--detect", "--json").output)["compatible"]
+    artifact = "gguf-Q4_K_M" if {"cpu-x86_64-avx2", "cpu-x86_64-avx512"} & set(runs) else "gguf-Q4_0"
+    built = qs / "slmpkg-build" / "artifacts" / artifact
+    assert sorted(p.name for p in pulled.iterdir()) == sorted(p.name for p in built.iterdir())
+    assert all((pulled / p.name).read_bytes() == p.read_bytes() for p in built.iterdir())
+    assert "verified" in done.stdout and f"provenance: {artifact}" in done.stdout
+    assert (qs / "slmpkg-build" / "reports" / "quality.html").exists()
 
 
 @pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86-64 target ladder")

@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from llama_ref import llama_quantize  # noqa: E402
-from test_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, byte_level_bpe, spm_bpe, wordpiece  # noqa: E402
+from test_tokenizer import GPT4O_REGEX, LLAMA3_REGEX, QWEN2_REGEX, byte_level_bpe, spm_bpe, wordpiece  # noqa: E402
 
 PROMPTS = ["Hello world, the quick brown fox", "numbers 1234 and café 🦙"]
 # LongRoPE's switch: transformers uses the long factors for sequences longer than this, llama.cpp for
@@ -77,6 +77,26 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
             **dict(decoder, max_position_embeddings=4 * LONGROPE_ORIGINAL), original_max_position_embeddings=LONGROPE_ORIGINAL,
             rope_parameters=rope, tie_word_embeddings=False, sliding_window=None, pad_token_id=tokenizer.eos_token_id,
         )
+    if family == "phi2":  # Phi-2's layout: parallel attention and MLP, partial rotary, biases, untied head
+        return transformers.PhiConfig(
+            vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, layer_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="gelu_new",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    if family == "starcoder2":  # starcoder2-3b's layout: GQA, biases, LayerNorm, tied embeddings
+        return transformers.Starcoder2Config(
+            **common, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True, sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        )
+    if family == "phi4-mini":
+        # Phi-4-mini's shape: GQA, tied embeddings, partial rotary (0.75) with LongRoPE, a byte-level BPE
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": np.linspace(1.0, 1.2, 24).tolist(), "long_factor": np.linspace(1.0, 12.0, 24).tolist()}
+        return transformers.Phi3Config(
+            **dict(decoder, max_position_embeddings=4 * LONGROPE_ORIGINAL), original_max_position_embeddings=LONGROPE_ORIGINAL,
+            rope_parameters=rope, tie_word_embeddings=True, sliding_window=None, pad_token_id=tokenizer.eos_token_id,
+        )
     gemma = dict(decoder, head_dim=64, rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id)
     if family == "gemma":  # Gemma 2B: multi-query attention, tied embeddings
         return transformers.GemmaConfig(**dict(gemma, num_key_value_heads=1), hidden_act="gelu_pytorch_tanh")
@@ -99,10 +119,20 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
             **decoder, tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
             attention_multiplier=0.0078125, logits_scaling=8.0,
         )
-    if family == "mixtral":
+    if family.startswith("mixtral"):
         return transformers.MixtralConfig(
             **decoder, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
         )
+    if family == "gemma3-mm":  # Gemma 3 4B's wrapper: the language model beside a SigLIP tower and projector
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        text = dict(gemma, query_pre_attn_scalar=64, sliding_window=4, rope_parameters=rope,
+                    layer_types=["sliding_attention", "full_attention"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                         boi_token_index=vocab_size, eoi_token_index=vocab_size + 1,
+                                         image_token_index=vocab_size + 2)
     if family == "bert":  # all-MiniLM-L6-v2's layout, smaller
         return transformers.BertConfig(
             vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -113,18 +143,32 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
 
 
 FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama3-rope",
-            "phi3", "phi3-longrope", "gemma", "gemma2", "gemma3", "granite", "mixtral", "bert"]
+            "phi2", "phi3", "phi3-longrope", "phi4-mini", "starcoder2", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral", "mixtral-fused",
+            "bert"]
+# checkpoints saved in another layout than the one to_hf writes: transformers 5's fused experts
+# (save_original_format=False), a multimodal wrapper around the language model
+FUSED_EXPERTS = {"mixtral-fused"}
+MULTIMODAL = {"gemma3-mm"}
 
 
 def _tokenizer(path: Path, family: str) -> None:
-    if family.startswith("phi3"):
+    if family == "phi4-mini":  # GPT2Tokenizer with o200k's split regex, <|endoftext|> as bos/eos
+        byte_level_bpe(path, GPT4O_REGEX, llama3_style=False)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        tok.save_pretrained(path)
+    elif family == "phi2":  # CodeGen's byte-level BPE (GPT-2's splitting)
+        byte_level_bpe(path, None, llama3_style=False)
+    elif family == "starcoder2":  # StarCoder's: single digits apart, then GPT-2's splitting
+        byte_level_bpe(path, None, llama3_style=False, digits=True)
+    elif family.startswith("phi3"):
         spm_bpe(path)
         # Phi-3's vocabulary has <|endoftext|>; llama.cpp looks it up (token_to_id.at) in any model whose
         # general.name contains "phi3" or "phi-3", and fails to load without it
         tok = transformers.AutoTokenizer.from_pretrained(path)
         tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
         tok.save_pretrained(path)
-    elif family in ("mistral", "mixtral"):
+    elif family in ("mistral", "mixtral", "mixtral-fused"):
         spm_bpe(path)
     elif family.startswith("gemma"):
         spm_bpe(path, gemma=True)
@@ -160,7 +204,7 @@ def _hf_model(path: Path, family: str, dtype=torch.float32) -> Path:
                 # norms and biases off their defaults (so a missed offset or bias shows), on a 1/64 grid:
                 # exact in bf16 and f16, so the round trips below can demand equality
                 p.add_(torch.round(torch.randn_like(p) * 0.1 * 64) / 64)
-    model.to(dtype).save_pretrained(path)
+    model.to(dtype).save_pretrained(path, save_original_format=family not in FUSED_EXPERTS)
     if family in ENCODERS:
         _write_pooling(path)
     return path
@@ -170,6 +214,7 @@ def _convert(src: Path, dst: Path, **kw: Any):
     with warnings.catch_warnings():
         # modules.json's pooling config sits in a subdirectory the safetensors reader does not read yet
         warnings.filterwarnings("ignore", message="modules.json names a Pooling module")
+        warnings.filterwarnings("ignore", message="Gemma3ForConditionalGeneration: converting the language model only")
         return convert(src, dst, progress=False, **kw)
 
 
@@ -254,24 +299,55 @@ def _dropped(family: str) -> set[str]:
     return {"pooler.dense.weight", "pooler.dense.bias"} if family == "bert" else set()
 
 
+def _as_to_hf_writes(family: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The source's tensors in the layout to_hf writes: fused experts apart (transformers' original
+    names), a multimodal checkpoint's language model alone under the text class's names."""
+    out = {}
+    for name, value in tensors.items():
+        if family in FUSED_EXPERTS and ".mlp." in name:
+            layer = name.split(".mlp.")[0]
+            if name.endswith("experts.gate_up_proj"):
+                gate, up = np.split(value, 2, axis=1)
+                for x in range(value.shape[0]):
+                    out[f"{layer}.block_sparse_moe.experts.{x}.w1.weight"] = gate[x]
+                    out[f"{layer}.block_sparse_moe.experts.{x}.w3.weight"] = up[x]
+            elif name.endswith("experts.down_proj"):
+                for x in range(value.shape[0]):
+                    out[f"{layer}.block_sparse_moe.experts.{x}.w2.weight"] = value[x]
+            else:
+                out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = value
+        elif family in MULTIMODAL:
+            if name.startswith("language_model.model."):
+                out["model." + name[len("language_model.model."):]] = value
+        else:
+            out[name] = value
+    return out
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_hf_gguf_hf_keeps_every_tensor_and_the_outputs(hf_dir, tmp_path, dtype):
     family, src = hf_dir
     gguf_path, back = tmp_path / "m.gguf", tmp_path / "back"
     _convert(src, gguf_path, quant=dtype.upper())
     _convert(gguf_path, back, dtype=dtype)
-    source = {t.name: t for t in st_format.read(src).tensors if t.name not in _dropped(family)}
+    source = _as_to_hf_writes(family, {t.name: t.float32() for t in st_format.read(src).tensors
+                                       if t.name not in _dropped(family)})
     result = {t.name: t for t in st_format.read(back).tensors}
     assert set(result) == set(source)
-    for name, t in source.items():
-        expected = t.float32()
+    for name, expected in source.items():
         if dtype == "bf16":  # the source is f32: the round trip keeps bf16-rounded values
             expected = torch.from_numpy(expected).to(torch.bfloat16).float().numpy()
         assert np.array_equal(result[name].float32(), expected), name
     ids = _ids(src, PROMPTS[0])
     assert _ids(back, PROMPTS[0]) == ids
     if dtype == "f32":
-        assert np.array_equal(_hf_outputs(back, ids, family), _hf_outputs(src, ids, family))
+        ours, ref = _hf_outputs(back, ids, family), _hf_outputs(src, ids, family)
+        if family in FUSED_EXPERTS:
+            # equal weights; transformers concatenates the original layout's experts on load, and its
+            # float32 sums over that memory layout differ in the last bits
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * (ref.max() - ref.min()))
+        else:
+            assert np.array_equal(ours, ref)
 
 
 def _comparable(metadata: dict, reference: Optional[dict] = None) -> dict:
@@ -331,6 +407,20 @@ def test_family_metadata_reaches_llama_cpp(hf_dir, f32_gguf):
         assert md["phi3.rope.scaling.original_context_length"] == LONGROPE_ORIGINAL
         expected = (1 + np.log(4.0) / np.log(LONGROPE_ORIGINAL)) ** 0.5  # transformers' default for factor 4
         assert abs(md["phi3.rope.scaling.attn_factor"] - expected) < 1e-6
+    elif family == "phi2":
+        assert md["general.architecture"] == "phi2" and md["phi2.rope.dimension_count"] == 32
+        assert md["phi2.attention.layer_norm_epsilon"] == np.float32(1e-5) and md["tokenizer.ggml.pre"] == "gpt-2"
+        assert {"output.bias", "output_norm.bias", "blk.0.attn_q.bias", "blk.0.ffn_up.bias"} <= names
+        assert "blk.0.ffn_norm.weight" not in names  # one norm feeds attention and MLP
+    elif family == "starcoder2":
+        assert md["general.architecture"] == "starcoder2" and md["tokenizer.ggml.pre"] == "starcoder"
+        assert md["starcoder2.attention.head_count_kv"] == 2 and md["starcoder2.rope.freq_base"] == 100000.0
+        assert {"blk.0.ffn_norm.bias", "blk.0.attn_output.bias", "blk.0.ffn_down.bias"} <= names
+        assert "output.weight" not in names  # tied
+    elif family == "phi4-mini":
+        assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-4o"
+        assert md["phi3.attention.head_count_kv"] == 2 and md["phi3.rope.dimension_count"] == 48
+        assert "output.weight" not in names and {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
     elif family == "gemma2":
         assert md["gemma2.attn_logit_softcapping"] == 5.0 and md["gemma2.final_logit_softcapping"] == 8.0
         assert md["gemma2.attention.sliding_window"] == 4
@@ -344,7 +434,7 @@ def test_family_metadata_reaches_llama_cpp(hf_dir, f32_gguf):
         assert md["granite.logit_scale"] == 8.0 and md["granite.embedding_scale"] == 12.0
         assert md["granite.attention.scale"] == 0.0078125
         assert abs(md["granite.residual_scale"] - 0.22) < 1e-7
-    elif family == "mixtral":
+    elif family.startswith("mixtral"):
         assert md["general.architecture"] == "llama"
         assert md["llama.expert_count"] == 4 and md["llama.expert_used_count"] == 2
         shapes = {t.name: t.shape for t in gguf_format.read(f32_gguf).tensors}
@@ -409,6 +499,36 @@ def test_mapping_is_lazy_and_stacking_reads_one_projection(tmp_path):
     assert set(loaded) == {f"model.layers.1.block_sparse_moe.experts.{x}.w3.weight" for x in range(4)}
 
 
+def test_fused_experts_give_the_gguf_of_the_original_layout(tmp_path):
+    """One Mixtral saved both ways (transformers 5's fused experts and the original per-expert names)
+    becomes the same GGUF, byte for byte."""
+    src = _hf_model(tmp_path / "original" / "m", "mixtral")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    fused = tmp_path / "fused" / "m"  # the same directory name: the same general.name
+    model.save_pretrained(fused, save_original_format=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, fused / name)
+    names = {t.name for t in st_format.read(fused).tensors}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any("block_sparse_moe" in n for n in names)
+    _convert(src, tmp_path / "a.gguf", quant="F32")
+    _convert(fused, tmp_path / "b.gguf", quant="F32")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_multimodal_gemma3_converts_its_language_model_and_says_what_is_left_out(tmp_path):
+    src = _hf_model(tmp_path / "hf", "gemma3-mm")
+    towers = [t.name for t in st_format.read(src).tensors if not t.name.startswith("language_model.")]
+    assert towers and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in towers)
+    with pytest.warns(UserWarning, match=rf"vision tower and projector \({len(towers)} tensors\).*mmproj"):
+        convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
+    names = {t.name for t in gguf_format.read(tmp_path / "m.gguf").tensors}
+    assert "blk.0.attn_q_norm.weight" in names and not any(n.startswith(("v.", "mm.")) for n in names)
+    back = tmp_path / "back"
+    _convert(tmp_path / "m.gguf", back)
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+
+
 # ---- refusals -----------------------------------------------------------------------------------
 
 
@@ -438,22 +558,34 @@ def test_gemma2_without_softcapping_is_refused(gemma2_dir, tmp_path):
         convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
 
 
+@pytest.mark.parametrize("family,change,message", [
+    ("phi2", {"qk_layernorm": True}, "qk_layernorm=True.*no q/k LayerNorm"),
+    ("starcoder2", {"use_bias": False}, "use_bias=false.*requires the attention output and MLP biases"),
+])
+def test_settings_llama_cpp_lacks_are_refused(tmp_path, family, change, message):
+    src = _edit_config(_hf_model(tmp_path / "hf", family), tmp_path / "m", **change)
+    with pytest.raises(FormatError, match=message):
+        convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_unknown_architecture_lists_the_supported(gemma2_dir, tmp_path):
     src = _edit_config(gemma2_dir, tmp_path / "m", architectures=["FalconForCausalLM"])
     with pytest.raises(FormatError) as e:
         convert(src, tmp_path / "m.gguf", quant="F32", progress=False)
-    for name in ("FalconForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "BertModel"):
+    for name in ("FalconForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "BertModel",
+                 "PhiForCausalLM", "Starcoder2ForCausalLM", "Gemma3ForConditionalGeneration"):
         assert name in str(e.value)
 
 
 def test_llama3_rope_recovered_without_our_key(tmp_path):
     """A GGUF made elsewhere has rope_freqs but not slmpkg.rope_scaling: config.json is derived from the factors."""
-    from slmpkg.architectures import _llama3_factors, _llama3_from_factors
+    from slmpkg.architectures import _llama3_factors, llama3_rope_parameters
 
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192}
     factors = _llama3_factors(rope, 500000.0, 128)
-    assert _llama3_from_factors(factors, 500000.0, 128) == rope
+    assert llama3_rope_parameters(factors, 500000.0, 128) == rope
 
 
 # ---- the real all-MiniLM-L6-v2 --------------------------------------------------------------------

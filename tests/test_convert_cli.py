@@ -119,3 +119,23 @@ def test_gguf_missing_required_keys(hf_dir, tmp_path):
     del ckpt.metadata["llama.block_count"]
     gguf_format.write(bad, ckpt)
     _assert_clean_failure(run("convert", bad, "-o", out), out, str(bad), "llama.block_count")
+
+
+def test_hf_directory_recast_to_another_dtype_loads_in_transformers(hf_dir, tmp_path):
+    """HF → HF: `--dtype f16` casts every float tensor (as `model.to(torch.float16)` does) and config.json's
+    dtype follows; without --dtype the weights are copied as stored, byte for byte."""
+    same, half = tmp_path / "same", tmp_path / "half"
+    assert run("convert", hf_dir, "-o", same, "--to", "safetensors", "-q").exit_code == 0
+    assert (same / "model.safetensors").read_bytes() == (hf_dir / "model.safetensors").read_bytes()
+    assert run("convert", hf_dir, "-o", half, "--to", "safetensors", "--dtype", "f16", "-q").exit_code == 0
+    assert json.loads((half / "config.json").read_text())["dtype"] == "float16"
+    source = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(half)
+    assert model.dtype == torch.float16
+    want = {k: v.to(torch.float16) for k, v in source.state_dict().items()}
+    got = model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (half / name).read_bytes() == (hf_dir / name).read_bytes()
+    refused = run("convert", hf_dir, "-o", tmp_path / "x", "--to", "safetensors", "--quant", "Q4_0")
+    assert refused.exit_code == 1 and "--quant and --imatrix apply to GGUF output" in refused.output

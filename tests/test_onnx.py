@@ -42,10 +42,11 @@ VARIANTS = {
     "phi3-window": ("phi3", {"sliding_window": WINDOW}),
 }
 FAMILIES = ["llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
-            "phi3-window", "phi3-longrope", "gemma", "gemma2", "gemma3", "granite", "mixtral"]
+            "phi3-window", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral",
+            "mixtral-fused"]
 # families whose q/k rows are GGUF-permuted (llama.cpp's llama graph) → GQA rotary_interleaved=1
-INTERLEAVED = {"llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "granite", "mixtral"}
-GENAI_TYPES = {"mixtral": "decoder", "gemma3": "gemma3_text"}
+INTERLEAVED = {"llama", "llama-tied", "llama3-rope", "mistral", "mistral-window", "granite", "mixtral", "mixtral-fused"}
+GENAI_TYPES = {"phi4-mini": "phi3", "mixtral": "decoder", "mixtral-fused": "decoder", "gemma3": "gemma3_text", "gemma3-mm": "gemma3_text"}
 TOLERANCE = {"f32": 1e-4, "f16": 5e-3}  # × the reference logits' range (measured: ~1e-6 at f32, ~1e-3 at f16)
 
 
@@ -253,10 +254,11 @@ def test_layout_external_data_and_checker(models, family):
 
     ops = [(n.domain or "", n.op_type) for n in model.graph.node]
     cfg = json.loads((src / "config.json").read_text())
+    cfg = {**cfg, **cfg.get("text_config", {})}  # a multimodal wrapper's language model
     n_layer = cfg["num_hidden_layers"]
     assert ops.count(("com.microsoft", "GroupQueryAttention")) == n_layer
     assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * n_layer
-    assert ops.count(("com.microsoft", "MoE")) == (n_layer if family == "mixtral" else 0)
+    assert ops.count(("com.microsoft", "MoE")) == (n_layer if family.startswith("mixtral") else 0)
     assert ("", "SimplifiedLayerNormalization") in ops
     gqas = [_attributes(n) for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert all(a["do_rotary"] == 1 and a["rotary_interleaved"] == (1 if family in INTERLEAVED else 0) for a in gqas)

@@ -49,22 +49,35 @@ IMPORTED = FAMILIES + ["gemma"]  # what the import reads (Gemma: the builder's a
 # the other families slmpkg's writer exports, each with what makes it differ recovered from the graph:
 # Mistral (llama in GGUF), Mixtral's MoE node, Phi-3's fused projections and LongRoPE's two cache pairs,
 # Gemma 2/3's windows, soft-caps, post norms and local rope base, Granite's multipliers
-MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "gemma", "gemma2", "gemma3", "granite"]
+MORE_FAMILIES = ["mistral", "mixtral", "phi3", "phi3-longrope", "phi4-mini", "gemma", "gemma2", "gemma3", "granite"]
 
 
 def run(*args) -> "click.testing.Result":  # noqa: F821
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def _graph_only(onnx_dir: Path) -> Path:
+    """Remove the config.json slmpkg's writer embeds (a graph as other tools write it): the import then
+    reads every setting from the graph and genai_config.json."""
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in model.metadata_props if p.key != onnx_import.CONFIG_PROPERTY]
+    assert len(kept) == len(model.metadata_props) - 1, "the writer embedded no config"
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save_model(model, str(path))
+    return onnx_dir
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def source(request, tmp_path_factory) -> tuple[str, Path, Path]:
-    """(family, HF directory, slmpkg's ONNX export of it)."""
+    """(family, HF directory, slmpkg's ONNX export of it without the embedded config: the graph says all)."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     hf = _hf_model(root / "hf", family)
     onnx_dir = root / "onnx"
     convert(hf, onnx_dir, to="onnx", progress=False)
-    return family, hf, onnx_dir
+    return family, hf, _graph_only(onnx_dir)
 
 
 @pytest.fixture(scope="module", params=IMPORTED)
@@ -185,11 +198,13 @@ def test_rope_base_is_read_back_from_the_rotary_caches(source, tmp_path, base, p
     canonical.metadata[f"{arch}.rope.freq_base"] = MetaValue(GGUFValueType.FLOAT32, base)
     plain = tmp_path / "plain"
     onnx_format.write(plain, canonical, precision)
+    _graph_only(plain)
     assert onnx_import.read(plain).get(f"{arch}.rope.freq_base") == base
     canonical.metadata[f"{arch}.rope.scaling.type"] = MetaValue(GGUFValueType.STRING, "linear")
     canonical.metadata[f"{arch}.rope.scaling.factor"] = MetaValue(GGUFValueType.FLOAT32, 4.0)
     scaled = tmp_path / "scaled"
     onnx_format.write(scaled, canonical, precision)
+    _graph_only(scaled)
     back = onnx_import.read(scaled)
     assert back.get(f"{arch}.rope.freq_base") == base
     assert back.get(f"{arch}.rope.scaling.type") == "linear" and back.get(f"{arch}.rope.scaling.factor") == 4.0
@@ -201,8 +216,18 @@ def test_rope_base_is_read_back_from_the_rotary_caches(source, tmp_path, base, p
     canonical.tensors.append(LazyTensor.from_array("rope_freqs.weight", factors))
     per_frequency = tmp_path / "per-frequency"
     onnx_format.write(per_frequency, canonical, precision)
-    with pytest.raises(FormatError, match="cos_cache"):
-        onnx_import.read(per_frequency)
+    _graph_only(per_frequency)
+    if family != "llama":  # per-frequency factors only Llama 3 defines
+        with pytest.raises(FormatError, match="cos_cache"):
+            onnx_import.read(per_frequency)
+        return
+    back = onnx_import.read(per_frequency)  # Llama 3's parameters fitted to the caches
+    assert back.get("llama.rope.freq_base") == base
+    assert json.loads(back.get("slmpkg.rope_scaling")) == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}
+    freqs = next(t for t in back.tensors if t.name == "rope_freqs.weight")
+    assert np.array_equal(freqs.float32(), factors)
 
 
 def test_onnx_gguf_onnx_keeps_every_initializer(source, tmp_path):
@@ -246,8 +271,8 @@ def test_onnx_to_gguf_runs_in_llama_cpp_like_the_hf_source(source, tmp_path):
 
 @pytest.fixture(scope="module", params=MORE_FAMILIES)
 def family_source(request, tmp_path_factory) -> tuple[str, Path, Path]:
-    """(family, HF directory, slmpkg's f32 ONNX export of it): the directory holds no config.json, so
-    every setting comes from the graph (and genai_config.json)."""
+    """(family, HF directory, slmpkg's f32 ONNX export of it): the directory holds no config.json and the
+    embedded one is removed, so every setting comes from the graph (and genai_config.json)."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     hf = _hf_model(root / "hf", family)
@@ -256,7 +281,7 @@ def family_source(request, tmp_path_factory) -> tuple[str, Path, Path]:
         warnings.simplefilter("ignore")  # Phi-3's window longer than the context
         convert(hf, onnx_dir, to="onnx", progress=False)
     assert not (onnx_dir / "config.json").exists()
-    return family, hf, onnx_dir
+    return family, hf, _graph_only(onnx_dir)
 
 
 def test_every_family_imports_to_the_source_weights_and_metadata(family_source):
@@ -379,7 +404,7 @@ def test_every_family_int4_onnx_runs_in_llama_cpp_like_onnxruntime(family_source
         convert(hf, int4, to="onnx", quant="int4", progress=False)
         ckpt = onnx_import.read(int4)
     types = {t.name: t.qtype for t in ckpt.tensors}
-    fused = "blk.0.attn_qkv.weight" if family.startswith("phi3") else "blk.0.attn_q.weight"
+    fused = "blk.0.attn_qkv.weight" if family.startswith(("phi3", "phi4")) else "blk.0.attn_q.weight"
     assert types[fused] is QuantType.Q4_0 and types["blk.0.attn_norm.weight"] is QuantType.F32
     if family == "mixtral":
         assert types["blk.0.ffn_gate_exps.weight"] is QuantType.F32 and types["blk.0.ffn_gate_inp.weight"] is QuantType.F32
@@ -407,6 +432,7 @@ def test_mistral_window_comes_back_from_the_attention_nodes(tmp_path):
     assert canonical.get("llama.attention.sliding_window") is None
     canonical.metadata["llama.attention.sliding_window"] = MetaValue(GGUFValueType.UINT32, 4)
     onnx_format.write(tmp_path / "onnx", canonical)
+    _graph_only(tmp_path / "onnx")
     with pytest.warns(UserWarning, match="sliding_window=4"):  # from_hf's warning: llama.cpp attends to all
         ckpt = onnx_import.read(tmp_path / "onnx")
     assert ckpt.get("llama.attention.sliding_window") == 4
@@ -414,8 +440,8 @@ def test_mistral_window_comes_back_from_the_attention_nodes(tmp_path):
 
 def test_longrope_base_and_exact_factors_from_the_config_the_writer_embeds(tmp_path):
     """LongRoPE's caches fix base^(-2j/d) / factor_j, not the base and factors apart: without help the
-    import assumes Phi-3's base 10000 (wrong here) and gets factors within an ulp; the model's config.json
-    stored as a model property (what the writer is asked to add) gives both exactly."""
+    import assumes Phi-3's base 10000 (wrong here) and gets factors within an ulp; the model's config.json,
+    which the writer stores as a model property, gives both exactly."""
     from gguf import GGUFValueType
 
     from slmpkg.checkpoint import MetaValue
@@ -426,13 +452,6 @@ def test_longrope_base_and_exact_factors_from_the_config_the_writer_embeds(tmp_p
     canonical.metadata["phi3.rope.freq_base"] = MetaValue(GGUFValueType.FLOAT32, 20000.0)
     onnx_dir = tmp_path / "onnx"
     onnx_format.write(onnx_dir, canonical)
-    guessed = onnx_import.read(onnx_dir)
-    assert guessed.get("phi3.rope.freq_base") == 10000.0  # the graph alone cannot say 20000
-    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
-    config = architectures.to_hf(canonical).sidecar["config.json"]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = onnx_import.CONFIG_PROPERTY, config.decode() if isinstance(config, bytes) else config
-    onnx.save_model(model, str(onnx_dir / "model.onnx"))
     ckpt = onnx_import.read(onnx_dir)
     assert ckpt.get("phi3.rope.freq_base") == 20000.0
     ours, ref = ({t.name: t for t in c.tensors} for c in (ckpt, canonical))
@@ -443,6 +462,64 @@ def test_longrope_base_and_exact_factors_from_the_config_the_writer_embeds(tmp_p
         if key.startswith("phi3.") or key == "slmpkg.rope_scaling":
             same = np.float32 if item.type.name == "FLOAT32" else (lambda v: v)
             assert same(ckpt.get(key)) == same(item.value), key
+    guessed = onnx_import.read(_graph_only(onnx_dir))
+    assert guessed.get("phi3.rope.freq_base") == 10000.0  # the graph alone cannot say 20000
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["llama3-rope"] + MORE_FAMILIES)
+def test_every_family_imports_exactly_with_the_config_the_writer_embeds(family, tmp_path):
+    """With the embedded config.json every weight and key comes back exactly (LongRoPE's factors too)."""
+    hf = _hf_model(tmp_path / "hf", family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Phi-3's window longer than the context
+        convert(hf, tmp_path / "onnx", to="onnx", progress=False)
+        ckpt, reference = onnx_import.read(tmp_path / "onnx"), _canonical(hf)
+    ours = {t.name: t for t in ckpt.tensors}
+    assert set(ours) == {t.name for t in reference.tensors}
+    for t in reference.tensors:
+        assert ours[t.name].qtype == t.qtype and np.array_equal(ours[t.name].float32(), t.float32()), t.name
+    _assert_same_model_metadata(ckpt, reference)
+
+
+# Llama 3.2's rope scaling (1B/3B): factor 32 past an original context of 8192
+LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize("rope", ["llama3.1-shaped", "llama3.2"])
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+@pytest.mark.parametrize("config", ["embedded", "graph only"])
+def test_llama3_onnx_to_gguf_without_config_beside_it(tmp_path, rope, precision, config):
+    """A Llama 3.x ONNX directory with no config.json beside it becomes the GGUF made from the HF source:
+    the rope parameters from the config the writer embeds, or (a graph another tool wrote) fitted to the
+    rotary caches, which hold every frequency divided by its Llama 3 factor."""
+    hf = _hf_model(tmp_path / "hf", "llama3-rope")
+    if rope == "llama3.2":
+        cfg = json.loads((hf / "config.json").read_text())
+        cfg["rope_parameters"] = LLAMA32_ROPE
+        (hf / "config.json").write_text(json.dumps(cfg))
+    onnx_dir = tmp_path / "onnx"
+    convert(hf, onnx_dir, to="onnx", quant=precision, progress=False)
+    if config == "graph only":
+        _graph_only(onnx_dir)
+    assert not (onnx_dir / "config.json").exists()
+    gguf, direct = tmp_path / "m.gguf", tmp_path / "direct.gguf"
+    result = run("convert", onnx_dir, "-o", gguf, "--quant", "F32", "-q")
+    assert result.exit_code == 0, result.output
+    convert(hf, direct, quant="F32", progress=False)
+    ours, ref = gguf_format.read(gguf), gguf_format.read(direct)
+    for key in ("slmpkg.rope_scaling", "llama.rope.freq_base", "llama.rope.dimension_count", "llama.context_length"):
+        assert ours.get(key) == ref.get(key), key
+    mine = {t.name: t for t in ours.tensors}
+    for t in ref.tensors:
+        expected = t.float32() if precision == "f32" or t.name == "rope_freqs.weight" else \
+            t.float32().astype(np.float16).astype(np.float32)
+        assert np.array_equal(mine[t.name].float32(), expected), t.name
+    if precision == "f32":  # the same GGUF tensors: llama.cpp computes the same logits
+        from test_convert import _llama_logits
+
+        ids = _ids(hf, PROMPTS[0])
+        np.testing.assert_array_equal(_llama_logits(gguf, ids), _llama_logits(direct, ids))
 
 
 # ---- onnxruntime-genai's builder -------------------------------------------------------------------

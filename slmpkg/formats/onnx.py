@@ -49,7 +49,10 @@ Weights go to one external data file, ``model.onnx.data``, written tensor by ten
 built (one tensor in memory at a time; an MoE layer's gate and up experts are both held while their
 interleaved fusion is written expert by expert); the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
 shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
-``genai_config.json`` is written beside.
+``genai_config.json`` is written beside. The model's Hugging Face config.json
+(:func:`slmpkg.architectures.hf_config`) is stored as the model property ``slmpkg.config.json``: it
+says what the graph cannot say exactly (Llama 3's and LongRoPE's rope parameters, the original
+context), so :mod:`slmpkg.formats.onnx_import` reads the model back without a config.json beside it.
 
 Example:
     >>> from slmpkg.formats import onnx as onnx_format
@@ -62,36 +65,31 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from .._io import atomic_directory, write_synced
+from .. import architectures
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
+from .onnx_graph import (  # noqa: F401  (the layout constants are this module's public names too)
+    ALIGN_THRESHOLD, ALIGNMENT, CONFIG_PROPERTY, DATA_FILE, INLINE_BYTES, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET,
+    PRECISIONS, Graph,
+)
 
 if TYPE_CHECKING:
     from .onnx_nbits import Carry, NBitsWeight
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 CONFIG_FILE = "genai_config.json"
-PRECISIONS = {"f32": (np.float32, TensorProto.FLOAT), "f16": (np.float16, TensorProto.FLOAT16)}
-# tensors smaller than this are stored in the .onnx file itself
-INLINE_BYTES = 1024
-# as onnx's own external-data writer: tensors of 1 MiB or more start on a page boundary (mmap-friendly)
-ALIGN_THRESHOLD = 1 << 20
-ALIGNMENT = 4096
-OPSET = 21
-IR_VERSION = 10  # opset 21's IR; older runtimes reject newer IR versions
-MS_DOMAIN = "com.microsoft"
+
 
 
 @dataclass(frozen=True)
@@ -126,64 +124,6 @@ class LinearWeights:
             raise UsageError(f"block size must be a power of two from 16 to 256, not {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0-4, not {self.accuracy_level}")
-
-
-class _Graph:
-    """Nodes, inline and external initializers; external bytes stream into ``data``."""
-
-    def __init__(self, data: BinaryIO, data_name: str):
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self.data, self.data_name, self.offset = data, data_name, 0
-
-    def node(self, op: str, inputs: Sequence[str], name: str, n_out: int = 1, domain: str = "",
-             outputs: Sequence[str] | None = None, **attrs: Any) -> list[str]:
-        outs = list(outputs) if outputs is not None else [f"{name}/output_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, domain=domain or None, **attrs))
-        return outs
-
-    def const(self, name: str, values: Any, dtype: Any = np.int64) -> str:
-        """A small constant (shapes, axes, scalars) as a Constant node."""
-        array = np.asarray(values, dtype=dtype)
-        out = f"{name}/output_0"
-        self.nodes.append(helper.make_node("Constant", [], [out], name=name,
-                                           value=onnx.numpy_helper.from_array(array, name=f"{name}/value")))
-        return out
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """An initializer: inline when tiny, else appended to the data file and referenced."""
-        array = np.ascontiguousarray(array)
-        if array.nbytes < INLINE_BYTES:
-            self.initializers.append(onnx.numpy_helper.from_array(array, name=name))
-            return name
-        return self.weight_parts(name, array.shape, array.dtype, [array])
-
-    def weight_parts(self, name: str, shape: Sequence[int], dtype: Any, parts: Iterable[np.ndarray]) -> str:
-        """An external initializer written from ``parts`` (its elements in order, e.g. row blocks),
-        so a tensor assembled from pieces is never whole in memory."""
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if nbytes >= ALIGN_THRESHOLD and self.offset % ALIGNMENT:
-            pad = ALIGNMENT - self.offset % ALIGNMENT
-            self.data.write(b"\0" * pad)
-            self.offset += pad
-        start = self.offset
-        for part in parts:
-            part = np.ascontiguousarray(part, dtype=dtype)
-            self.data.write(memoryview(part.reshape(-1).view(np.uint8)))
-            self.offset += part.nbytes
-        if self.offset - start != nbytes:
-            raise ValueError(f"{name}: parts hold {self.offset - start} bytes, the shape {list(shape)} needs {nbytes}")
-        tensor = TensorProto()
-        tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(dtype)
-        tensor.dims.extend(shape)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_name), ("offset", str(start)), ("length", str(nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        self.initializers.append(tensor)
-        return name
 
 
 @dataclass(frozen=True)
@@ -332,9 +272,9 @@ def _rotary_caches(length: int, dim: int, base: float, divisors: Optional[np.nda
 
 
 class _Builder:
-    """Lays one decoder out in a :class:`_Graph`; each block of the model is one method."""
+    """Lays one decoder out in a :class:`Graph`; each block of the model is one method."""
 
-    def __init__(self, g: _Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any,
+    def __init__(self, g: Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any,
                  on_tensor: Optional[Callable[[LazyTensor], None]], linear_weights: "LinearWeights",
                  on_carry: "Optional[Callable[[Carry], None]]" = None):
         self.g, self.spec, self.tensors, self.dtype, self.on_tensor = g, spec, tensors, np_dtype, on_tensor
@@ -717,7 +657,7 @@ def write(
     Raises :class:`FormatError` for an unsupported architecture, rope scaling or missing tensor.
     """
     if checkpoint.architecture == "bert":
-        from .onnx_encoder import write_encoder  # its own module: encoders share only _Graph with decoders
+        from .onnx_encoder import write_encoder  # its own module: encoders share only Graph with decoders
 
         if linear_weights.bits is not None:  # quantized blocks are dequantized: exact in float32
             raise UsageError("ONNX encoders are written with float weights (f32 or f16), not int4/int8")
@@ -730,7 +670,7 @@ def write(
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
-            g = _Graph(data, DATA_FILE)
+            g = Graph(data, DATA_FILE)
             _Builder(g, spec, tensors, np_dtype, on_tensor, linear_weights, on_carry).build()
             data.flush()
             os.fsync(data.fileno())
@@ -740,6 +680,9 @@ def write(
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
             ir_version=IR_VERSION, producer_name="slmpkg",
         )
+        # what the graph cannot say exactly (Llama 3's and LongRoPE's rope parameters, the original
+        # context) travels as config.json, for slmpkg's import
+        helper.set_model_props(model, {CONFIG_PROPERTY: json.dumps(architectures.hf_config(checkpoint), sort_keys=True)})
         write_synced(tmp / MODEL_FILE, model.SerializeToString())
         config = json.dumps(_genai_config(spec), indent=4) + "\n"
         write_synced(tmp / CONFIG_FILE, config.encode("utf-8"))

@@ -18,8 +18,8 @@ package, no torch export:
 Each of these contrib ops has a CPU kernel for float32 and float16 in onnxruntime 1.32, so ``f16``
 uses the same graph with float16 weights, activations and output.
 
-Weights go to one external data file (``model.onnx.data``) through :mod:`slmpkg.formats.onnx`'s
-writer, tensor by tensor (q, k and v of one layer are held together to pack them).
+Weights go to one external data file (``model.onnx.data``) through :class:`slmpkg.formats.onnx_graph.Graph`,
+tensor by tensor (q, k and v of one layer are held together to pack them).
 
 Example:
     >>> from slmpkg.formats import onnx_encoder
@@ -40,7 +40,7 @@ from onnx import TensorProto, helper
 from .._io import atomic_directory, write_synced
 from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
-from .onnx import DATA_FILE, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET, PRECISIONS, _Graph
+from .onnx_graph import DATA_FILE, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET, PRECISIONS, Graph
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -73,7 +73,7 @@ class _Spec:
         self.token_types = "token_types.weight" in tensors
 
 
-def _build(g: _Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any,
+def _build(g: Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any,
            on_tensor: Callable[[LazyTensor], None] | None) -> None:
     def load(name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         t = tensors.get(name)
@@ -143,7 +143,7 @@ def _build(g: _Graph, spec: _Spec, tensors: dict[str, LazyTensor], np_dtype: Any
         g.node("Identity", [x], "/encoder/Identity", outputs=[OUTPUT])
 
 
-def _skip_norm(g: _Graph, x: str, skip: str, spec: _Spec, name: str, params: list[str],
+def _skip_norm(g: Graph, x: str, skip: str, spec: _Spec, name: str, params: list[str],
                output: str | None = None) -> str:
     """LayerNorm(x + bias + skip) as one SkipLayerNormalization; ``params`` = [gamma, beta, bias]."""
     outs = [output or f"{name}/output_0"]
@@ -195,7 +195,7 @@ def write_encoder(
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
-            g = _Graph(data, DATA_FILE)
+            g = Graph(data, DATA_FILE)
             _build(g, spec, tensors, np_dtype, on_tensor)
             data.flush()
             os.fsync(data.fileno())
