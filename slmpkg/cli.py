@@ -7,6 +7,7 @@ stderr (``slmpkg: error: FILE: problem``) and exit non-zero, without a traceback
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -211,8 +212,8 @@ def convert_command(
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
     or an ONNX decoder (a model directory or .onnx file: slmpkg's, onnxruntime-genai's or optimum's) to GGUF or a
     HF directory."""
-    from .formats.safetensors import parse_size
     from .pipeline import convert
+    from .sizes import parse_size
 
     linear_weights = None
     if block_size is not None or accuracy_level is not None or asymmetric or exact_mins:
@@ -343,17 +344,61 @@ def targets_command(detect: bool, as_json: bool) -> None:
 
 # ---- registry -----------------------------------------------------------------------------------
 
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a command SIGTERM ended
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `timeout`, a CI job cancelled): unwinds like Ctrl-C, so every
+    cleanup runs (staging directories, temporary files); resumable transfers keep what they moved."""
+
+
+def _stops_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a registry command with SIGTERM raised as :class:`_Terminated` in the main thread (unless
+    SIGTERM is ignored, as for a command started with nohup-like wrappers), then exit 143."""
+    import signal
+    import threading
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            return fn(*args, **kwargs)
+
+        def terminate(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; let the cleanup finish
+            raise _Terminated
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+        try:
+            return fn(*args, **kwargs)
+        except _Terminated:
+            _fail("terminated", EXIT_TERMINATED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
 _registry_option = click.option(
     "--registry", "registry", envvar="SLMPKG_REGISTRY", metavar="URL",
     help="A directory or file:// URL (default $SLMPKG_HOME/registry), or s3://bucket/prefix.",
 )
 _endpoint_option = click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3 endpoint (e.g. a local SeaweedFS/MinIO).")
+_expires_option = click.option(
+    "--expires-in", "expires_days", type=click.FloatRange(min=0, min_open=True), default=365.0, show_default=True,
+    metavar="DAYS", help="The signed index/tag expires this many days from now (pulls refuse expired metadata).",
+)
 
 
-def _store(registry: Optional[str], endpoint_url: Optional[str]):
+def _store(registry: Optional[str], endpoint_url: Optional[str], quiet: bool = False):
     from .registry import open_store
 
-    options = {"endpoint_url": endpoint_url} if endpoint_url and str(registry or "").startswith("s3://") else {}
+    url = str(registry or "")
+    if quiet and url.startswith("hf://"):
+        # huggingface_hub draws its own bars for uploads and downloads; -q and --json mean none at all
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    options = {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {}
     return open_store(registry or None, **options)
 
 
@@ -364,13 +409,16 @@ def _store(registry: Optional[str], endpoint_url: Optional[str]):
 @click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signs the index.")
 @click.option("--tag", "tags", multiple=True, help="Also point NAME:TAG at this version (repeatable).")
 @click.option("--force", is_flag=True, help="Replace this target's artifact if the version already has a different one.")
+@_expires_option
 @_registry_option
 @_endpoint_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
+@_stops_cleanly
 def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[str, ...], force: bool,
-                 registry: Optional[str], endpoint_url: Optional[str], quiet: bool, as_json: bool) -> None:
+                 expires_days: float, registry: Optional[str], endpoint_url: Optional[str], quiet: bool,
+                 as_json: bool) -> None:
     """Publish a file or directory as NAME:VERSION for one hardware target, signed."""
     from .registry import push
     from .signing import KeySigner
@@ -380,11 +428,12 @@ def push_command(ref: str, artifact: Path, target: str, key: Path, tags: tuple[s
     quant, bpw = _artifact_quant(artifact)
     files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
     with ProgressBar(sum(p.stat().st_size for p in files), "push", enabled=False if quiet or as_json else None) as bar:
-        result = push(_store(registry, endpoint_url), ref, artifact, target, KeySigner(key),
-                      quant=quant, bits_per_weight=bpw, tags=tags, force=force, progress=bar.advance)
+        result = push(_store(registry, endpoint_url, quiet or as_json), ref, artifact, target, KeySigner(key),
+                      quant=quant, bits_per_weight=bpw, tags=tags, force=force,
+                      expires_in=datetime.timedelta(days=expires_days), progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
-    else:
+    elif not quiet:
         click.echo(f"{result.name}:{result.release} [{result.target}] → index v{result.index_version}, "
                    f"{result.uploaded_bytes / 1e6:.1f} MB uploaded, {result.existing_bytes / 1e6:.1f} MB already there")
 
@@ -408,13 +457,14 @@ def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
 @click.option("--target", default="auto", show_default=True, help="A target name, or auto: the best one this host runs.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to install into.")
 @click.option("--pub", required=True, type=click.Path(path_type=Path), help="Public key the index must be signed with.")
-@click.option("--max-memory", metavar="SIZE", help="Memory budget for --target auto (e.g. 8G; default: what this host has).")
+@click.option("--max-memory", metavar="SIZE", help="Memory budget for --target auto (8GB = 8e9 bytes, 8GiB = 8 * 2**30; default: what this host has).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_registry_option
 @_endpoint_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
+@_stops_cleanly
 def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Optional[str], overwrite: bool,
                  registry: Optional[str], endpoint_url: Optional[str], quiet: bool, as_json: bool) -> None:
     """Fetch the artifact made for this host (or --target), verify every signature and digest, install it."""
@@ -422,36 +472,26 @@ def pull_command(ref: str, target: str, out: Path, pub: Path, max_memory: Option
     from .signing import KeyVerifier
     from .targets import get_target
 
-    store = _store(registry, endpoint_url)
+    store = _store(registry, endpoint_url, quiet or as_json)
     verifier = KeyVerifier(pub)
+    chosen: Any = target
     if target == "auto":
-        target = _auto_target(store, ref, verifier, max_memory)
+        from .sizes import parse_size
+        from .targets import choose_artifact, detect_host
+
+        # pull calls it with the artifact sizes of the very release it installs (the tag is read once)
+        chosen = functools.partial(choose_artifact, detect_host(),
+                                   max_memory=parse_size(max_memory) if max_memory else None)
     else:
         get_target(target)
     with ProgressBar(None, "pull", enabled=False if quiet or as_json else None) as bar:
-        result = pull(store, ref, target, out, verifier, overwrite=overwrite, progress=bar.advance)
+        result = pull(store, ref, chosen, out, verifier, overwrite=overwrite, progress=bar.advance)
     if as_json:
         _emit_json(dataclasses.asdict(result))
-    else:
+    elif not quiet:
         click.echo(f"{result.name}:{result.release} [{result.target}] → {result.out_dir} "
                    f"({result.downloaded_bytes / 1e6:.1f} MB downloaded, {result.resumed_bytes / 1e6:.1f} MB resumed, "
                    f"{result.cached_bytes / 1e6:.1f} MB from cache)")
-
-
-def _auto_target(store, ref: str, verifier, max_memory: Optional[str]) -> str:
-    """The best published target this host runs whose artifact fits the memory budget.
-
-    Sizes come from the signed index's manifests (verified here; pull verifies everything again).
-    """
-    from .registry import ls, parse_ref
-    from .targets import choose_artifact, detect_host, parse_size
-
-    name, release = parse_ref(ref)
-    tags = ls(store, name, verifier=verifier).get("tags", {})
-    release = tags.get(release, release)
-    manifests = ls(store, f"{name}:{release}", verifier=verifier)["manifests"]
-    sizes = {t: sum(f["size"] for f in m["files"]) for t, m in manifests.items()}
-    return choose_artifact(detect_host(), sizes, parse_size(max_memory) if max_memory else None)
 
 
 @main.command("ls")
@@ -459,21 +499,25 @@ def _auto_target(store, ref: str, verifier, max_memory: Optional[str]) -> str:
 @_registry_option
 @_endpoint_option
 @handle_errors
+@_stops_cleanly
 def ls_command(ref: Optional[str], registry: Optional[str], endpoint_url: Optional[str]) -> None:
     """List names, a name's versions and tags, or one version's targets (always JSON)."""
     from .registry import ls
 
-    _emit_json(ls(_store(registry, endpoint_url), ref))
+    _emit_json(ls(_store(registry, endpoint_url, quiet=True), ref))
 
 
 @main.command("tag")
 @click.argument("source", metavar="NAME:VERSION")
 @click.argument("tag_ref", metavar="NAME:TAG")
 @click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signs the tag.")
+@_expires_option
 @_registry_option
 @_endpoint_option
 @handle_errors
-def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], endpoint_url: Optional[str]) -> None:
+@_stops_cleanly
+def tag_command(source: str, tag_ref: str, key: Path, expires_days: float, registry: Optional[str],
+                endpoint_url: Optional[str]) -> None:
     """Point NAME:TAG at NAME:VERSION (a signed tag, moved by compare-and-swap)."""
     from .registry import parse_ref, tag
     from .signing import KeySigner
@@ -481,8 +525,30 @@ def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], e
     name, release = parse_ref(source)
     if parse_ref(tag_ref)[0] != name:
         raise UsageError(f"{tag_ref}: a tag names the same model as {source}")
-    version = tag(_store(registry, endpoint_url), tag_ref, release, KeySigner(key))
+    version = tag(_store(registry, endpoint_url, quiet=True), tag_ref, release, KeySigner(key),
+                  expires_in=datetime.timedelta(days=expires_days))
     click.echo(f"{tag_ref} → {source} (tag v{version})")
+
+
+@main.command("refresh")
+@click.argument("ref", metavar="NAME[:VERSION|:TAG]")
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="Private key that signed the metadata.")
+@_expires_option
+@_registry_option
+@_endpoint_option
+@handle_errors
+@_stops_cleanly
+def refresh_command(ref: str, key: Path, expires_days: float, registry: Optional[str],
+                    endpoint_url: Optional[str]) -> None:
+    """Re-sign a version's index, a tag, or all of NAME's, with a new expiry (content unchanged; always JSON).
+
+    Run it (e.g. weekly from a scheduled job) so releases that should stay installable never expire."""
+    from .registry import refresh
+    from .signing import KeySigner
+
+    done = refresh(_store(registry, endpoint_url, quiet=True), ref, KeySigner(key),
+                   expires_in=datetime.timedelta(days=expires_days))
+    _emit_json([dataclasses.asdict(r) for r in done])
 
 
 @main.command("gc")
@@ -491,13 +557,13 @@ def tag_command(source: str, tag_ref: str, key: Path, registry: Optional[str], e
 @_registry_option
 @_endpoint_option
 @handle_errors
+@_stops_cleanly
 def gc_command(grace_hours: float, dry_run: bool, registry: Optional[str], endpoint_url: Optional[str]) -> None:
     """Delete blobs no index references (never one younger than the grace period)."""
-    import datetime as dt
-
     from .registry import gc
 
-    result = gc(_store(registry, endpoint_url), grace=dt.timedelta(hours=grace_hours), dry_run=dry_run)
+    result = gc(_store(registry, endpoint_url, quiet=True), grace=datetime.timedelta(hours=grace_hours),
+                dry_run=dry_run)
     _emit_json(dataclasses.asdict(result))
 
 

@@ -194,7 +194,7 @@ def load_recipe(path: PathLike) -> Recipe:
 def parse_recipe(document: Mapping[str, Any], path: Optional[PathLike] = None) -> Recipe:
     """Check a recipe given as a dict (what TOML parses to); relative paths are taken from ``path``'s folder."""
     from .presets import PRESETS, get_preset
-    from .registry.core import parse_ref
+    from .registry import parse_ref
     from .targets import TARGETS, TARGETS_BY_NAME
 
     where = str(path) if path is not None else "recipe"

@@ -48,7 +48,6 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -60,6 +59,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ._io import PathLike, atomic_writes
+from ._threads import results, worker_pool
 from .errors import SignatureError
 
 __all__ = [
@@ -81,6 +81,7 @@ __all__ = [
     "hash_artifact",
     "pae",
     "sign",
+    "signature_bytes",
     "verify",
 ]
 
@@ -417,8 +418,8 @@ def hash_artifact(
     if workers == 1:
         resources = [one(name, p) for name, p, _ in files]
     else:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="slmpkg-hash") as pool:
-            resources = list(pool.map(lambda f: one(f[0], f[1]), files))
+        with worker_pool(workers, "slmpkg-hash") as pool:
+            resources = results([pool.submit(one, name, p) for name, p, _ in files])
     return Manifest(_model_name(root), tuple(resources), tuple(ignore))
 
 
@@ -479,11 +480,11 @@ def _check_curve(key: Any, source: str) -> None:
         raise SignatureError(f"{source}: ECDSA curve {pub.curve.name} is not supported; use P-256")
 
 
-def _ecdsa(pub: Any):
+def _ecdsa(pub: Any, *, deterministic: bool = False):
     # model_signing pairs the hash with the curve size (Sigstore's key details).
     ec, hashes, _ = _ec()
     h = {256: hashes.SHA256, 384: hashes.SHA384, 521: hashes.SHA512}[pub.curve.key_size]
-    return ec.ECDSA(h())
+    return ec.ECDSA(h(), deterministic_signing=deterministic)
 
 
 def _key_hint(pub: Any) -> str:
@@ -494,7 +495,8 @@ def _key_hint(pub: Any) -> str:
 
 class KeySigner(Signer):
     """Sign with an ECDSA private key (PEM, PKCS#8 or traditional; P-256, P-384 or P-521), writing the
-    bundle ``model_signing sign key`` writes.
+    bundle ``model_signing sign key`` writes. Signatures are deterministic (RFC 6979): signing the same
+    files twice gives byte-identical bundles.
 
     Example:
         >>> signer = KeySigner("release.pem")          # doctest: +SKIP
@@ -525,7 +527,10 @@ class KeySigner(Signer):
         return _key_hint(self._key.public_key())
 
     def sign(self, payload: bytes) -> dict[str, Any]:
-        sig = self._key.sign(pae(PAYLOAD_TYPE, payload), _ecdsa(self._key.public_key()))
+        # Deterministic ECDSA (RFC 6979): the nonce is derived from the key and the message, so the same
+        # statement signed twice gives the same bytes (reproducible builds; a re-push of unchanged files
+        # publishes the same signature blob). Verifiers cannot tell, and need not: it is plain ECDSA.
+        sig = self._key.sign(pae(PAYLOAD_TYPE, payload), _ecdsa(self._key.public_key(), deterministic=True))
         return {
             "mediaType": BUNDLE_MEDIA_TYPE,
             "verificationMaterial": {"publicKey": {"hint": self.key_hint}, "tlogEntries": []},
@@ -722,11 +727,20 @@ def sign(
         max_workers=max_workers,
         progress=progress,
     )
-    bundle = signer.sign(manifest.payload())
-    data = json.dumps(bundle, separators=(",", ":")).encode("utf-8")  # compact, as sigstore-models writes
+    data = signature_bytes(manifest, signer)
     with atomic_writes([sig_path]) as (f,):
         f.write(data)
     return sig_path
+
+
+def signature_bytes(manifest: Manifest, signer: Signer) -> bytes:
+    """The signature file (``model.sig``) of ``manifest``: the bundle as compact JSON, as sigstore-models
+    writes it. With a :class:`KeySigner` the same manifest always gives the same bytes.
+
+    Example:
+        >>> data = signature_bytes(hash_artifact("out/tiny"), KeySigner("release.pem"))   # doctest: +SKIP
+    """
+    return json.dumps(signer.sign(manifest.payload()), separators=(",", ":")).encode("utf-8")
 
 
 def _read_bundle(sig_path: Path) -> dict[str, Any]:

@@ -71,7 +71,6 @@ __all__ = [
     "rank_artifacts",
     "choose_artifact",
     "NoCompatibleTarget",
-    "parse_size",
     "format_size",
     "targets_document",
 ]
@@ -929,25 +928,6 @@ def choose_artifact(host: Host, available: Mapping[str, Any], max_memory: Option
 # --------------------------------------------------------------------------------------------------
 # sizes and the CLI document
 # --------------------------------------------------------------------------------------------------
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024**4,
-               "ki": KiB, "mi": MiB, "gi": GiB, "ti": 1024**4, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024**4,
-               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
-
-
-def parse_size(text: Union[str, int]) -> int:
-    """Bytes from ``"8GiB"``, ``"8Gi"``, ``"8G"`` (binary, as Docker), ``"8GB"`` (decimal), ``"512M"``, ``"1e9"``.
-
-    >>> parse_size("8G"), parse_size("1.5GB"), parse_size(4096)
-    (8589934592, 1500000000, 4096)
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([a-z]*)\s*", str(text), re.IGNORECASE)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise UsageError(f"invalid size '{text}': use bytes or a unit like 512MiB, 8G, 16GB")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
 
 def format_size(n: Optional[int]) -> str:
     """``'15.0 GiB'``; ``'unknown'`` for ``None``."""

@@ -12,6 +12,9 @@ programs users run (console scripts in subprocesses), against:
 ``model_signing verify key PULLED --signature PULLED/model.sig --public_key PUB`` must accept the pulled
 directory, and reject it once one byte of a pulled file is flipped (and, on the local registry, once a
 file is added). model_signing leaves the signature file itself out of the hashed set.
+
+An artifact pushed without a model.sig (a directory, or a single file) gets one from ``push --key``,
+made from the files published: the pulled copy verifies the same way.
 """
 
 from __future__ import annotations
@@ -153,3 +156,65 @@ def test_pulled_artifact_with_an_added_file_is_rejected(release, tmp_path):
     (pulled / "tokenizer" / "extra.json").write_text("{}")
     r = model_signing_verify(pulled, release["pub"], env)
     assert r.returncode != 0 and "Extra files found" in r.stderr and "tokenizer/extra.json" in r.stderr, r.stderr
+
+
+def _push_pull(slmpkg, url, env, ref, artifact, priv, pub, pulled):
+    r = run([*slmpkg, "push", ref, str(artifact), "--target", TARGET, "--key", str(priv), "--registry", url,
+             "--json"], env)
+    assert r.returncode == 0, r.stderr
+    pushed = json.loads(r.stdout)
+    r = run([*slmpkg, "pull", ref, "--target", TARGET, "-o", str(pulled), "--pub", str(pub), "--registry", url,
+             "--json"], env)
+    assert r.returncode == 0, r.stderr
+    return pushed
+
+
+def test_push_signs_an_unsigned_artifact(release, registry, tmp_path):
+    """`push --key` of a directory without model.sig publishes one made from the files it publishes (and
+    writes nothing into the directory): the pulled copy verifies with model_signing, a tampered one does
+    not. Pushing the same files again is a no-op (the signature is deterministic); changed files pushed
+    as a new version get a new signature, never a stale one."""
+    url, env, _ = registry
+    slmpkg = _slmpkg_cmd()
+    art = tmp_path / "unsigned"
+    shutil.copytree(release["art"], art, ignore=shutil.ignore_patterns("model.sig"))
+    before = sorted(p.relative_to(art).as_posix() for p in art.rglob("*"))
+    pulled = tmp_path / "pulled"
+    first = _push_pull(slmpkg, url, env, REF, art, release["priv"], release["pub"], pulled)
+    assert sorted(p.relative_to(art).as_posix() for p in art.rglob("*")) == before  # the input is untouched
+    assert sorted(first["files"]) == ["config.json", "model.sig", "tokenizer/tokenizer.json", "weights.bin"]
+    r = model_signing_verify(pulled, release["pub"], env)
+    assert r.returncode == 0 and "Verification succeeded" in r.stdout, r.stdout + r.stderr
+
+    again = json.loads(run([*slmpkg, "push", REF, str(art), "--target", TARGET, "--key", str(release["priv"]),
+                            "--registry", url, "--json"], env).stdout)
+    assert again["manifest_digest"] == first["manifest_digest"] and again["index_version"] == first["index_version"]
+    assert again["uploaded_bytes"] == 0
+
+    (art / "config.json").write_text(json.dumps({"arch": "llama", "n_layer": 3}))
+    pulled2 = tmp_path / "pulled2"
+    _push_pull(slmpkg, url, env, "tiny:1.1", art, release["priv"], release["pub"], pulled2)
+    r = model_signing_verify(pulled2, release["pub"], env)
+    assert r.returncode == 0 and "Verification succeeded" in r.stdout, r.stdout + r.stderr
+    assert (pulled2 / "model.sig").read_bytes() != (pulled / "model.sig").read_bytes()
+
+    flip_byte(pulled2 / "weights.bin", 7)
+    r = model_signing_verify(pulled2, release["pub"], env)
+    assert r.returncode != 0 and "Hash mismatch for" in r.stderr and "weights.bin" in r.stderr, r.stdout + r.stderr
+
+
+def test_push_signs_a_single_file_artifact(release, tmp_path):
+    """A single-file artifact is installed as DIR/FILE: the signature push adds names it as model_signing
+    sees that directory (not as the lone file "." a signature of the file itself would)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLMPKG_")}
+    env["SLMPKG_HOME"] = str(tmp_path / "home")
+    pulled = tmp_path / "pulled"
+    pushed = _push_pull(_slmpkg_cmd(), str(tmp_path / "registry"), env, REF, release["art"] / "weights.bin",
+                        release["priv"], release["pub"], pulled)
+    assert sorted(pushed["files"]) == ["model.sig", "weights.bin"]
+    assert sorted(p.name for p in pulled.iterdir()) == ["model.sig", "weights.bin"]
+    r = model_signing_verify(pulled, release["pub"], env)
+    assert r.returncode == 0 and "Verification succeeded" in r.stdout, r.stdout + r.stderr
+    (pulled / "extra.bin").write_bytes(b"x")
+    r = model_signing_verify(pulled, release["pub"], env)
+    assert r.returncode != 0 and "extra.bin" in r.stderr

@@ -36,7 +36,7 @@ from slmpkg.registry import (
     IntegrityError,
     NotFoundError,
     StoreError,
-    core,
+    blob_key,
     pull,
     push,
 )
@@ -130,9 +130,12 @@ def make_artifact(root, seed=0, size=64 << 10):
 
 
 def same_tree(a, b):
+    """``b`` (pulled) holds ``a``'s files, byte for byte, plus the model.sig push adds to an unsigned
+    artifact (its content is checked by test_pull_model_signing.py)."""
     fa = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     fb = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+    added = [] if "model.sig" in fa else ["model.sig"]
+    return fb == sorted(fa + added) and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
 
 
 def test_store_semantics(store, hub):
@@ -339,8 +342,8 @@ def test_round_trip(store, hub, keys, tmp_path):
     again = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out2", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert again.downloaded_bytes == 0 and same_tree(art, tmp_path / "out2")
     assert push(store, "tiny:1.0", art, "cpu-x86_64", signer).uploaded_bytes == 0
-    m = json.loads(store.get(core.blob_key(r.manifest_digest)))
-    assert {f["path"] for f in m["files"]} == {"model.gguf", "tokenizer.json"}
+    m = json.loads(store.get(blob_key(r.manifest_digest)))
+    assert {f["path"] for f in m["files"]} == {"model.gguf", "model.sig", "tokenizer.json"}
 
 
 def test_tampered_blob_refused(store, hub, keys, tmp_path):
@@ -352,7 +355,7 @@ def test_tampered_blob_refused(store, hub, keys, tmp_path):
     digest = hashlib.sha256((art / "model.gguf").read_bytes()).hexdigest()
     bad = bytearray((art / "model.gguf").read_bytes())
     bad[len(bad) // 2] ^= 1
-    hub.tamper(store.repo_id, core.blob_key("sha256:" + digest), bytes(bad))
+    hub.tamper(store.repo_id, blob_key("sha256:" + digest), bytes(bad))
     with pytest.raises(IntegrityError):
         pull(store, "tiny:2.0", "cpu-x86_64", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()
@@ -372,3 +375,60 @@ def test_wrong_token(hub, store, keys, tmp_path, monkeypatch):
         msg = str(e.value)
         assert "credentials rejected" in msg and "\n" not in msg
         assert bad_token not in msg and TOKEN not in msg and bad_token not in repr(bad)
+
+
+def test_quiet_silences_huggingface_hub_bars(hub, tmp_path):
+    """`slmpkg push/pull -q` print nothing, not even huggingface_hub's own upload and download
+    bars (which it draws to any stderr, terminal or not: the run without -q shows them)."""
+    import subprocess
+    import sys
+
+    priv, pub = signing.generate_keypair(tmp_path / "release")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SLMPKG_"))}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf-home"),
+               HF_XET_CACHE=str(tmp_path / "xet-cache"), HF_HUB_DISABLE_TELEMETRY="1",
+               SLMPKG_HOME=str(tmp_path / "home"))
+    if hub.mode == "lfs":
+        env["HF_HUB_DISABLE_XET"] = "1"
+    url = f"hf://org/q-{uuid.uuid4().hex[:8]}"
+
+    def slmpkg(*args):
+        return subprocess.run([sys.executable, "-c", "from slmpkg.cli import main; main()", *map(str, args),
+                               "--registry", url], env=env, capture_output=True, text=True, timeout=300)
+
+    for version, quiet in (("1", []), ("2", ["-q"])):
+        art = make_artifact(tmp_path / f"art{version}", seed=int(version), size=(2 << 20) + 1)
+        (art / "model.gguf").rename(art / "model.bin")  # not a GGUF: the CLI would inspect one
+        pushed = slmpkg("push", f"m:{version}", art, "--target", "cpu-x86_64", "--key", priv, *quiet)
+        pulled = slmpkg("pull", f"m:{version}", "--target", "cpu-x86_64", "-o", tmp_path / f"out{version}",
+                        "--pub", pub, *quiet)
+        assert pushed.returncode == 0 and pulled.returncode == 0, pushed.stderr + pulled.stderr
+        if quiet:
+            assert (pushed.stdout, pushed.stderr, pulled.stdout, pulled.stderr) == ("", "", "", "")
+        else:
+            assert "100%" in pushed.stderr + pulled.stderr  # huggingface_hub's bars, when not silenced
+
+
+def test_delete_if_stale_checks_again_when_a_touch_lands_in_between(store, hub):
+    """gc's delete on the Hub is a commit whose parent is the commit it checked the age at: a touch in
+    between moves the branch, the Hub refuses the delete, and the touched blob is kept."""
+    import time
+
+    store.put("blobs/sha256/" + "ab" * 32, b"old")
+    store.put("blobs/sha256/" + "cd" * 32, b"old too")
+    time.sleep(0.05)
+    cutoff = time.time()
+    touched = []
+
+    class Racing(HubStore):
+        def _mtime_at(self, key, head):
+            found = super()._mtime_at(key, head)
+            if not touched and key.endswith("ab" * 32):
+                touched.append(key)
+                self.touch(key)  # a push reusing the blob, just after gc looked at its age
+            return found
+
+    racing = Racing(store.url)
+    assert racing.delete_if_stale("blobs/sha256/" + "ab" * 32, cutoff) is False
+    assert racing.delete_if_stale("blobs/sha256/" + "cd" * 32, cutoff) is True
+    assert store.exists("blobs/sha256/" + "ab" * 32) and not store.exists("blobs/sha256/" + "cd" * 32)

@@ -18,7 +18,8 @@ import pytest
 
 from slmpkg import signing
 from slmpkg.registry import AuthError, ConflictError, IntegrityError, NotFoundError, gc, ls, open_store, pull, push
-from slmpkg.registry import core
+from slmpkg.registry.cache import hash_file
+from slmpkg.registry.names import blob_key
 
 seaweed = pytest.importorskip("seaweed")
 pytest.importorskip("boto3")
@@ -63,9 +64,12 @@ def make_artifact(root, seed=0, size=64 << 10):
 
 
 def same_tree(a, b):
+    """``b`` (pulled) holds ``a``'s files, byte for byte, plus the model.sig push adds to an unsigned
+    artifact (its content is checked by test_pull_model_signing.py)."""
     fa = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     fb = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+    added = [] if "model.sig" in fa else ["model.sig"]
+    return fb == sorted(fa + added) and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
 
 
 def test_store_semantics(store):
@@ -100,8 +104,8 @@ def test_round_trip_multipart(store, keys, tmp_path):
     art = make_artifact(tmp_path / "art", size=(11 << 20) + 123)  # 3 parts up, 3 ranges down
     r = push(store, "tiny:1.0", art, "cpu-x86_64", signer)
     assert r.uploaded_bytes > 11 << 20
-    files = {f["path"]: f for f in json.loads(store.get(core.blob_key(r.manifest_digest)))["files"]}
-    head = store._head(core.blob_key(files["model.gguf"]["digest"]))
+    files = {f["path"]: f for f in json.loads(store.get(blob_key(r.manifest_digest)))["files"]}
+    head = store._head(blob_key(files["model.gguf"]["digest"]))
     assert head["ETag"].endswith('-3"')  # it went up as a multipart upload
     got = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert got.downloaded_bytes == r.uploaded_bytes
@@ -142,11 +146,11 @@ def test_altered_blob_in_bucket_refused(store, keys, tmp_path):
     signer, verifier = keys
     art = make_artifact(tmp_path / "art")
     r = push(store, "tiny:1.0", art, "cpu", signer)
-    m = json.loads(store.get(core.blob_key(r.manifest_digest)))
+    m = json.loads(store.get(blob_key(r.manifest_digest)))
     big = next(f for f in m["files"] if f["path"] == "model.gguf")
     data = bytearray((art / "model.gguf").read_bytes())
     data[-1] ^= 0xFF
-    store.put(core.blob_key(big["digest"]), bytes(data))  # someone with bucket access swaps the bytes
+    store.put(blob_key(big["digest"]), bytes(data))  # someone with bucket access swaps the bytes
     with pytest.raises(IntegrityError, match="blob does not match its digest"):
         pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()
@@ -203,7 +207,7 @@ def interrupted_pull(store, verifier, tmp_path, after_bytes):
 
 
 def model_hex(art):
-    return core._hash_file(art / "model.gguf")
+    return hash_file(art / "model.gguf")
 
 
 def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
@@ -215,7 +219,7 @@ def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
     store.range_concurrency = 1  # few ranges in flight when the pull stops: some kept, some missing
 
     interrupted_pull(store, verifier, tmp_path, after_bytes=1 << 20)
-    ledger = tmp_path / "cache" / "tmp" / f"{hexd}.partial.ranges"
+    (ledger,) = (tmp_path / "cache" / "tmp").glob(f"{hexd}.*.partial.ranges")  # mkstemp's random name
     kept = {int(x) for x in ledger.read_text().split("\n")[1:-1]}
     assert kept and len(kept) < 6, kept
 
@@ -227,7 +231,8 @@ def test_resumed_pull_reads_only_missing_ranges(store, keys, tmp_path):
     assert sorted(start // (5 << 20) for start, _, _ in big_gets) == sorted(set(range(6)) - kept)
     kept_bytes = sum(min(size, (i + 1) * (5 << 20)) - i * (5 << 20) for i in kept)
     assert sum(n for _, n, _ in big_gets) == size - kept_bytes
-    total = size + (art / "tokenizer.json").stat().st_size  # (the small blob came before the interruption)
+    # (the small blobs, tokenizer.json and the model.sig push added, came before the interruption)
+    total = sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     assert got.downloaded_bytes + got.resumed_bytes + got.cached_bytes == total
     assert got.resumed_bytes == kept_bytes > 0 and got.cached_bytes == total - size
     assert not list((tmp_path / "cache" / "tmp").iterdir())  # no partial, ledger or lock left behind
@@ -239,7 +244,7 @@ def test_resumed_partial_that_went_bad_is_refetched(store, keys, tmp_path):
     push(store, "tiny:1.0", art, "cpu", signer)
     store.range_concurrency = 1
     interrupted_pull(store, verifier, tmp_path, after_bytes=1 << 20)
-    partial = tmp_path / "cache" / "tmp" / f"{model_hex(art)}.partial"
+    (partial,) = (tmp_path / "cache" / "tmp").glob(f"{model_hex(art)}.*.partial")
     with open(partial, "r+b") as f:  # a kept range that no longer holds what was downloaded
         b = f.read(1)
         f.seek(0)
@@ -257,17 +262,28 @@ def test_resumed_partial_that_went_bad_is_refetched(store, keys, tmp_path):
 # The real `slmpkg` command in a child process. Small parts (S3's 5 MiB minimum) keep the artifacts
 # small; with `pause_after=N` the child stops itself (SIGSTOP) right after the Nth call of the named
 # S3Store method that moved a whole part (its last argument, the part's bytes, is 5 MiB) returns, so
-# the test can kill the server at that exact point and then let the command go on.
+# the test can kill the server at that exact point and then let the command go on. Once continued,
+# every call of the method holds its thread a moment first: a signal sent while the command was stopped
+# is handled by the main thread (which then lets no new range or part start) before the workers could
+# move much more; without the pause, which of the two comes first is a race.
 CHILD = """
-import itertools, os, signal, sys
+import itertools, os, signal, sys, time
+# Ctrl-C in a terminal reaches a foreground command whose SIGINT raises KeyboardInterrupt. A test run
+# started in the background by a shell (`pytest &`, nohup, CI runners) inherits SIGINT ignored, and
+# Python then leaves it ignored: the command would finish instead of stopping (a flaky test).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from slmpkg.registry import s3
 s3.S3Store.__init__.__kwdefaults__.update(part_size=5 << 20, multipart_threshold=5 << 20, max_workers=2)
 method, pause_after = sys.argv[1], int(sys.argv[2])
-orig, calls = getattr(s3.S3Store, method), itertools.count(1)
+orig, calls, continued = getattr(s3.S3Store, method), itertools.count(1), []
 def paused(self, *a, **kw):
+    if continued:
+        time.sleep(0.5)
     r = orig(self, *a, **kw)
     if len(a[-1]) >= 5 << 20 and next(calls) == pause_after:
         os.kill(os.getpid(), signal.SIGSTOP)
+        continued.append(True)
+        time.sleep(0.5)
     return r
 setattr(s3.S3Store, method, paused)
 from slmpkg.cli import main
@@ -316,17 +332,17 @@ class Cli:
         out.seek(0), err.seek(0)
         return rc, out.read().decode(), err.read().decode()
 
-    def interrupt(self, *args, method: str, after: int, ctrl_c: bool = False):
-        """Run the command until its ``after``-th ``method`` call, then kill the server there (or, with
-        ``ctrl_c``, send the command SIGINT as a terminal's Ctrl-C does) and let the command go on;
-        return its exit code, stdout and stderr."""
+    def interrupt(self, *args, method: str, after: int, sig: int | None = None):
+        """Run the command until its ``after``-th ``method`` call, then kill the server there (or send
+        the command ``sig``: SIGINT as a terminal's Ctrl-C does, SIGTERM as a service manager does) and
+        let the command go on; return its exit code, stdout and stderr."""
         proc, out, err = self.start(*args, pause=(method, after))
         _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child stopped itself
         if not os.WIFSTOPPED(status):
             err.seek(0)
             pytest.fail(f"the command ended before the pause point: {err.read().decode()}")
-        if ctrl_c:
-            os.kill(proc.pid, signal.SIGINT)  # pending until the child runs again
+        if sig is not None:
+            os.kill(proc.pid, sig)  # pending until the child runs again
         else:
             self.sw.kill()
         os.kill(proc.pid, signal.SIGCONT)
@@ -363,7 +379,7 @@ def test_server_killed_mid_push(killable, tmp_path):
         pull(store, "tiny:1.0", "cpu-x86_64-avx2", tmp_path / "out", verifier, tmp_path / "cache",
              state=tmp_path / "t.json")
     assert not (tmp_path / "out").exists()
-    assert not store.exists(core.blob_key("sha256:" + core._hash_file(big / "model.bin")))  # no half blob
+    assert not store.exists(blob_key("sha256:" + hash_file(big / "model.bin")))  # no half blob
     # Its parts wait in an incomplete multipart upload, which gc aborts once past the grace period.
     def uploads():
         return store.client.list_multipart_uploads(Bucket="models", Prefix=store.prefix + "/").get("Uploads", [])
@@ -387,7 +403,6 @@ def test_server_killed_mid_pull(killable, tmp_path):
     art = make_artifact(tmp_path / "art", seed=3, size=(5 << 20) * 4 + 5)  # 5 ranges of 5 MiB
     (art / "model.gguf").rename(art / "model.bin")
     push(cli.store(), "tiny:1.0", art, "cpu-x86_64", signing.KeySigner(cli.priv))
-    total = sum(f.stat().st_size for f in art.iterdir())
     out_dir = tmp_path / "models" / "tiny"
     args = ("pull", "tiny:1.0", "--target", "cpu-x86_64", "-o", out_dir, "--pub", cli.pub, "--json")
 
@@ -403,6 +418,7 @@ def test_server_killed_mid_pull(killable, tmp_path):
     rc, out, err = cli.run(*args)
     assert rc == 0, err
     got = json.loads(out)
+    total = sum(f.stat().st_size for f in out_dir.iterdir())
     assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] + got["resumed_bytes"] + got["cached_bytes"] == total
     assert got["downloaded_bytes"] < total - (5 << 20)
     assert same_tree(art, out_dir)
@@ -416,7 +432,7 @@ def test_ctrl_c_mid_pull(sw, tmp_path):
     out_dir = tmp_path / "out"
     args = ("pull", "tiny:1.0", "--target", "cpu-x86_64", "-o", out_dir, "--pub", cli.pub, "--json")
 
-    rc, out, err = cli.interrupt(*args, method="read_range_into", after=1, ctrl_c=True)
+    rc, out, err = cli.interrupt(*args, method="read_range_into", after=1, sig=signal.SIGINT)
     assert (rc, out, err) == (130, "", "slmpkg: error: interrupted\n")
     assert not out_dir.exists() and not list(tmp_path.glob(".out.*"))
 
@@ -425,3 +441,87 @@ def test_ctrl_c_mid_pull(sw, tmp_path):
     got = json.loads(out)
     assert got["resumed_bytes"] >= 5 << 20 and got["downloaded_bytes"] < 15 << 20
     assert same_tree(art, out_dir)
+
+
+def count_calls(store, operation):
+    """How many ``operation`` requests (e.g. UploadPart) the store's client makes from now on."""
+    calls = []
+    store.client.meta.events.register(f"after-call.s3.{operation}", lambda **_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["server killed", "SIGTERM"])
+def test_push_resumes_the_parts_an_interrupted_push_uploaded(killable, tmp_path, how):
+    """A big blob's multipart upload cut off (the server died; or the command was stopped with SIGTERM,
+    which exits 143 with one line) is continued by the next push: the parts the store holds, with
+    matching sizes and checksums, are not sent again."""
+    cli = Cli(killable, tmp_path)
+    big = make_artifact(tmp_path / "big", seed=5, size=(5 << 20) * 4 + 1)  # 5 parts of 5 MiB
+    (big / "model.gguf").rename(big / "model.bin")
+    args = ("push", "tiny:1.0", big, "--target", "cpu-x86_64", "--key", cli.priv)
+    if how == "server killed":
+        one_clear_error(*cli.interrupt(*args, method="_upload_part", after=2), killable)
+        killable.start()
+    else:
+        rc, out, err = cli.interrupt(*args, method="_upload_part", after=2, sig=signal.SIGTERM)
+        assert (rc, out, err) == (143, "", "slmpkg: error: terminated\n")
+    store = cli.store()
+    k = store._k(blob_key("sha256:" + hash_file(big / "model.bin")))
+    (upload,) = store.client.list_multipart_uploads(Bucket="models", Prefix=k)["Uploads"]
+    held = store.client.list_parts(Bucket="models", Key=k, UploadId=upload["UploadId"]).get("Parts", [])
+    assert 2 <= len(held) < 5
+
+    sent = count_calls(store, "UploadPart")
+    r = push(store, "tiny:1.0", big, "cpu-x86_64", signing.KeySigner(cli.priv))
+    assert len(sent) == 5 - len(held) and r.uploaded_bytes == (5 << 20) * 4 + 1  # (tokenizer.json was up already)
+    assert store.client.list_multipart_uploads(Bucket="models", Prefix=k).get("Uploads", []) == []
+    got = pull(store, "tiny:1.0", "cpu-x86_64", tmp_path / "out", signing.KeyVerifier(cli.pub), tmp_path / "cache",
+               state=tmp_path / "t.json")
+    assert got.downloaded_bytes > 20 << 20 and same_tree(big, tmp_path / "out")
+
+
+def test_push_does_not_reuse_a_held_part_whose_bytes_differ(store, keys, tmp_path):
+    """An unfinished upload under the blob's key holding a part with other bytes (same size): that part
+    is uploaded again, and the blob that lands has the right digest."""
+    signer, verifier = keys
+    art = make_artifact(tmp_path / "art", seed=6, size=(5 << 20) * 2 + 3)
+    data = (art / "model.gguf").read_bytes()
+    k = store._k(blob_key("sha256:" + hash_file(art / "model.gguf")))
+    upload_id = store.client.create_multipart_upload(Bucket="models", Key=k, ChecksumAlgorithm="SHA256")["UploadId"]
+    wrong = bytes(b ^ 1 for b in data[: 5 << 20])
+    store.client.upload_part(Bucket="models", Key=k, UploadId=upload_id, PartNumber=1, Body=wrong)
+    store.client.upload_part(Bucket="models", Key=k, UploadId=upload_id, PartNumber=2, Body=data[5 << 20: 10 << 20])
+    sent = count_calls(store, "UploadPart")
+    push(store, "tiny:1.0", art, "cpu", signer)
+    assert len(sent) == 2  # part 1 (other bytes) and part 3 (missing); part 2 was kept
+    pull(store, "tiny:1.0", "cpu", tmp_path / "out", verifier, tmp_path / "cache", state=tmp_path / "t.json")
+    assert same_tree(art, tmp_path / "out")
+
+
+def test_touch_above_the_single_copy_limit_is_a_multipart_copy(store, tmp_path):
+    """CopyObject copies at most 5 GiB; above the limit (lowered here) touch copies the object onto itself
+    part by part (UploadPartCopy): LastModified moves, the bytes and the key stay."""
+    import time
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(random.Random(7).randbytes((5 << 20) * 2 + 11))
+    digest = hash_file(big)
+    key = blob_key("sha256:" + digest)
+    assert store.put_file(key, big, sha256=digest)
+    small = blob_key("sha256:" + "00" * 32)
+    store.put(small, b"tiny")
+    store.max_copy_size = 6 << 20
+    before = {k: store.mtime(k) for k in (key, small)}
+    time.sleep(1.1)  # S3 times have one-second resolution
+    part_copies, copies = count_calls(store, "UploadPartCopy"), count_calls(store, "CopyObject")
+    store.touch(key)
+    store.touch(small)
+    assert len(part_copies) == 3 and len(copies) == 1
+    assert all(store.mtime(k) > before[k] for k in (key, small))
+    with open(tmp_path / "back", "wb") as f:
+        store.download(key, f)
+    assert hash_file(tmp_path / "back") == digest and store.get(small) == b"tiny"
+    assert store.client.list_multipart_uploads(Bucket="models", Prefix=store.prefix + "/").get("Uploads", []) == []
+    store.delete(key)
+    with pytest.raises(NotFoundError):
+        store.touch(key)

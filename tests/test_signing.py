@@ -483,3 +483,29 @@ def test_streaming_hash_matches_hashlib(model: Path) -> None:
     assert len(seen) >= BIG_SIZE // (256 << 10)  # one call per buffer, at least
     assert signing.hash_artifact(model, max_workers=4) == small
     assert {r.name: r.size for r in small.resources}[BIG] == BIG_SIZE
+
+
+# --- deterministic signatures ----------------------------------------------------------------------
+
+
+def test_key_signer_is_deterministic(model: Path, keys: dict[str, Path], ms: ModelSigningCLI, tmp_path: Path) -> None:
+    """Signing the same files twice gives the same bytes (reproducible builds), and model_signing
+    accepts them."""
+    first = signing.sign(model, keys["priv"], tmp_path / "first.sig")
+    second = signing.sign(model, signing.KeySigner(keys["priv"]), tmp_path / "second.sig")
+    assert first.read_bytes() == second.read_bytes()
+    assert ms.verify(model, first, keys["pub"]) == (0, "Verification succeeded\n")
+    signer = signing.KeySigner(keys["priv"])
+    assert signer.sign(b"{}") == signer.sign(b"{}") != signer.sign(b"{ }")
+
+
+def test_deterministic_nonce_is_rfc6979() -> None:
+    """RFC 6979 appendix A.2.5 (P-256, SHA-256, message "sample"): the signature KeySigner's ECDSA makes
+    is the published one, so the nonce comes from the key and message as the RFC says, not from luck."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = ec.derive_private_key(0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721, ec.SECP256R1())
+    r, s = decode_dss_signature(key.sign(b"sample", signing._ecdsa(key.public_key(), deterministic=True)))
+    assert r == 0xEFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716
+    assert s == 0xF7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8

@@ -33,7 +33,6 @@ from slmpkg.targets import (
     parse_cpuinfo,
     parse_meminfo,
     parse_nvidia_smi,
-    parse_size,
     rank_artifacts,
     targets_document,
 )
@@ -459,10 +458,6 @@ def test_error_when_nothing_is_published_or_host_runs_nothing():
 
 
 def test_sizes():
-    assert parse_size("8G") == parse_size("8GiB") == parse_size("8Gi") == 8 * GiB
-    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("512M") == 512 * MiB and parse_size("100") == 100
-    with pytest.raises(UsageError, match="invalid size '8 parsecs'"):
-        parse_size("8 parsecs")
     assert format_size(15360 * MiB) == "15.0 GiB" and format_size(None) == "unknown" and format_size(12) == "12 B"
 
 

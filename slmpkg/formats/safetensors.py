@@ -18,16 +18,13 @@ Example:
     >>> ckpt = st.read("tiny-llama/")                                   # doctest: +SKIP
     >>> [t.name for t in ckpt.tensors][:1], sorted(ckpt.sidecar)[:1]    # doctest: +SKIP
     (['model.embed_tokens.weight'], ['config.json'])
-    >>> st.write("tiny-llama-sharded/", ckpt, max_shard_size=st.parse_size("500MB"))  # doctest: +SKIP
-    >>> st.parse_size("2GiB")
-    2147483648
+    >>> st.write("tiny-llama-sharded/", ckpt, max_shard_size="500MB")   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,13 +34,13 @@ import numpy as np
 
 from .._io import atomic_directory, check_output_directory, read_range, write_synced
 from ..checkpoint import Checkpoint, LazyTensor
-from ..errors import FormatError, UsageError
+from ..errors import FormatError
 from ..quant import QuantType
+from ..sizes import parse_size
 
 __all__ = [
     "read",
     "write",
-    "parse_size",
     "SINGLE_FILE",
     "INDEX_FILE",
     "DEFAULT_MAX_SHARD_SIZE",
@@ -313,42 +310,6 @@ def read(path: PathLike) -> Checkpoint:
 
 # ---- writing ------------------------------------------------------------------------------------
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_size(value: Union[str, int]) -> int:
-    """A byte count from an int or a string such as ``"2GB"``, ``"500MB"``, ``"2GiB"``, ``"1.5GB"``.
-
-    KB/MB/GB/TB (and K/M/G/T) are powers of 1000, as transformers reads ``max_shard_size``;
-    KiB/MiB/GiB/TiB are powers of 1024; units are case-insensitive. Raises :class:`UsageError` for
-    anything else or a size that is not positive.
-
-    Example:
-        >>> parse_size("500MB"), parse_size("2GiB"), parse_size(1024)
-        (500000000, 2147483648, 1024)
-    """
-    if isinstance(value, bool):
-        raise UsageError(f"size {value!r}: expected a number of bytes or a string like 2GB")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise UsageError(
-                f"size {value!r}: expected a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-            )
-        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if n <= 0:
-        raise UsageError(f"size {value!r}: must be positive")
-    return n
-
-
 def _tensor_bytes(t: LazyTensor) -> int:
     # computed here rather than LazyTensor.nbytes, which divides by the last dimension (0 in empty tensors)
     return int(np.prod(t.shape, dtype=np.int64)) * _DTYPE_SIZES[_QTYPE_TO_DTYPE[t.qtype]]
@@ -469,7 +430,8 @@ def write(
 
     Tensors (F32/F16/BF16 only, else :class:`FormatError` naming the tensor and type) are packed
     greedily in checkpoint order into shards of at most ``max_shard_size`` bytes per file (an int or
-    a :func:`parse_size` string), header included; a tensor bigger than that gets a shard of its own.
+    a string for :func:`slmpkg.sizes.parse_size`: ``"5GB"`` is 5 * 10**9, as transformers reads it),
+    header included; a tensor bigger than that gets a shard of its own.
     One shard is ``model.safetensors``; several are ``model-00001-of-0000N.safetensors`` plus
     ``model.safetensors.index.json`` (``{"metadata": {"total_size": N, "total_parameters": P},
     "weight_map": {...}}``, as transformers writes it; ``total_size`` counts tensor bytes). Each shard has

@@ -1,5 +1,12 @@
 """The artifact registry: content-addressed blobs, per-target manifests, signed indexes and tags over a
-small :class:`~slmpkg.registry.store.Store` interface (local directory, S3).
+small :class:`~slmpkg.registry.store.Store` interface (local directory, S3, Hugging Face Hub).
+
+Modules, one concern each: :mod:`~.names` (references and store keys), :mod:`~.manifest` (artifact
+manifests), :mod:`~.signed` (signed indexes and tags, the client's rollback memory), :mod:`~.publish`
+(push, tag, refresh), :mod:`~.pulling` (pull) over :mod:`~.cache` (the local blob cache),
+:mod:`~.listing` (ls), :mod:`~.collect` (gc); :mod:`~.store` is the interface, :mod:`~.local`,
+:mod:`~.s3` and :mod:`~.hub` implement it. (No module is named after a function the package
+exports, so ``slmpkg.registry.pull`` is always the function.)
 
 Example:
     >>> from slmpkg.registry import open_store, push, pull      # doctest: +SKIP
@@ -11,21 +18,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .core import (
-    INDEX_PREDICATE,
-    MANIFEST_MEDIA_TYPE,
-    TAG_PREDICATE,
-    GcResult,
-    PullResult,
-    PushResult,
-    TrustState,
-    gc,
-    ls,
-    parse_ref,
-    pull,
-    push,
-    tag,
-)
+from .cache import fetch_blob
+from .collect import DEFAULT_GRACE, GcResult, gc
+from .listing import ls
+from .manifest import MANIFEST_MEDIA_TYPE, build_manifest
+from .names import blob_key, index_key, parse_ref, tag_key
+from .publish import PushResult, Refreshed, push, refresh, tag
+from .pulling import Chooser, PullResult, pull
+from .signed import DEFAULT_EXPIRES, INDEX_PREDICATE, TAG_PREDICATE, TrustState
 from .errors import (
     AuthError,
     ConflictError,
@@ -43,11 +43,12 @@ from .local import LocalStore, default_root
 from .store import Store
 
 __all__ = [
-    "INDEX_PREDICATE", "MANIFEST_MEDIA_TYPE", "TAG_PREDICATE",
-    "AuthError", "ConflictError", "ExpiredError", "GcResult", "IntegrityError", "LocalStore", "MixAndMatchError",
-    "NotFoundError", "PullResult", "PushResult", "RegistryError", "RollbackError", "Store", "StoreError",
+    "DEFAULT_EXPIRES", "DEFAULT_GRACE", "INDEX_PREDICATE", "MANIFEST_MEDIA_TYPE", "TAG_PREDICATE",
+    "AuthError", "Chooser", "ConflictError", "ExpiredError", "GcResult", "IntegrityError", "LocalStore", "MixAndMatchError",
+    "NotFoundError", "PullResult", "PushResult", "Refreshed", "RegistryError", "RollbackError", "Store", "StoreError",
     "TrustError", "TrustState", "UnsafePathError",
-    "default_root", "gc", "ls", "open_store", "parse_ref", "pull", "push", "tag",
+    "blob_key", "build_manifest", "default_root", "fetch_blob", "gc", "index_key", "ls", "open_store", "parse_ref",
+    "pull", "push", "refresh", "tag", "tag_key",
 ]
 
 

@@ -303,9 +303,8 @@ class HubStore(Store):
             raise NotFoundError(f"{self.url}/{key}: not found")
         return self._meta(check_key(key), head)[1]
 
-    def mtime(self, key: str) -> float:
-        check_key(key)
-        head = self._head()
+    def _mtime_at(self, key: str, head: str | None) -> tuple[float, list[str]]:
+        """The gc clock of ``key`` at commit ``head`` and the paths holding it (the key, its marker)."""
         if head is None:
             raise NotFoundError(f"{self.url}/{key}: not found")
         infos = {f.path: f for f in self._call("paths_info", key, self.api.get_paths_info, self.repo_id,
@@ -313,7 +312,29 @@ class HubStore(Store):
                                                 revision=head)}
         if key not in infos:
             raise NotFoundError(f"{self.url}/{key}: not found")
-        return max(f.last_commit.date.timestamp() for f in infos.values() if f.last_commit is not None)
+        return max(f.last_commit.date.timestamp() for f in infos.values() if f.last_commit is not None), list(infos)
+
+    def mtime(self, key: str) -> float:
+        check_key(key)
+        return self._mtime_at(key, self._head())[0]
+
+    def delete_if_stale(self, key: str, cutoff: float) -> bool:
+        """Check the age at the head commit and delete in a commit whose parent is that head: a touch
+        in between moves the branch, the Hub refuses the commit, and the age is checked again."""
+        from huggingface_hub import CommitOperationDelete
+
+        check_key(key)
+        for _ in range(_MAX_CAS_RETRIES):
+            head = self._head()
+            when, paths = self._mtime_at(key, head)
+            if when > cutoff:
+                return False
+            try:
+                self._commit([CommitOperationDelete(p) for p in paths], f"delete {key}", head)
+                return True
+            except ConflictError:
+                continue
+        raise ConflictError(f"{self.url}/{key}: branch {self.branch} kept moving while deleting")
 
     def touch(self, key: str) -> None:
         import time

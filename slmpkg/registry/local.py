@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ConflictError, IntegrityError, NotFoundError, StoreError
-from .store import CHUNK, Progress, Store, check_key, default_home
+from .store import CHUNK, Progress, Store, check_key, default_home, fsync_dir
 
 __all__ = ["LocalStore", "default_root"]
 
@@ -83,17 +83,30 @@ class LocalStore(Store):
             raise
         return tmp
 
+    def _makedirs(self, d: Path) -> None:
+        """``mkdir -p`` that also syncs each parent a directory was created in, so the new path
+        survives a power cut together with what is renamed into it."""
+        if d.is_dir():
+            return
+        self._makedirs(d.parent)
+        try:
+            d.mkdir()
+        except FileExistsError:
+            return
+        fsync_dir(d.parent)
+
     def _publish(self, tmp: Path, key: str, *, if_absent: bool) -> bool:
         target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._makedirs(target.parent)
             if if_absent:
                 try:
                     os.link(tmp, target)  # atomic create-only
                 except FileExistsError:
                     return False
-                return True
-            os.replace(tmp, target)
+            else:
+                os.replace(tmp, target)
+            fsync_dir(target.parent)
             return True
         except OSError as e:
             raise StoreError(f"{self.url}/{key}: cannot write: {e.strerror or e}") from None
@@ -189,10 +202,21 @@ class LocalStore(Store):
         return self._stat(key).st_mtime
 
     def touch(self, key: str) -> None:
-        try:
-            os.utime(self._path(key))
-        except FileNotFoundError:
-            raise NotFoundError(f"{self.url}/{key}: not found") from None
+        with self._lock(key):  # never between delete_if_stale's check and its unlink
+            try:
+                os.utime(self._path(key))
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.url}/{key}: not found") from None
+
+    def delete_if_stale(self, key: str, cutoff: float) -> bool:
+        with self._lock(key):  # one step against touch(): check the age and unlink under the key's lock
+            if self._stat(key).st_mtime > cutoff:
+                return False
+            try:
+                self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+            return True
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         try:

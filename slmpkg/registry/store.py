@@ -23,19 +23,22 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import mmap
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from slmpkg._threads import results, wait, worker_pool
 
 from .errors import IntegrityError, StoreError
 
-__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable"]
+__all__ = ["BlobWriter", "FetchStats", "Progress", "Store", "check_key", "fetch_resumable", "fsync_dir", "parallel_map"]
 
 #: ``progress(n)``: ``n`` more bytes moved. Called from worker threads, one call at a time.
 Progress = Callable[[int], None]
@@ -113,6 +116,10 @@ class Store(abc.ABC):
     #: How many ranges of one blob :func:`fetch_resumable` reads at once; a backend whose
     #: :meth:`read_range_into` is thread-safe and gains from parallel requests raises it.
     range_concurrency: int = 1
+    #: Blobs above this size are uploaded by :meth:`put_file` in parallel parts (S3 multipart), so a
+    #: caller uploads them one at a time, from its own thread (where Ctrl-C and SIGTERM land, and stop
+    #: the parts promptly). None: the store never splits an upload.
+    multipart_threshold: int | None = None
 
     # ---- small values -----------------------------------------------------------------------------
 
@@ -162,6 +169,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def touch(self, key: str) -> None:
         """Refresh :meth:`mtime`, so a blob an in-flight push reuses survives a concurrent gc."""
+
+    def delete_if_stale(self, key: str, cutoff: float) -> bool:
+        """Delete ``key`` only if it was last written or touched before ``cutoff`` (unix seconds);
+        True when deleted. gc calls this so that a blob a push touched after gc listed it survives.
+
+        This default checks and then deletes, leaving a window of one request in which a touch is
+        missed; a store that can make the two one step (the local store holds the key's lock, the Hub
+        deletes in a commit whose parent is the one it checked) overrides it."""
+        if self.mtime(key) > cutoff:
+            return False
+        self.delete(key)
+        return True
 
     @abc.abstractmethod
     def read_range(self, key: str, start: int, end: int) -> bytes:
@@ -241,7 +260,8 @@ def _read_ledger(ledger: Path, partial: Path, size: int, range_size: int) -> set
 
 
 def fetch_resumable(
-    store: Store, key: str, size: int, partial: str | os.PathLike[str], *, progress: Progress | None = None
+    store: Store, key: str, size: int, partial: str | os.PathLike[str], *, progress: Progress | None = None,
+    slots: threading.Semaphore | None = None, cancel: threading.Event | None = None,
 ) -> FetchStats:
     """Download ``key`` (``size`` bytes) into the local file ``partial`` and return its sha256.
 
@@ -258,8 +278,12 @@ def fetch_resumable(
     Nothing is fsynced: a range recorded in the ledger but lost with the page cache (power loss)
     makes the digest check fail, and the caller then starts over.
 
+    Several blobs can be fetched at once sharing ``slots`` (at most that many ranges in flight in
+    all), so the next blob's ranges keep the connections busy while this one's last ranges are
+    hashed; ``cancel``, once set, stops ranges not yet started (an interrupt in the caller's thread).
+
     Example:
-        >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...partial")  # doctest: +SKIP
+        >>> st = fetch_resumable(store, "blobs/sha256/ab..", 1 << 30, cache / "tmp" / "ab...x1y2.partial")  # doctest: +SKIP
         >>> st.sha256 == "ab.." and st.fetched_bytes + st.resumed_bytes == st.size                   # doctest: +SKIP
         True
     """
@@ -284,18 +308,17 @@ def fetch_resumable(
         view = memoryview(mm)
 
         def fetch(i: int) -> None:
-            if stop.is_set():
-                raise concurrent.futures.CancelledError
-            try:
-                store.read_range_into(key, i * rs, view[i * rs: min(size, (i + 1) * rs)])
-            except BaseException:
-                stop.set()  # a dead server fails every range: do not start the others
-                raise
+            with slots or contextlib.nullcontext():
+                if stop.is_set() or (cancel is not None and cancel.is_set()):
+                    raise concurrent.futures.CancelledError
+                try:
+                    store.read_range_into(key, i * rs, view[i * rs: min(size, (i + 1) * rs)])
+                except BaseException:
+                    stop.set()  # a dead server fails every range: do not start the others
+                    raise
             log.write(f"{i}\n".encode("ascii"))  # O_APPEND, unbuffered: one write, one whole line
 
-        pool = concurrent.futures.ThreadPoolExecutor(
-            max(1, min(int(store.range_concurrency), len(missing) or 1)), thread_name_prefix="slmpkg-range"
-        )
+        pool = worker_pool(min(int(store.range_concurrency), len(missing) or 1), "slmpkg-range")
         futures = {i: pool.submit(fetch, i) for i in missing}
         try:
             for i in range(n):
@@ -304,7 +327,8 @@ def fetch_resumable(
                 if fu is None:
                     resumed += end - start
                 else:
-                    if fu.exception() is not None or fu.cancelled():
+                    wait(fu)  # in slices: an interrupt of this thread is not held up by a long range
+                    if fu.cancelled() or fu.exception() is not None:
                         raise _first_failure(futures.values()) or fu.exception()
                     fetched += end - start
                 h.update(view[start:end])
@@ -330,6 +354,43 @@ def _first_failure(futures) -> BaseException | None:
             if e is not None and not isinstance(e, concurrent.futures.CancelledError):
                 return e
     return None
+
+
+def parallel_map(
+    fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int, *, cancel: threading.Event | None = None
+) -> list[Any]:
+    """``[fn(x) for x in items]`` on up to ``max_workers`` threads. The first failure cancels what has
+    not started (a dead server should fail the command once, not once per remaining file) and is
+    raised after the running calls return. A failure, or an interrupt of the calling thread (Ctrl-C,
+    SIGTERM: raised there, never in the workers), also sets ``cancel``, which long calls watch.
+
+    Example:
+        >>> parallel_map(lambda x: x * 2, [1, 2, 3], 2)
+        [2, 4, 6]
+    """
+    items = list(items)
+    if not items:
+        return []
+    pool = worker_pool(min(max_workers, len(items)))
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        return results(futures)
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries to disk: a rename or link into it survives a power cut only once
+    the directory itself is synced (the file's own fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def default_home() -> Path:

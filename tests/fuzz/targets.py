@@ -121,7 +121,7 @@ def index(data: bytes) -> None:
 
 
 def manifest(data: bytes) -> None:
-    from slmpkg.registry.core import INDEX_PREDICATE  # noqa: F401 - the predicate type the index carries
+    from slmpkg.registry import INDEX_PREDICATE  # noqa: F401 - the predicate type the index carries
 
     signer, verifier, registry = _trusted()
     digest = hashlib.sha256(data).hexdigest()
