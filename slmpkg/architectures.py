@@ -1243,7 +1243,7 @@ MULTIMODAL: tuple[Multimodal, ...] = (
         prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                   ("model.language_model.", "model.")),
         dropped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
-        note="llama.cpp reads the vision tower from a separate mmproj GGUF, which slmpkg.mmproj.from_hf writes",
+        note="llama.cpp reads the vision tower from a separate mmproj GGUF: convert with --mmproj FILE to write it",
     ),
 )
 

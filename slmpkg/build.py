@@ -707,10 +707,9 @@ class Builder:
     def _publish(self, jobs: list[Node], signer: Any, result: BuildResult) -> None:
         from .registry import ls, push, tag
         from .registry.errors import ConflictError, NotFoundError
-        from .signing import KeyVerifier
 
         store = self.store()
-        verifier = KeyVerifier(signer._key.public_key())
+        verifier = signer.verifier()
         ref = f"{self.recipe.name}:{self.recipe.version}"
         expires = dt.timedelta(days=self.recipe.publish.expires_days or 365)
         try:
@@ -802,7 +801,7 @@ class Builder:
             if pub is not None:
                 verifier = KeyVerifier(pub)
             elif self.key is not None:
-                verifier = KeyVerifier(KeySigner(self.key)._key.public_key())
+                verifier = KeySigner(self.key).verifier()
             else:
                 raise UsageError("--check against a registry needs --pub or a signing key to verify its index")
             store = self.store()

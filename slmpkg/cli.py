@@ -197,6 +197,8 @@ def quantize_command(
 @_tensor_type_options
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--mmproj", type=click.Path(path_type=Path),
+              help="Multimodal HF source to GGUF: also write the vision tower as llama.cpp's mmproj GGUF here.")
 @click.option("--split-max-size", metavar="SIZE", help="Split GGUF output into NAME-0000i-of-0000N.gguf files of at most SIZE (e.g. 2G).")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: every core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -207,7 +209,8 @@ def convert_command(
     accuracy_level: Optional[int], asymmetric: bool, exact_mins: bool, imatrix: Optional[Path],
     allow_requantize: bool, pure: bool, tensor_types: tuple[str, ...], leave_output_tensor: bool,
     output_tensor_type: Optional[str], token_embedding_type: Optional[str], dtype: Optional[str],
-    max_shard_size: str, split_max_size: Optional[str], threads: Optional[int], quiet: bool, as_json: bool,
+    max_shard_size: str, mmproj: Optional[Path], split_max_size: Optional[str], threads: Optional[int], quiet: bool,
+    as_json: bool,
 ) -> None:
     """Convert a Hugging Face directory to GGUF (any preset, one pass) or ONNX, a GGUF to a HF directory or ONNX,
     or an ONNX decoder (a model directory or .onnx file: slmpkg's, onnxruntime-genai's or optimum's) to GGUF or a
@@ -234,7 +237,8 @@ def convert_command(
     result = convert(src, dst, to=to, quant=quant, imatrix=imatrix, dtype=dtype,
                      max_shard_size=parse_size(max_shard_size),
                      split_max_size=parse_size(split_max_size) if split_max_size else None,
-                     threads=threads, progress=False if quiet else None, linear_weights=linear_weights)
+                     threads=threads, progress=False if quiet else None, linear_weights=linear_weights,
+                     mmproj=mmproj)
     if as_json:
         _emit_json(result.to_dict())
     elif not quiet:

@@ -42,7 +42,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from .errors import SlmpkgError, UsageError
+from .errors import SlmpkgError
 
 __all__ = [
     "EvalError", "TensorError", "RuntimeStats", "QualityReport", "builtin_text", "evaluate", "evaluate_many",

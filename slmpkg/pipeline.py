@@ -173,6 +173,7 @@ def convert(
     threads: Optional[int] = None,
     progress: Optional[bool] = None,
     linear_weights: Optional["LinearWeights"] = None,
+    mmproj: Optional[PathLike] = None,
 ) -> ConvertResult:
     """Convert between a Hugging Face directory and GGUF, streaming one tensor at a time; an ONNX decoder
     (a model directory or ``.onnx`` file: slmpkg's, onnxruntime-genai's or optimum's) converts to either.
@@ -184,7 +185,9 @@ def convert(
     tensors to ``dtype`` (default: as stored) and keeps every other file, config.json's dtype updated.
     When ``dst`` is an existing directory and the target is GGUF, the file inside it is named as
     llama.cpp names its files (``Name-Size-PRESET.gguf``); ``split_max_size`` splits GGUF output into
-    ``NAME-00001-of-0000N.gguf`` files of at most that many bytes of tensor data.
+    ``NAME-00001-of-0000N.gguf`` files of at most that many bytes of tensor data. ``mmproj``: for a
+    multimodal HF checkpoint converted to GGUF, also write its vision tower as llama.cpp's projector
+    GGUF there (:mod:`slmpkg.mmproj`).
     """
     from . import architectures
     from .formats import gguf as gguf_format
@@ -215,8 +218,18 @@ def convert(
             raise UsageError(f"{src}: already GGUF; use `slmpkg quantize` to change its types")
         if source_is_onnx:
             canonical = _naming(src, lambda: onnx_import.read(src))
+        elif mmproj is not None:
+            from . import mmproj as mmproj_format
+
+            hf = st_format.read(src)
+            vision = _naming(src, lambda: mmproj_format.from_hf(hf, name=src.name))
+            with warnings.catch_warnings():  # the vision tower is not left out: it goes to the mmproj file
+                warnings.filterwarnings("ignore", message=".*vision tower.*")
+                canonical = _naming(src, lambda: architectures.from_hf(hf, name=src.name))
         else:
             canonical = _naming(src, lambda: architectures.from_hf(st_format.read(src), name=src.name))
+        if mmproj is not None and source_is_onnx:
+            raise UsageError("--mmproj takes a multimodal Hugging Face checkpoint")
         if isinstance(quant, QuantOptions):
             options = quant
         elif quant is None and source_is_onnx:
@@ -233,6 +246,13 @@ def convert(
         with ProgressBar(total, f"convert → {dst.name}", enabled=progress) as bar:
             files = gguf_format.write(dst, out, on_tensor=lambda t: bar.advance(t.nbytes, t.name),
                                       split_max_size=split_max_size)
+        if mmproj is not None:
+            try:
+                files.append(gguf_format.write(Path(mmproj), vision)[0])
+            except BaseException:
+                for f in files:  # both files or neither
+                    f.unlink(missing_ok=True)
+                raise
         return ConvertResult(src, files[0], "gguf", files, sum(f.stat().st_size for f in files),
                              time.monotonic() - start)
 

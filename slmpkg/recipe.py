@@ -193,7 +193,7 @@ def load_recipe(path: PathLike) -> Recipe:
 
 def parse_recipe(document: Mapping[str, Any], path: Optional[PathLike] = None) -> Recipe:
     """Check a recipe given as a dict (what TOML parses to); relative paths are taken from ``path``'s folder."""
-    from .presets import PRESETS, get_preset
+    from .presets import PRESETS
     from .registry import parse_ref
     from .targets import TARGETS, TARGETS_BY_NAME
 

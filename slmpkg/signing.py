@@ -521,6 +521,10 @@ class KeySigner(Signer):
         self._key = key
         self.source = source
 
+    def verifier(self) -> "KeyVerifier":
+        """The verifier of this key's signatures (its public half)."""
+        return KeyVerifier(self._key.public_key())
+
     @property
     def key_hint(self) -> str:
         """sha256 hex of the public key's PEM: ``verificationMaterial.publicKey.hint``."""

@@ -188,3 +188,22 @@ def test_refusals_name_the_problem(tmp_path):
     text_only = _hf_model(tmp_path / "text", "gemma3")
     with pytest.raises(FormatError, match="Gemma3ForCausalLM has no vision tower"):
         mmproj.from_hf(st_format.read(text_only))
+
+
+def test_convert_writes_the_mmproj_beside_the_text_model(model, tmp_path):
+    """`slmpkg convert --mmproj FILE`: the same two files as the API, and no "left out" warning."""
+    from click.testing import CliRunner
+
+    from slmpkg.cli import main
+
+    _, src, text, vision = model
+    out, proj = tmp_path / "text.gguf", tmp_path / "mmproj.gguf"
+    done = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--quant", "F32", "--mmproj", str(proj),
+                                     "--json"])
+    assert done.exit_code == 0, done.output
+    assert "left out" not in done.output and json.loads(done.output)["files"] == [str(out), str(proj)]
+    assert out.read_bytes() == text.read_bytes()
+    gguf_format.write(tmp_path / "api.gguf", mmproj.from_hf(st_format.read(src), name=src.name))
+    assert proj.read_bytes() == (tmp_path / "api.gguf").read_bytes()
+    plain = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "t.gguf"), "--quant", "F32", "-q"])
+    assert "--mmproj" in plain.output  # the warning says how to keep the tower

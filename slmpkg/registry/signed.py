@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from slmpkg.errors import SignatureError
-from slmpkg.signing import PAYLOAD_TYPE, KeySigner, KeyVerifier, Signer, Verifier
+from slmpkg.signing import PAYLOAD_TYPE, KeySigner, Signer, Verifier
 
 from .errors import ExpiredError, MixAndMatchError, NotFoundError, RegistryError, RollbackError, TrustError
 from .store import Store, default_home, fsync_dir
@@ -142,9 +142,8 @@ def open_doc(data: bytes, verifier: Verifier | None, predicate_type: str, source
 def verifier_for(signer: Signer, verifier: Verifier | None) -> Verifier:
     if verifier is not None:
         return verifier
-    key = getattr(signer, "_key", None)
-    if isinstance(signer, KeySigner) and key is not None:
-        return KeyVerifier(key.public_key())
+    if isinstance(signer, KeySigner):
+        return signer.verifier()
     raise RegistryError("push: pass verifier= for this signer (needed to check the index it updates)")
 
 
