@@ -210,5 +210,8 @@ def dequantize(data: np.ndarray, qtype: Union[str, QuantType], shape: Sequence[i
     else:
         from gguf import quants as gguf_quants
 
-        values = gguf_quants.dequantize(raw.reshape(n_rows, -1), t)
+        try:
+            values = gguf_quants.dequantize(raw.reshape(n_rows, -1), t)
+        except NotImplementedError:  # types ggml only computes with (Q8_1, Q8_K) or does not convert (I32, F64)
+            raise QuantizationError(f"{t.name} data cannot be converted to float values") from None
     return np.asarray(values, dtype=np.float32).reshape(shape)
