@@ -1510,7 +1510,7 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         raise FormatError("config.json is missing: not a Hugging Face model directory")
     try:
         config = json.loads(ckpt.sidecar["config.json"])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise FormatError(f"config.json: not valid JSON ({e})") from None
     wrapper = _multimodal(config)
     source = list(ckpt.tensors)

@@ -186,7 +186,7 @@ def load_recipe(path: PathLike) -> Recipe:
         raise RecipeError(f"{p}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
         document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, RecursionError) as e:  # RecursionError: arrays/tables nested too deep
         raise RecipeError(f"{p}: not valid TOML ({e})") from None
     return parse_recipe(document, p)
 

@@ -206,7 +206,7 @@ class Manifest:
 
         try:
             st = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise bad(f"payload is not JSON ({e})") from None
         if not isinstance(st, dict):
             raise bad("payload is not a JSON object")
@@ -756,7 +756,7 @@ def _read_bundle(sig_path: Path) -> dict[str, Any]:
         raise SignatureError(f"{sig_path}: cannot read signature: {e.strerror or e}") from None
     try:
         bundle = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SignatureError(f"{sig_path}: malformed signature bundle: not JSON ({e})") from None
     if not isinstance(bundle, dict):
         raise SignatureError(f"{sig_path}: malformed signature bundle: not a JSON object")

@@ -126,7 +126,7 @@ def _parse_header(path: Path) -> tuple[dict[str, str], list[_Entry], int]:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise FormatError(f"{path}: header is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is JSON but not an object")
@@ -199,7 +199,7 @@ def _read_index(index: Path) -> list[LazyTensor]:
         doc = json.loads(index.read_text(encoding="utf-8"))
     except OSError as e:
         raise FormatError(f"{index}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{index}: not JSON ({type(e).__name__}: {e})") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -67,7 +67,7 @@ def _live_blobs(store: Store) -> set[str]:
             try:
                 files = json.loads(data)["files"]
                 live.update(blob_key(str(f["digest"])) for f in files)
-            except (ValueError, UnicodeDecodeError, KeyError, TypeError, IntegrityError):
+            except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError, IntegrityError):
                 raise _unreadable(f"{store.url}/{mk}: malformed manifest (no readable file list)") from None
     return live
 

@@ -105,7 +105,7 @@ def _manifest(store: Store, name: str, release: str, target: str, entry: Any) ->
         raise IntegrityError(f"{msource}: manifest does not match its signed digest; refusing it")
     try:
         manifest = json.loads(mbytes)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         raise IntegrityError(f"{msource}: manifest is not JSON") from None
     return mdigest, check_manifest(manifest, msource, name, release, target)
 

@@ -104,7 +104,7 @@ def open_doc(data: bytes, verifier: Verifier | None, predicate_type: str, source
         bundle = json.loads(data)
         if not isinstance(bundle, dict):
             raise ValueError("not an object")
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise TrustError(f"{source}: malformed signed document: {e}") from None
     if verifier is not None:
         try:
@@ -123,7 +123,7 @@ def open_doc(data: bytes, verifier: Verifier | None, predicate_type: str, source
             raise TrustError(f"{source}: malformed signed document ({e})") from None
     try:
         st = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TrustError(f"{source}: signed payload is not JSON ({e})") from None
     if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE:
         raise TrustError(f"{source}: signed payload is not an in-toto statement v1")

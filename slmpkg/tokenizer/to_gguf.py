@@ -33,7 +33,7 @@ class _Files:
             else:
                 try:
                     self._json[name] = json.loads(data)
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
                     raise FormatError(f"{name}: not valid JSON ({e})") from None
         return self._json[name]
 
@@ -186,14 +186,18 @@ def _check_byte_level_normalizer(normalizer: Optional[Mapping[str, Any]], source
 
 
 def _walk(node: Any, key: str) -> Iterator[Mapping[str, Any]]:
-    """Every step of a normalizer/pre_tokenizer/decoder tree, flattening Sequences."""
-    if not isinstance(node, Mapping):
-        return
-    if node.get("type") == "Sequence":
-        for sub in node.get(key, []):
-            yield from _walk(sub, key)
-    else:
-        yield node
+    """Every step of a normalizer/pre_tokenizer/decoder tree, flattening Sequences (without recursion:
+    a file may nest them as deep as its JSON parses)."""
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, Mapping):
+            continue
+        if node.get("type") == "Sequence":
+            steps = node.get(key, [])
+            pending.extend(reversed(steps) if isinstance(steps, list) else ())
+        else:
+            yield node
 
 
 def _spm_space_prefix(tj: Mapping[str, Any]) -> Optional[bool]:

@@ -68,7 +68,7 @@ def _json_file(path: Path) -> Optional[dict[str, Any]]:
         return None
     try:
         data = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: not a JSON object")
@@ -449,7 +449,7 @@ def _embedded_config(g: _Graph) -> Optional[dict[str, Any]]:
         return None
     try:
         data = json.loads(entry)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"{g.file}: model property {CONFIG_PROPERTY} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{g.file}: model property {CONFIG_PROPERTY} is not a JSON object")
