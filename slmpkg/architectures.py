@@ -78,6 +78,31 @@ class Dims:
         return getattr(self, name, None)
 
 
+# llama.cpp's bounds (LLAMA_MAX_LAYERS; LLAMA_MAX_EXPERTS, which llama.cpp raises as models need it): a
+# size past them is damage, and refusing it first keeps per-layer and per-expert lists small
+MAX_LAYERS = 512
+MAX_EXPERTS = 1024
+_DIM_NAMES = {"hidden": "hidden size", "n_layer": "layer count", "n_head": "attention head count",
+              "n_head_kv": "key/value head count", "head_dim": "head size", "ff": "feed-forward size",
+              "n_expert": "expert count", "ctx": "context length", "n_types": "token type count"}
+
+
+def _checked(dims: Dims, source: str) -> Dims:
+    """``dims`` as plain ints, or a :class:`FormatError` naming ``source`` and the first size that no model
+    has (not an integer, zero where one is needed, more layers or experts than llama.cpp allows)."""
+    values = {}
+    for name, what in _DIM_NAMES.items():
+        v = getattr(dims, name)
+        least = 0 if name in ("n_expert", "ctx", "n_types") else 1
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < least:
+            raise FormatError(f"{source}: {what} {v!r} is not {'a positive' if least else 'a non-negative'} integer")
+        values[name] = int(v)
+    for name, limit in (("n_layer", MAX_LAYERS), ("n_expert", MAX_EXPERTS)):
+        if values[name] > limit:
+            raise FormatError(f"{source}: {_DIM_NAMES[name]} {values[name]} is more than llama.cpp's {limit}")
+    return Dims(**values)
+
+
 # ---- tensor transforms --------------------------------------------------------------------------
 
 
@@ -511,6 +536,20 @@ def _longrope_forward(ctx: _Forward, rope: Mapping[str, Any]) -> None:
         ctx.tensors.append(LazyTensor.from_array(f"rope_factors_{kind}.weight", factors[kind]))
 
 
+def _stored_json(ckpt: Checkpoint, key: str) -> dict[str, Any]:
+    """The JSON object slmpkg stored under ``key`` when it wrote the GGUF ({} when absent)."""
+    text = ckpt.get(key)
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise FormatError(f"GGUF: {key} is not the JSON object slmpkg writes there")
+    return value
+
+
 def _rope_backward(ctx: _Backward, *, per_layer_type: bool, original_context: bool) -> None:
     dims = ctx.dims
     full: dict[str, Any] = {"rope_type": "default", "rope_theta": ctx.get("rope.freq_base", 10000.0)}
@@ -522,7 +561,7 @@ def _rope_backward(ctx: _Backward, *, per_layer_type: bool, original_context: bo
                     original_max_position_embeddings=ctx.get("rope.scaling.original_context_length"))
     elif scaling not in (None, "none"):
         raise FormatError(f"GGUF → HF: rope scaling type {scaling!r} is not supported yet")
-    stored = json.loads(ctx.ckpt.get(ROPE_SCALING_KEY) or "{}")
+    stored = _stored_json(ctx.ckpt, ROPE_SCALING_KEY)
     tensor = lambda name: next(t for t in ctx.ckpt.tensors if t.name == name).float32()  # noqa: E731
     if "rope_freqs.weight" in ctx.names:
         ctx.skip.add("rope_freqs.weight")
@@ -948,7 +987,7 @@ def _openelm_backward(ctx: _Backward) -> None:
         value = ctx.get(key)
         sizes.append([int(v) for v in value] if np.ndim(value) else [int(value)] * n)
     config = openelm_config(ctx.dims.hidden, ctx.dims.head_dim, *sizes, ctx.get("context_length", 2048),
-                            float(ctx.get("rope.freq_base", 10000.0)), json.loads(ctx.ckpt.get(HF_CONFIG_KEY) or "{}"))
+                            float(ctx.get("rope.freq_base", 10000.0)), _stored_json(ctx.ckpt, HF_CONFIG_KEY))
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                 "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings"):
         ctx.config.pop(key, None)
@@ -1325,9 +1364,13 @@ def _dims_from_config(config: Mapping[str, Any], family: Family) -> Dims:
     if missing:
         raise FormatError(f"config.json: missing {', '.join(missing)}")
     hidden, n_head = config["hidden_size"], config["num_attention_heads"]
+    if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head < 1:
+        raise FormatError(f"config.json: num_attention_heads {n_head!r} is not a positive integer")
     # families without the head_dim hook derive it, as llama.cpp does (its Granite converter drops head_dim)
     head_dim = config.get("head_dim") if any(h.name == "head_dim" for h in family.hooks) else None
-    return Dims(
+    if head_dim is None and not isinstance(hidden, int):
+        raise FormatError(f"config.json: hidden_size {hidden!r} is not a positive integer")
+    return _checked(Dims(
         hidden=hidden,
         n_layer=config["num_hidden_layers"],
         n_head=n_head,
@@ -1337,7 +1380,7 @@ def _dims_from_config(config: Mapping[str, Any], family: Family) -> Dims:
         n_expert=config.get("num_local_experts") or 0,
         ctx=config.get("max_position_embeddings") or 0,
         n_types=config.get("type_vocab_size") or 0,
-    )
+    ), "config.json")
 
 
 def _param_forward(p: Param, config: Mapping[str, Any]) -> MetaValue:
@@ -1579,21 +1622,33 @@ def _dims_from_gguf(ckpt: Checkpoint, arch: str) -> Dims:
     missing = [f"{arch}.{k}" for k in required if g(k) is None]
     if missing:
         raise FormatError(f"GGUF lacks required metadata: {', '.join(missing)}")
-    # per-layer sizes (OpenELM's arrays) as their largest, as a config_view gives them
-    widest = lambda value: int(max(value)) if np.ndim(value) else value  # noqa: E731
-    hidden, n_head = g("embedding_length"), widest(g("attention.head_count"))
+    source = f"GGUF {arch}"
+
+    def widest(key: str, default: Any = None) -> Any:
+        """A size, or the largest of a per-layer array of them (OpenELM's), as a config_view gives it."""
+        value = g(key, default)
+        if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+            if value.size == 0:
+                raise FormatError(f"{source}: {arch}.{key} is an empty array")
+            return int(value.max())
+        return value
+
+    hidden, n_head = g("embedding_length"), widest("attention.head_count")
+    for key, v in (("embedding_length", hidden), ("attention.head_count", n_head)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise FormatError(f"{source}: {arch}.{key} {v!r} is not a positive integer")
     types = next((t for t in ckpt.tensors if t.name == "token_types.weight"), None)
-    return Dims(
+    return _checked(Dims(
         hidden=hidden,
         n_layer=g("block_count"),
         n_head=n_head,
-        n_head_kv=widest(g("attention.head_count_kv", n_head)),
+        n_head_kv=widest("attention.head_count_kv", n_head),
         head_dim=g("attention.key_length") or hidden // n_head,
-        ff=widest(g("feed_forward_length")),
+        ff=widest("feed_forward_length"),
         n_expert=g("expert_count", 0),
         ctx=g("context_length", 0),
         n_types=types.shape[0] if types is not None else 0,
-    )
+    ), source)
 
 
 def _split_expert(t: LazyTensor, name: str, x: int) -> LazyTensor:
