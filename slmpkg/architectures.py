@@ -265,20 +265,32 @@ class Multimodal:
 # ---- hyperparameters ----------------------------------------------------------------------------
 
 
-_META = {
-    V.UINT32: lambda v: MetaValue(V.UINT32, int(v)),
-    V.FLOAT32: lambda v: MetaValue(V.FLOAT32, float(v)),
-    V.BOOL: lambda v: MetaValue(V.BOOL, bool(v)),
-    V.STRING: lambda v: MetaValue(V.STRING, str(v)),
-}
+def _is_number(v: Any) -> bool:
+    """A finite real number (JSON's true/false and NaN/Infinity are not)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and math.isfinite(v)
 
 
-def _u32(v: int) -> MetaValue:
+def _u32(v: Any, key: str = "") -> MetaValue:
+    """A GGUF uint32 from a config.json value (a whole number; ``key`` names it in the error)."""
+    if not _is_number(v) or v != int(v) or not 0 <= v < 2**32:
+        raise FormatError(f"config.json: {key + ' ' if key else ''}{v!r} is not an integer from 0 to 2^32 - 1")
     return MetaValue(V.UINT32, int(v))
 
 
-def _f32(v: float) -> MetaValue:
+def _f32(v: Any, key: str = "") -> MetaValue:
+    """A GGUF float32 from a config.json value (a number float32 holds; ``key`` names it in the error)."""
+    if not _is_number(v) or abs(v) > float(np.finfo(np.float32).max):
+        raise FormatError(f"config.json: {key + ' ' if key else ''}{v!r} is not a number a float32 holds")
     return MetaValue(V.FLOAT32, float(v))
+
+
+_META: dict[V, Callable[[Any, str], MetaValue]] = {
+    V.UINT32: _u32,
+    V.FLOAT32: _f32,
+    V.BOOL: lambda v, key: MetaValue(V.BOOL, bool(v)),
+    V.STRING: lambda v, key: MetaValue(V.STRING, str(v)),
+}
 
 
 @dataclass(frozen=True)
@@ -376,18 +388,42 @@ class Family:
 # ---- hooks ----------------------------------------------------------------------------------------
 
 
+# rope settings that are positive numbers (llama.cpp and transformers divide by them or take their logarithm)
+_ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                 "attention_factor", "partial_rotary_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _rope_object(value: Any, key: str) -> dict[str, Any]:
+    """A rope settings object of config.json, checked: an object whose numbers are positive and finite,
+    whose ``rope_type`` is a string and whose per-frequency factors are lists of numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise FormatError(f"config.json: {key} is not an object")
+    for k, v in value.items():
+        if k in ("full_attention", "sliding_attention"):  # Gemma 3's per-layer-type settings
+            _rope_object(v, f"{key}.{k}")
+        elif k in _ROPE_NUMBERS and v is not None and (not _is_number(v) or v <= 0):
+            raise FormatError(f"config.json: {key}.{k} {v!r} is not a positive number")
+        elif k in ("rope_type", "type") and not isinstance(v, str):
+            raise FormatError(f"config.json: {key}.{k} {v!r} is not a string")
+        elif k in ("short_factor", "long_factor") and (not isinstance(v, list) or not all(_is_number(x) for x in v)):
+            raise FormatError(f"config.json: {key}.{k} is not a list of numbers")
+    return dict(value)
+
+
 def _rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """transformers 5 keeps rope settings in ``rope_parameters``; older configs in ``rope_theta``/``rope_scaling``."""
-    params = dict(config.get("rope_parameters") or {})
+    params = _rope_object(config.get("rope_parameters"), "rope_parameters")
     if "full_attention" in params or "sliding_attention" in params:
         return params
-    if "rope_theta" not in params and "rope_theta" in config:
-        params["rope_theta"] = config["rope_theta"]
-    scaling = config.get("rope_scaling") or {}
-    for k, v in scaling.items():
+    old = _rope_object({k: config[k] for k in ("rope_theta", "partial_rotary_factor") if k in config}, "config")
+    if "rope_theta" not in params and "rope_theta" in old:
+        params["rope_theta"] = old["rope_theta"]
+    for k, v in _rope_object(config.get("rope_scaling"), "rope_scaling").items():
         params.setdefault("rope_type" if k == "type" else k, v)
-    if "partial_rotary_factor" not in params and "partial_rotary_factor" in config:
-        params["partial_rotary_factor"] = config["partial_rotary_factor"]
+    if "partial_rotary_factor" not in params and "partial_rotary_factor" in old:
+        params["partial_rotary_factor"] = old["partial_rotary_factor"]
     return params
 
 
@@ -517,6 +553,8 @@ def _longrope_forward(ctx: _Forward, rope: Mapping[str, Any]) -> None:
     orig = rope.get("original_max_position_embeddings") or ctx.config.get("original_max_position_embeddings")
     if not orig:
         raise FormatError("config.json: longrope scaling without original_max_position_embeddings")
+    if not _is_number(orig) or orig <= 1:
+        raise FormatError(f"config.json: longrope original_max_position_embeddings {orig!r} is not a length above 1")
     n_rot = int(ctx.dims.head_dim * rope.get("partial_rotary_factor", 1.0))
     factors = {}
     for kind in ("short", "long"):
@@ -1331,8 +1369,19 @@ def _own_layout(family: Family, tensors: Sequence[LazyTensor]) -> list[LazyTenso
     return out
 
 
-def family_for_hf(config: Mapping[str, Any], source: str = "config.json") -> Family:
+def _classes(config: Any, source: str = "config.json") -> list[str]:
+    """The classes a config.json names (``architectures``), once it is checked to be an object that names
+    them as a list of strings."""
+    if not isinstance(config, Mapping):
+        raise FormatError(f"{source}: not a JSON object")
     classes = config.get("architectures") or []
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise FormatError(f"{source}: architectures is not a list of class names")
+    return classes
+
+
+def family_for_hf(config: Mapping[str, Any], source: str = "config.json") -> Family:
+    classes = _classes(config, source)
     for family in FAMILIES:
         if any(c in family.hf_classes for c in classes):
             return family
@@ -1391,7 +1440,7 @@ def _param_forward(p: Param, config: Mapping[str, Any]) -> MetaValue:
         value = p.default
     if value is None:
         raise FormatError(f"config.json: {p.hf} is missing")
-    return _META[p.type](value)
+    return _META[p.type](value, p.hf)
 
 
 def _check_activation(family: Family, config: Mapping[str, Any]) -> None:
@@ -1555,6 +1604,9 @@ def from_hf(ckpt: Checkpoint, name: Optional[str] = None) -> Checkpoint:
         config = json.loads(ckpt.sidecar["config.json"])
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise FormatError(f"config.json: not valid JSON ({e})") from None
+    _classes(config)  # an object naming its classes (checked before they are looked into)
+    if not isinstance(config.get("text_config", {}), Mapping):
+        raise FormatError("config.json: text_config is not an object")
     wrapper = _multimodal(config)
     source = list(ckpt.tensors)
     if "text_config" in config:  # multimodal wrappers keep the language model's settings here

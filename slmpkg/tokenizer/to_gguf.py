@@ -109,13 +109,22 @@ def _id_table(tj: Mapping[str, Any], source: str) -> tuple[dict[int, str], dict[
     return by_id, added
 
 
+# ids without a token are padded with [PADi] tokens (GGUF lists every id); real checkpoints pad a few
+# hundred ids at most, so a vocabulary mostly made of padding is damage, refused before it is built
+_MOST_PADDING = 256
+
+
 def _size(by_id: Mapping[int, str], vocab_size: Optional[int], source: str) -> int:
+    if any(i < 0 for i in by_id):
+        raise FormatError(f"{source}: token id {min(by_id)} is negative")
     needed = max(by_id) + 1 if by_id else 0
-    if vocab_size is None:
-        return needed
-    if needed > vocab_size:
+    if vocab_size is not None and needed > vocab_size:
         raise FormatError(f"{source}: token id {needed - 1} does not fit config.json vocab_size {vocab_size}")
-    return vocab_size
+    size = needed if vocab_size is None else vocab_size
+    if size - len(by_id) > max(len(by_id), _MOST_PADDING):
+        raise FormatError(f"{source}: {size - len(by_id)} of {size} token ids have no token (the ids given, "
+                          "or config.json's vocab_size, leave more padding than vocabulary)")
+    return size
 
 
 def _merge_pairs(merges: Iterable[Any], source: str) -> Iterator[tuple[str, str]]:

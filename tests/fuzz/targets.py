@@ -15,9 +15,11 @@ mutations keep the files apart. Each target goes as far as the command that read
   small tensor's bytes and values (every quantized type is dequantized), ``slmpkg inspect``, and the
   GGUF → Hugging Face mapping (config.json from the metadata, tokenizer files from ``tokenizer.*``);
 - ``safetensors``: a Hugging Face directory (one ``model.safetensors``, or an index and two shards; with
-  config.json and the tokenizer): the headers, the tensors, and the mapping to llama.cpp's names;
+  config.json and the tokenizer): the headers, the tensors, and the mapping to llama.cpp's names and
+  metadata (the GGUF header it makes is encoded);
 - ``onnx``: an ONNX decoder directory (``model.onnx``, its external data, genai_config.json, config.json),
-  as slmpkg's writer, onnxruntime-genai's builder and optimum lay it out, read back as a checkpoint;
+  as slmpkg's writer, onnxruntime-genai's builder and optimum lay it out, read back as a checkpoint (and
+  its GGUF header encoded);
 - ``spm``: a SentencePiece ``tokenizer.model``;
 - ``tokenizer``: the tokenizer files of a Hugging Face directory → GGUF ``tokenizer.*`` keys → back to
   Hugging Face tokenizer files;
@@ -92,6 +94,13 @@ def _folder(name: str, files: dict[str, bytes]) -> Path:
     return folder
 
 
+def _gguf_header(ckpt) -> None:
+    """The GGUF header a conversion of ``ckpt`` would write (every metadata value must be writable)."""
+    from slmpkg.formats import gguf as gguf_format
+
+    gguf_format.encode_header(ckpt.metadata, ckpt.tensors, gguf_format.alignment_of(ckpt.metadata))
+
+
 def _touch_tensors(ckpt) -> None:
     """Read every small tensor's bytes and compute its values (dequantized when quantized; a type that has
     no float values is refused on its own, and the next tensor is read)."""
@@ -133,13 +142,17 @@ def safetensors(data: bytes) -> None:
 
     ckpt = st_format.read(_folder("safetensors", split("safetensors", data)))
     _touch_tensors(ckpt)
-    _touch_tensors(architectures.from_hf(ckpt))
+    canonical = architectures.from_hf(ckpt)
+    _gguf_header(canonical)
+    _touch_tensors(canonical)
 
 
 def onnx(data: bytes) -> None:
     from slmpkg.formats import onnx_import
 
-    _touch_tensors(onnx_import.read(_folder("onnx", split("onnx", data))))
+    canonical = onnx_import.read(_folder("onnx", split("onnx", data)))
+    _gguf_header(canonical)
+    _touch_tensors(canonical)
 
 
 def spm(data: bytes) -> None:
