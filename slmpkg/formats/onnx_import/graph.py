@@ -47,13 +47,14 @@ class _Graph:
     def __init__(self, model: Any, model_file: Path, directory: Path):
         self.model, self.file, self.directory = model, model_file, directory
         graph = model.graph
+        # subgraphs too: optimum's merged decoders run the whole model inside If branches that read the
+        # main graph's initializers (each branch once more, so the same weight may be met twice)
+        self.nodes: list[Any] = list(_walk(graph))
+        _check_text(model, self.nodes, model_file)
         sizes: dict[Path, int] = {}
         self.inits = {t.name: _stored(t, directory, model_file, sizes) for t in graph.initializer}
         self.producer: dict[str, Any] = {}
         self.consumers: dict[str, list[Any]] = {}
-        # subgraphs too: optimum's merged decoders run the whole model inside If branches that read the
-        # main graph's initializers (each branch once more, so the same weight may be met twice)
-        self.nodes: list[Any] = list(_walk(graph))
         for node in self.nodes:
             for out in node.output:
                 self.producer[out] = node
@@ -75,6 +76,25 @@ class _Graph:
         if node is not None and node.op_type in ("Cast", "Identity") and node.input[0] in self.inits:
             return self.inits[node.input[0]], False
         return None, False
+
+
+def _check_text(model: Any, nodes: list[Any], model_file: Path) -> None:
+    """Refuse a model with a name that is not UTF-8: protobuf hands such (proto2) string fields back as
+    bytes, which no name comparison would match."""
+
+    def names() -> Iterable[Any]:
+        for t in model.graph.initializer:
+            yield t.name
+            for e in t.external_data:
+                yield from (e.key, e.value)
+        for n in nodes:
+            yield from (n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute))
+        for p in model.metadata_props:
+            yield from (p.key, p.value)
+
+    for name in names():
+        if not isinstance(name, str):
+            raise FormatError(f"{model_file}: not an ONNX model (the name {bytes(name)[:40]!r} is not UTF-8)")
 
 
 def _walk(graph: Any) -> Iterable[Any]:
@@ -331,7 +351,7 @@ def _experts(g: _Graph, node: Any, layer: int) -> dict[str, LazyTensor]:
     weight [experts, 2 × ff, hidden] holds gate and up rows interleaved (``swiglu_fusion=1``: gate row,
     up row, ...), taken apart here one expert at a time; the down weight is stored as GGUF keeps it."""
     activation = _attr(node, "activation_type", b"")
-    if (activation.decode() if isinstance(activation, bytes) else activation) != "swiglu" or int(_attr(node, "swiglu_fusion", 0) or 0) != 1:
+    if (activation.decode(errors="replace") if isinstance(activation, bytes) else activation) != "swiglu" or int(_attr(node, "swiglu_fusion", 0) or 0) != 1:
         raise FormatError(f"{g.where(node)}: only SwiGLU experts with interleaved gate/up rows (swiglu_fusion=1) are imported")
     names = list(node.input) + [""] * 5
     fc1, fc2 = g.inits.get(names[2]), g.inits.get(names[4])
