@@ -69,7 +69,10 @@ class ImportanceMatrix:
         for name, s in sums.items():
             if name not in counts:
                 raise FormatError(f"{path}: imatrix entry {name} has sums but no counts")
-            c = np.rint(counts[name]).astype(np.int64)  # lround of non-negative counts
+            if counts[name].size == 0 or s.size % counts[name].size:
+                raise FormatError(f"{path}: imatrix entry {name} has {s.size} sums for {counts[name].size} counts")
+            with np.errstate(invalid="ignore"):
+                c = np.rint(counts[name]).astype(np.int64)  # lround of non-negative counts
             per = s.reshape(c.size, -1)
             out = np.ones_like(per)
             live = c > 0
@@ -104,8 +107,10 @@ class ImportanceMatrix:
             ncall, nval = take("<ii")
             if nval < 1:
                 raise FormatError(f"{path}: entry {name} has {nval} values")
+            if pos + 4 * nval > len(data):
+                raise FormatError(f"{path}: truncated importance matrix (entry {name}'s {nval} values at byte {pos})")
             sums = np.frombuffer(data, "<f4", nval, pos).astype(np.float32)
-            take(f"<{4 * nval}x")
+            pos += 4 * nval
             values[name] = sums / np.float32(ncall) if ncall > 0 else sums.copy()
         chunk_count, datasets = 0, []
         if pos < len(data):
