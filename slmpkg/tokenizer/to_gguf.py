@@ -37,6 +37,13 @@ class _Files:
                     raise FormatError(f"{name}: not valid JSON ({e})") from None
         return self._json[name]
 
+    def object(self, name: str) -> Optional[Mapping[str, Any]]:
+        """The file as a JSON object, None when absent; any other JSON is a FormatError."""
+        value = self.json(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise FormatError(f"{name}: not a JSON object")
+        return value
+
     def text(self, name: str) -> Optional[str]:
         data = self.raw.get(name)
         if data is None:
@@ -435,6 +442,16 @@ def _tokenizer_kind(tj: Mapping[str, Any]) -> str:
 
 def _template_ends(tj: Mapping[str, Any]) -> Optional[tuple[Optional[str], Optional[str], dict[str, int]]]:
     """(first, last) special tokens a single-sequence post_processor adds, with their ids; None: no template."""
+    try:
+        ends = _post_processor_ends(tj)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise FormatError(f"tokenizer.json: malformed post_processor ({type(e).__name__}: {e})") from None
+    if ends is not None and not all(isinstance(t, (str, type(None))) for t in ends[:2]):
+        raise FormatError("tokenizer.json: post_processor's special tokens are not named by strings")
+    return ends
+
+
+def _post_processor_ends(tj: Mapping[str, Any]) -> Optional[tuple[Optional[str], Optional[str], dict[str, int]]]:
     node = tj.get("post_processor")
     steps = list(_walk(node, "processors")) if node else []
     for step in steps:
@@ -483,6 +500,8 @@ def _template_metadata(template: Any) -> dict[str, MetaValue]:
     names: list[str] = []
     default: Optional[str] = None
     for choice in template:
+        if not isinstance(choice, Mapping) or not isinstance(choice.get("template", ""), str):
+            raise FormatError("tokenizer_config.json: chat_template list entries are not {name, template} objects")
         name = re.sub(r"[^A-Za-z0-9]", "_", str(choice.get("name", "")))
         text = choice.get("template")
         if not name or text is None:
@@ -519,6 +538,9 @@ def _added_specials(
         first, last, template_ids = ends
         first_id = (template_ids.get(first) if first in template_ids else ids.get(first)) if first else None
         last_id = (template_ids.get(last) if last in template_ids else ids.get(last)) if last else None
+        for end, end_id in ((first, first_id), (last, last_id)):
+            if end_id is not None and not 0 <= end_id < len(vocab.tokens):
+                raise FormatError(f"tokenizer.json: post_processor's {end!r} has id {end_id}, not a token id")
         add_bos = first_id is not None
         if first_id is not None and special.setdefault("bos", first_id) != first_id:
             raise FormatError(
@@ -560,10 +582,10 @@ def gguf_tokenizer_metadata(
     """
     files = _Files(sidecar)
     if config is None:
-        config = files.json("config.json") or {}
-    tc: Mapping[str, Any] = files.json("tokenizer_config.json") or {}
-    stm: Mapping[str, Any] = files.json("special_tokens_map.json") or {}
-    tj: Optional[Mapping[str, Any]] = files.json("tokenizer.json")
+        config = files.object("config.json") or {}
+    tc: Mapping[str, Any] = files.object("tokenizer_config.json") or {}
+    stm: Mapping[str, Any] = files.object("special_tokens_map.json") or {}
+    tj: Optional[Mapping[str, Any]] = files.object("tokenizer.json")
     sp = parse_sentencepiece_model(sidecar["tokenizer.model"]) if "tokenizer.model" in sidecar else None
     vocab_size = _config_vocab_size(config)
 
@@ -595,7 +617,11 @@ def gguf_tokenizer_metadata(
             raise FormatError(
                 f"tokenizer.model: SentencePiece model type {sp.model_type} (word/char) is not supported by llama.cpp"
             )
-        vocab = _spm_vocab(None, sp, tc, files.json("added_tokens.json"), vocab_size)
+        try:
+            vocab = _spm_vocab(None, sp, tc, files.object("added_tokens.json"), vocab_size)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            # an added token of the wrong shape in added_tokens.json or tokenizer_config.json
+            raise FormatError(f"added_tokens.json / tokenizer_config.json: malformed added token ({type(e).__name__}: {e})") from None
     else:
         raise FormatError("tokenizer.json: missing (and no tokenizer.model either)")
 
@@ -624,7 +650,7 @@ def gguf_tokenizer_metadata(
             special.setdefault("eos", special["sep"])
     add_bos, add_eos, add_sep = _added_specials(vocab, tj, tc, special, ids)
     # config.json and generation_config.json fill in what the tokenizer files leave out
-    generation = files.json("generation_config.json") or {}
+    generation = files.object("generation_config.json") or {}
     for source in (config, config.get("text_config") or {}, generation):
         if not isinstance(source, Mapping):
             continue
@@ -656,4 +682,17 @@ def gguf_tokenizer_metadata(
     template = _chat_templates(files, tc)
     if template is not None:
         md.update(_template_metadata(template))
+    _check_text(md)
     return md
+
+
+def _check_text(md: Mapping[str, MetaValue]) -> None:
+    """Every string of ``md`` is text a GGUF file can hold: JSON can spell lone surrogates (``"\\ud800"``) and
+    put numbers where tokens belong. (Bytes a GGUF held that are not UTF-8 come as surrogate escapes and go back.)"""
+    for key, item in md.items():
+        values = item.value if item.item_type is V.STRING else [item.value] if item.type is V.STRING else []
+        for text in values:
+            try:
+                text.encode("utf-8", "surrogateescape")
+            except (AttributeError, UnicodeEncodeError):
+                raise FormatError(f"tokenizer files: {key} would hold {text!r}, which is not text") from None

@@ -21,8 +21,8 @@ mutations keep the files apart. Each target goes as far as the command that read
   as slmpkg's writer, onnxruntime-genai's builder and optimum lay it out, read back as a checkpoint (and
   its GGUF header encoded);
 - ``spm``: a SentencePiece ``tokenizer.model``;
-- ``tokenizer``: the tokenizer files of a Hugging Face directory → GGUF ``tokenizer.*`` keys → back to
-  Hugging Face tokenizer files;
+- ``tokenizer``: the tokenizer files of a Hugging Face directory → GGUF ``tokenizer.*`` keys (encoded as a
+  GGUF header) → back to Hugging Face tokenizer files;
 - ``imatrix``: an importance matrix (llama.cpp's GGUF or legacy ``.dat``);
 - ``recipe``: a build recipe (``slmpkg.toml``) and the artifacts it plans;
 - ``signature``: a ``model.sig`` bundle checked against a small signed directory, or (second part) the
@@ -164,7 +164,10 @@ def spm(data: bytes) -> None:
 def tokenizer(data: bytes) -> None:
     from slmpkg.tokenizer import gguf_tokenizer_metadata, hf_tokenizer_files
 
+    from slmpkg.checkpoint import Checkpoint
+
     metadata = gguf_tokenizer_metadata(split("tokenizer", data))
+    _gguf_header(Checkpoint(metadata, []))
     hf_tokenizer_files(metadata)
 
 
