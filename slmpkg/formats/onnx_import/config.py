@@ -75,6 +75,18 @@ def _json_file(path: Path) -> Optional[dict[str, Any]]:
     return data
 
 
+def _genai_config(path: Path) -> Optional[dict[str, Any]]:
+    """onnxruntime-genai's genai_config.json at ``path`` (None when absent), its ``model`` and
+    ``model.decoder`` sections checked to be objects."""
+    genai = _json_file(path)
+    if genai is None:
+        return None
+    model = genai.get("model", {})
+    if not isinstance(model, dict) or not isinstance(model.get("decoder", {}), dict):
+        raise FormatError(f"{path}: model and model.decoder are not objects")
+    return genai
+
+
 class _Facts:
     """What the graph says about the model beyond its weights: head counts, epsilon, rotary caches and
     layout, per-layer windows and attention settings, experts, and the constants of the scaling nodes."""
@@ -195,7 +207,7 @@ def _family_class(g: _Graph, facts: _Facts, kind: Any) -> str:
         return "Starcoder2ForCausalLM"
     if kind == "decoder" and any("q_norm" in _parts(name) for name in g.inits):
         return "OpenELMForCausalLM"
-    if kind not in _GENAI_TYPES:
+    if not isinstance(kind, str) or kind not in _GENAI_TYPES:
         known = ", ".join(_GENAI_TYPES)
         raise FormatError(
             f"{g.file}: cannot tell the model family: no config.json beside it and genai_config.json "
@@ -209,8 +221,8 @@ def _hf_config(
     shapes: Mapping[str, tuple[int, ...]], n_layer: int, tied: bool,
 ) -> dict[str, Any]:
     """The Hugging Face config.json of the model: the one beside it, completed from genai_config.json and the graph."""
-    model = (genai or {}).get("model", {}) if genai else {}
-    decoder = model.get("decoder", {}) if isinstance(model, dict) else {}
+    model = (genai or {}).get("model", {})
+    decoder = model.get("decoder", {})
     cfg: dict[str, Any] = dict(config or {})
     if not cfg.get("architectures"):
         cfg["architectures"] = [_family_class(g, facts, model.get("type") if isinstance(model, dict) else None)]
@@ -230,7 +242,10 @@ def _hf_config(
     if cfg.get("num_attention_heads") is None:
         raise FormatError(f"{g.file}: cannot tell the number of attention heads (no config.json, genai_config.json or GroupQueryAttention)")
     q_rows = shapes.get("blk.0.attn_q.weight", (None,))[0]
-    n_head = int(cfg["num_attention_heads"])
+    n_head = cfg["num_attention_heads"]
+    if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head < 1:
+        raise FormatError(f"{g.file}: {n_head!r} attention heads (config.json, genai_config.json or the graph's "
+                          "attention nodes) is not a positive number")
     fill("head_dim", decoder.get("head_size"), q_rows // n_head if q_rows else None, hidden // n_head)
     fill("intermediate_size", shapes.get("blk.0.ffn_gate.weight", (None,))[0],
          shapes.get("blk.0.ffn_gate_exps.weight", (None, None))[1], shapes.get("blk.0.ffn_up.weight", (None,))[0])

@@ -13,9 +13,9 @@ import numpy as np
 from ...checkpoint import Checkpoint, LazyTensor
 from ...errors import FormatError
 from ...quant import QuantType
-from .config import _Facts, _embedded_config, _hf_config, _json_file
+from .config import _Facts, _embedded_config, _genai_config, _hf_config, _json_file
 from .graph import _Graph, _Linear, _embedding, _experts, _layer_of, _linears, _parse, _parts
-from .stored import _concat_rows, _plain, _row_bytes, _rows, _with_rows
+from .stored import _concat_rows, _inside, _plain, _row_bytes, _rows, _with_rows
 
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,11 +43,16 @@ _APPLIED_NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormali
 def _locate(path: Path) -> tuple[Path, Path]:
     """(model file, model directory) for a directory or a .onnx file."""
     if path.is_dir():
-        genai = _json_file(path / "genai_config.json")
+        genai = _genai_config(path / "genai_config.json")
         name = None
         if genai is not None:
-            name = ((genai.get("model") or {}).get("decoder") or {}).get("filename")
-        candidates = [path / name] if isinstance(name, str) and name else []
+            name = genai.get("model", {}).get("decoder", {}).get("filename")
+        candidates = []
+        if isinstance(name, str) and name:
+            inside, refused = _inside(path, name, "model.decoder.filename")
+            if inside is None:
+                raise FormatError(f"{path / 'genai_config.json'}: {refused}")
+            candidates.append(inside)
         candidates += [path / "model.onnx"] + sorted(path.glob("*.onnx"))
         # the Hugging Face layout keeps them in onnx/ (optimum, transformers.js: model.onnx or the merged decoder)
         candidates += [path / "onnx" / "model.onnx", path / "onnx" / "decoder_model_merged.onnx"]
@@ -123,7 +128,7 @@ def read(path: PathLike) -> Checkpoint:
     facts = _Facts(g)
     beside = _beside(directory)
     config = _json_file(beside / "config.json") or _embedded_config(g)
-    genai = _json_file(beside / "genai_config.json")
+    genai = _genai_config(beside / "genai_config.json")
 
     embd, embd_init = _embedding(g)
     tensors: dict[str, LazyTensor] = {}
@@ -183,7 +188,7 @@ def read(path: PathLike) -> Checkpoint:
         if p.is_file():
             sidecar[name] = p.read_bytes()
     cfg = _hf_config(g, facts, config, genai, shapes, n_layer, tied)
-    if int(cfg["num_hidden_layers"]) != n_layer:
+    if cfg["num_hidden_layers"] != n_layer:
         raise FormatError(f"{g.file}: the graph has {n_layer} layers but its configuration says {cfg['num_hidden_layers']}")
     sidecar["config.json"] = json.dumps(cfg).encode()
     name = beside.name if model_file.name == "model.onnx" or beside != directory else model_file.stem

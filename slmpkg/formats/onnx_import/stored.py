@@ -77,17 +77,19 @@ _FLOATS = {1: (np.float32, QuantType.F32), 10: (np.float16, QuantType.F16), 16: 
 _OTHERS = {2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 11: np.float64}
 
 
-def _inside(directory: Path, location: str) -> tuple[Optional[Path], str]:
-    """``location`` resolved inside ``directory`` (symlinks followed), or None and why it is refused."""
+def _inside(directory: Path, location: str, what: str = "external data location") -> tuple[Optional[Path], str]:
+    """``location`` (``what``) resolved inside ``directory`` (symlinks followed), or None and why it is refused."""
     if not location:
-        return None, "external data without a location"
+        return None, f"{what} is empty"
     if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
         # the ONNX spec: locations are relative to the model file's directory
-        return None, f"external data location {location!r} is an absolute path, not one inside the model directory"
+        return None, f"{what} {location!r} is an absolute path, not one inside the model directory"
+    if "\x00" in location:
+        return None, f"{what} {location!r} holds a NUL character"
     root = os.path.realpath(directory)
     target = os.path.realpath(os.path.join(root, location))
     if os.path.commonpath([root, target]) != root:
-        return None, f"external data location {location!r} leaves the model directory"
+        return None, f"{what} {location!r} leaves the model directory"
     return Path(target), ""
 
 
