@@ -1679,10 +1679,11 @@ def _dims_from_gguf(ckpt: Checkpoint, arch: str) -> Dims:
     def widest(key: str, default: Any = None) -> Any:
         """A size, or the largest of a per-layer array of them (OpenELM's), as a config_view gives it."""
         value = g(key, default)
-        if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
-            if value.size == 0:
-                raise FormatError(f"{source}: {arch}.{key} is an empty array")
-            return int(value.max())
+        if isinstance(value, (np.ndarray, list, tuple)):
+            array = np.asarray(value)
+            if array.size == 0 or array.dtype.kind not in "iu":
+                raise FormatError(f"{source}: {arch}.{key} is not an array of sizes")
+            return int(array.max())
         return value
 
     hidden, n_head = g("embedding_length"), widest("attention.head_count")

@@ -394,16 +394,27 @@ def _cache_eps(cos: _Stored, positions: int) -> float:
     return {QuantType.F16: 2e-3, QuantType.BF16: 1.6e-2}.get(cos.qtype, 1e-6) + positions * 2.5e-7
 
 
+def _cache_pair(g: _Graph, cos: _Stored, sin: _Stored) -> tuple[np.ndarray, np.ndarray]:
+    """A cos/sin cache pair as float64, checked: two finite [positions, dim/2] arrays of one shape."""
+    if len(cos.shape) != 2 or cos.shape != sin.shape or 0 in cos.shape:
+        raise FormatError(f"{g.file}: rotary caches {cos.name} {list(cos.shape)} and {sin.name} {list(sin.shape)} "
+                          "are not two [positions, dim/2] arrays of one shape")
+    c, s = _as_f64(cos), _as_f64(sin)
+    if not (np.isfinite(c).all() and np.isfinite(s).all()):
+        raise FormatError(f"{g.file}: rotary caches {cos.name}, {sin.name} hold values that are not finite")
+    return c, s
+
+
 def _fit(g: _Graph, cos: _Stored, sin: _Stored) -> tuple[float, float, int]:
     """(base, linear factor, cache width) of one cache pair, within what its stored type can say."""
-    c, s = _as_f64(cos), _as_f64(sin)
+    c, s = _cache_pair(g, cos, sin)
     base, factor = _rope_base(c, s, _cache_eps(cos, c.shape[0]), f"{g.file}: {cos.name}")
     return base, factor, c.shape[1]
 
 
 def _fit_llama3(g: _Graph, cos: _Stored, sin: _Stored) -> tuple[float, dict[str, Any]]:
     """(base, Llama 3 rope parameters) of one cache pair."""
-    c, s = _as_f64(cos), _as_f64(sin)
+    c, s = _cache_pair(g, cos, sin)
     return _llama3_rope(c, s, _cache_eps(cos, c.shape[0]), f"{g.file}: {cos.name}")
 
 
@@ -431,12 +442,15 @@ def _longrope_config(g: _Graph, choice: Any, cfg: dict[str, Any]) -> None:
     rope: dict[str, Any] = {"rope_type": "longrope", "rope_theta": base}
     magnitudes = {}
     for kind, (cos, sin) in caches.items():
+        _cache_pair(g, cos, sin)
         stored_cos = _as_stored_floats(cos)
         factors, magnitudes[kind] = _longrope_factors(stored_cos, _as_stored_floats(sin), base, f"{g.file}: {cos.name}")
         stored_type = stored_cos.dtype.type
         rope[f"{kind}_factor"] = [float(f) for f in factors]
     width = caches["long"][0].shape[1]
     context = caches["long"][0].shape[0]
+    if not original >= 2:  # its logarithm divides
+        raise FormatError(f"{g.where(choice)}: LongRoPE's original context {original} is not a length above 1")
     original = int(original)
     # transformers' default attention factor (the LongRoPE paper's) is left implicit, as a source would
     factor = context / original

@@ -51,6 +51,8 @@ class _Graph:
         # main graph's initializers (each branch once more, so the same weight may be met twice)
         self.nodes: list[Any] = list(_walk(graph))
         _check_text(model, self.nodes, model_file)
+        for node in self.nodes:
+            _check_node(node, self.where(node))
         sizes: dict[Path, int] = {}
         self.inits = {t.name: _stored(t, directory, model_file, sizes) for t in graph.initializer}
         self.producer: dict[str, Any] = {}
@@ -76,6 +78,52 @@ class _Graph:
         if node is not None and node.op_type in ("Cast", "Identity") and node.input[0] in self.inits:
             return self.inits[node.input[0]], False
         return None, False
+
+
+# what the reader takes from the nodes it reads: the inputs it indexes (at least), and each attribute's kind
+# as onnx.helper.get_attribute_value gives it; a node short of them is damage, refused by name
+_INPUTS = {"MatMul": 2, "Gemm": 2, "MatMulNBits": 3, "Gather": 2, "GatherBlockQuantized": 3, "Transpose": 1,
+           "Cast": 1, "Identity": 1, "Mul": 2, "Div": 2, "Sub": 2, "Add": 2, "Tanh": 1, "Reshape": 1, "If": 1,
+           "Greater": 2, "MoE": 1, "SkipSimplifiedLayerNormalization": 2, "SkipLayerNormalization": 2}
+_NORM_ATTRIBUTES = {"epsilon": float}
+_ATTRIBUTES: dict[str, dict[str, type]] = {
+    "GroupQueryAttention": {"num_heads": int, "kv_num_heads": int, "local_window_size": int, "scale": float,
+                            "softcap": float, "do_rotary": int, "rotary_interleaved": int},
+    "PagedAttention": {"num_heads": int, "kv_num_heads": int, "do_rotary": int, "rotary_interleaved": int},
+    "RotaryEmbedding": {"interleaved": int},
+    "MatMulNBits": {"N": int, "K": int, "bits": int, "block_size": int},
+    "MoE": {"k": int, "swiglu_fusion": int, "activation_type": bytes},
+    "Gemm": {"transB": int}, "Transpose": {"perm": list},
+    "SimplifiedLayerNormalization": _NORM_ATTRIBUTES, "SkipSimplifiedLayerNormalization": _NORM_ATTRIBUTES,
+    "LayerNormalization": _NORM_ATTRIBUTES, "SkipLayerNormalization": _NORM_ATTRIBUTES,
+}
+
+_REQUIRED = {"GroupQueryAttention": ("num_heads", "kv_num_heads"), "PagedAttention": ("num_heads", "kv_num_heads"),
+             "MatMulNBits": ("N", "K", "block_size")}
+
+
+def _check_node(node: Any, where: str) -> None:
+    """Refuse a node without the inputs, an output, or attributes of the kinds the reader takes from it."""
+    if not node.output:
+        raise FormatError(f"{where}: a {node.op_type} node without outputs")
+    if len(node.input) < _INPUTS.get(node.op_type, 0):
+        raise FormatError(f"{where}: a {node.op_type} node with {len(node.input)} inputs (at least {_INPUTS[node.op_type]})")
+    kinds = _ATTRIBUTES.get(node.op_type, {})
+    for name in _REQUIRED.get(node.op_type, ()):
+        if not any(a.name == name for a in node.attribute):
+            raise FormatError(f"{where}: a {node.op_type} node without its {name} attribute")
+    for name in ("then_branch", "else_branch") if node.op_type == "If" else ():
+        if not any(a.name == name and a.HasField("g") for a in node.attribute):
+            raise FormatError(f"{where}: an If node without its {name} graph")
+    for a in node.attribute:
+        kind = kinds.get(a.name)
+        if kind is None:
+            continue
+        value = _attr(node, a.name)
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, int) for v in value)):
+            raise FormatError(f"{where}: attribute {a.name} is {value!r}, not {'a list of integers' if kind is list else 'an ' + kind.__name__ if kind is int else 'a ' + kind.__name__}")
+        if kind is float and not np.isfinite(value):
+            raise FormatError(f"{where}: attribute {a.name} is {value}")
 
 
 def _check_text(model: Any, nodes: list[Any], model_file: Path) -> None:
@@ -136,7 +184,7 @@ def _projection(texts: Iterable[str]) -> Optional[tuple[str, Optional[int]]]:
 
 def _float_weight(g: _Graph, node: Any, init: _Stored, via_transpose: bool) -> LazyTensor:
     """A MatMul/Gemm weight as a canonical [out, in] tensor."""
-    if init.qtype is None or len(init.shape) != 2:
+    if init.qtype is None or len(init.shape) != 2 or 0 in init.shape:
         raise FormatError(f"{g.where(node)}: weight {init.name} is not a 2-D float tensor (type {init.dtype}, shape {list(init.shape)})")
     transposed = node.op_type == "MatMul"  # MatMul's B is [in, out]
     if node.op_type == "Gemm":
@@ -162,8 +210,11 @@ def _nbits_weight(g: _Graph, node: Any, min_term: Optional[_Stored] = None) -> L
         from .. import onnx_nbits
     except ImportError:
         raise FormatError(f"{g.where(node)}: MatMulNBits weights cannot be imported yet (slmpkg.formats.onnx_nbits is missing)") from None
-    n, k = int(_attr(node, "N")), int(_attr(node, "K"))
-    bits, block = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
+    n, k = _attr(node, "N", 0), _attr(node, "K", 0)
+    bits, block = _attr(node, "bits", 4), _attr(node, "block_size", 0)
+    if n < 1 or k < 1 or not 2 <= bits <= 8 or block < 16 or block & (block - 1):
+        raise FormatError(f"{g.where(node)}: MatMulNBits with N={n}, K={k}, bits={bits}, block_size={block} "
+                          "(N, K positive; bits 2 to 8; block_size a power of two from 16)")
     names = list(node.input) + [""] * 6
     if len(node.input) > 4 and node.input[4]:
         raise FormatError(f"{g.where(node)}: MatMulNBits with g_idx (act-order) cannot be mapped to GGUF blocks")
@@ -178,8 +229,15 @@ def _nbits_weight(g: _Graph, node: Any, min_term: Optional[_Stored] = None) -> L
     zp = parts["zero_points"]
     where = f"{g.where(node)}: weight {parts['packed'].name}"  # type: ignore[union-attr]
 
+    k_blocks = -(-k // block)
+    sizes = {"packed": n * k_blocks * (block * bits // 8), "scales": n * k_blocks * parts["scales"].dtype.itemsize}  # type: ignore[union-attr]
+    for key, size in sizes.items():
+        if parts[key].nbytes != size:  # type: ignore[union-attr]
+            raise FormatError(f"{where}: MatMulNBits {key} hold {parts[key].nbytes} bytes, N={n}, K={k} need {size}")  # type: ignore[union-attr]
+    if zp is not None and (zp.nbytes == 0 or zp.nbytes % n):
+        raise FormatError(f"{where}: MatMulNBits zero points hold {zp.nbytes} bytes, not a whole number per row of N={n}")
+
     def build() -> Any:
-        k_blocks = -(-k // block)
         packed = parts["packed"].bytes().reshape(n, k_blocks, -1)  # type: ignore[union-attr]
         scales = parts["scales"].array().reshape(n, k_blocks)  # type: ignore[union-attr]
         zeros = zp.array().reshape(n, -1) if zp is not None else None
@@ -288,12 +346,15 @@ def _linears(g: _Graph) -> list[_Linear]:
 def _scalar(g: _Graph, name: str) -> Optional[float]:
     """A one-value constant (a ``Constant`` node or an initializer) as the shortest decimal its stored
     type rounds to (0.22, not 0.2199999988079071), or None."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     node = g.producer.get(name)
     if node is not None and node.op_type == "Constant":
         value = _attr(node, "value")
-        array = numpy_helper.to_array(value) if value is not None else None
+        try:
+            array = numpy_helper.to_array(value) if isinstance(value, TensorProto) else None
+        except (ValueError, TypeError, KeyError):  # a value tensor whose data does not fit its type and shape
+            array = None
     elif name in g.inits and g.inits[name].qtype in (QuantType.F32, QuantType.F16):
         array = g.inits[name].array().view({QuantType.F32: np.float32, QuantType.F16: np.float16}[g.inits[name].qtype])
     else:
@@ -337,7 +398,7 @@ def _embedding(g: _Graph) -> tuple[Optional[LazyTensor], Optional[_Stored]]:
                                   "when it shares lm_head's MatMulNBits blocks")
             return None, g.inits[data]
         init, via = g.source(node.input[0])
-        if init is None or init.qtype is None or len(init.shape) != 2:
+        if init is None or init.qtype is None or len(init.shape) != 2 or 0 in init.shape:
             raise FormatError(f"{g.where(node)}: the embedding is not a 2-D float initializer")
         if via:
             rows, cols = init.shape
@@ -351,11 +412,12 @@ def _experts(g: _Graph, node: Any, layer: int) -> dict[str, LazyTensor]:
     weight [experts, 2 × ff, hidden] holds gate and up rows interleaved (``swiglu_fusion=1``: gate row,
     up row, ...), taken apart here one expert at a time; the down weight is stored as GGUF keeps it."""
     activation = _attr(node, "activation_type", b"")
-    if (activation.decode(errors="replace") if isinstance(activation, bytes) else activation) != "swiglu" or int(_attr(node, "swiglu_fusion", 0) or 0) != 1:
+    if activation.decode(errors="replace") != "swiglu" or _attr(node, "swiglu_fusion", 0) != 1:
         raise FormatError(f"{g.where(node)}: only SwiGLU experts with interleaved gate/up rows (swiglu_fusion=1) are imported")
     names = list(node.input) + [""] * 5
     fc1, fc2 = g.inits.get(names[2]), g.inits.get(names[4])
-    if fc1 is None or fc2 is None or fc1.qtype is None or fc2.qtype is None or len(fc1.shape) != 3 or len(fc2.shape) != 3:
+    if (fc1 is None or fc2 is None or fc1.qtype is None or fc2.qtype is None or len(fc1.shape) != 3 or len(fc2.shape) != 3
+            or 0 in fc1.shape + fc2.shape or fc1.shape[1] % 2):
         raise FormatError(f"{g.where(node)}: MoE expert weights are not 3-D float initializers")
     if names[3] or names[5]:
         raise FormatError(f"{g.where(node)}: MoE expert biases have no place in llama.cpp's graph")

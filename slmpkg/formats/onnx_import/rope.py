@@ -19,6 +19,8 @@ def _nice(value: float) -> float:
 
 def _shortest(value: float, accept: Callable[[float], bool]) -> Optional[float]:
     """The decimal with the fewest significant digits (up to 7) near ``value`` that ``accept`` takes."""
+    if not (math.isfinite(value) and value > 0):
+        return None
     digits = int(math.floor(math.log10(value)))
     for significant in range(1, 8):
         candidate = float(round(value, significant - 1 - digits))

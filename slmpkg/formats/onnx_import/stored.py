@@ -29,6 +29,7 @@ class _Stored:
     proto: Any
     file: Optional[Path] = None
     offset: int = 0
+    where: str = ""  # "MODEL_FILE: tensor NAME", for errors
 
     @property
     def nbytes(self) -> int:
@@ -61,10 +62,18 @@ class _Stored:
             return read_range(self.file, self.offset, self.nbytes)
         from onnx import numpy_helper
 
-        array = numpy_helper.to_array(self.proto)
+        if self.proto.data_type not in _FLOATS and self.proto.data_type not in _OTHERS:
+            raise FormatError(f"{self.where}: ONNX data type {self.proto.data_type} is not one slmpkg reads")
+        try:
+            array = numpy_helper.to_array(self.proto)
+        except (ValueError, TypeError, KeyError) as e:  # data that does not fill the shape
+            raise FormatError(f"{self.where}: its data does not match its type and shape {list(self.shape)} ({e})") from None
         if self.qtype is QuantType.BF16:  # onnx hands bf16 back in its own ml_dtypes type; keep the bits
             array = array.view(np.uint16)
-        return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if data.size != self.nbytes:
+            raise FormatError(f"{self.where}: holds {data.size} bytes, its shape {list(self.shape)} needs {self.nbytes}")
+        return data
 
     def array(self) -> np.ndarray:
         """The elements in ``shape``; floats as same-size unsigned ints, so moving them is exact."""
@@ -105,7 +114,9 @@ def _stored(tensor: Any, directory: Path, model_file: Path, sizes: dict[Path, in
     else:
         dtype, qtype = np.uint8, None  # a type we never read as a weight; its size is not checked
     shape = tuple(int(d) for d in tensor.dims)
-    stored = _Stored(tensor.name, shape, np.dtype(dtype), qtype, tensor)
+    if any(d < 0 for d in shape):
+        raise FormatError(f"{where}: shape {list(shape)} has a negative dimension")
+    stored = _Stored(tensor.name, shape, np.dtype(dtype), qtype, tensor, where=where)
     if tensor.data_location != TensorProto.EXTERNAL:
         return stored
     entries = {e.key: e.value for e in tensor.external_data}
@@ -122,14 +133,14 @@ def _stored(tensor: Any, directory: Path, model_file: Path, sizes: dict[Path, in
         raise FormatError(f"{where}: external data offset/length are not numbers") from None
     if offset < 0 or length < 0:
         raise FormatError(f"{where}: negative external data offset or length")
-    if length != stored.nbytes and tensor.data_type in _FLOATS:
+    if length != stored.nbytes and (tensor.data_type in _FLOATS or tensor.data_type in _OTHERS):
         raise FormatError(f"{where}: declares {length} bytes of external data but its shape {list(shape)} needs {stored.nbytes}")
     size = sizes.setdefault(path, path.stat().st_size)
     if offset + length > size:
         raise FormatError(
             f"{where}: external data {location!r} is {size} bytes, shorter than offset {offset} + length {length}"
         )
-    return _Stored(tensor.name, shape, np.dtype(dtype), qtype, tensor, path, offset)
+    return _Stored(tensor.name, shape, np.dtype(dtype), qtype, tensor, path, offset, where)
 
 
 def _plain(name: str, src: _Stored) -> LazyTensor:
