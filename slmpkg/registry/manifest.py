@@ -50,11 +50,23 @@ _MEDIA_TYPES = {
 _FORMATS = {".gguf": "gguf", ".onnx": "onnx", ".safetensors": "safetensors"}
 
 
+# the longest file name (a path component) file systems take, and a bound on a whole relative path
+NAME_MAX = 255
+PATH_MAX = 1024
+
+
 def safe_path(p: Any, source: str) -> str:
     if not isinstance(p, str) or not p or p.startswith("/") or "\\" in p or "\x00" in p or re.match(r"[A-Za-z]:", p):
         raise UnsafePathError(f"{source}: unsafe file path {p!r} (absolute, empty or with a backslash)")
     if any(part in ("", ".", "..") for part in p.split("/")):
         raise UnsafePathError(f"{source}: unsafe file path {p!r} (empty, '.' or '..' component)")
+    try:
+        encoded = p.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"{source}: unsafe file path {p!r} (not valid Unicode)") from None
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise UnsafePathError(f"{source}: file path {p[:80]!r}... is longer than a file system takes "
+                              f"({PATH_MAX} bytes, {NAME_MAX} per name)")
     return p
 
 
@@ -76,7 +88,7 @@ def check_manifest(m: Any, source: str, name: str, release: str, target: str) ->
             raise UnsafePathError(f"{source}: file path {p!r} listed twice")
         paths.add(p)
         blob_key(str(f.get("digest", "")))
-        if not isinstance(f.get("size"), int) or f["size"] < 0:
+        if not isinstance(f.get("size"), int) or isinstance(f["size"], bool) or not 0 <= f["size"] < 2**63:
             raise IntegrityError(f"{source}: file {p!r} has no valid size")
     for p in paths:  # "a" and "a/b" cannot both be files
         parts = p.split("/")

@@ -134,7 +134,11 @@ def open_doc(data: bytes, verifier: Verifier | None, predicate_type: str, source
     if not isinstance(pred, dict) or not isinstance(subjects, list) or len(subjects) != 1:
         raise TrustError(f"{source}: malformed statement (predicate or subject)")
     digest = (subjects[0].get("digest") or {}).get("sha256") if isinstance(subjects[0], dict) else None
-    if digest != sha256_hex(canonical(pred)):
+    try:
+        expected = sha256_hex(canonical(pred))
+    except UnicodeEncodeError:  # JSON can spell a lone surrogate, which has no UTF-8 form
+        raise TrustError(f"{source}: the statement holds text that is not valid Unicode") from None
+    if digest != expected:
         raise TrustError(f"{source}: subject digest does not match the predicate")
     return pred
 

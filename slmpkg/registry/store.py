@@ -294,8 +294,11 @@ def fetch_resumable(
     done = _read_ledger(ledger, partial, size, rs)
     if done is None:  # start over: a sparse file of the right size and an empty ledger
         done = set()
-        with open(partial, "wb") as f:
-            f.truncate(size)
+        try:
+            with open(partial, "wb") as f:
+                f.truncate(size)
+        except OSError as e:  # a size the file system cannot hold (a manifest's claim, or a full disk)
+            raise StoreError(f"{partial}: cannot hold a blob of {size} bytes ({e.strerror or e})") from None
         ledger.write_text(f"{_LEDGER_MAGIC} {size} {rs}\n", "ascii")
     if size == 0:
         return FetchStats(hashlib.sha256().hexdigest(), 0, 0, 0, 0)
