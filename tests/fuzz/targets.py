@@ -26,7 +26,8 @@ mutations keep the files apart. Each target goes as far as the command that read
 - ``imatrix``: an importance matrix (llama.cpp's GGUF or legacy ``.dat``);
 - ``recipe``: a build recipe (``slmpkg.toml``) and the artifacts it plans;
 - ``signature``: a ``model.sig`` bundle checked against a small signed directory, or (second part) the
-  statement it carries, signed here with the trusted key so the check reaches the manifest comparison;
+  statement it carries, signed here with the trusted key (its root digest recomputed, as a signer would) so
+  the check reaches the comparison with the files;
 - ``index``: the in-toto statement of a registry index (and, second part, of a tag), signed with the trusted
   key (its subject digest recomputed, as a signer would), then pulled from a registry holding a valid
   manifest and its blobs;
@@ -198,12 +199,15 @@ FAR_FUTURE = "2999-01-01T00:00:00Z"
 
 
 def _trusted():
-    """The signer and verifier of a fixed key pair (made once per process)."""
+    """The signer and verifier of one fixed P-256 key pair (the same in every process, so a bundle in the
+    corpus verifies)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from slmpkg import signing
 
     if not _KEYS:
-        priv, pub = signing.generate_keypair(WORK / "keys" / "release", overwrite=True)
-        _KEYS.update(signer=signing.KeySigner(priv), verifier=signing.KeyVerifier(pub))
+        key = ec.derive_private_key(0x5EED, ec.SECP256R1())
+        _KEYS.update(signer=signing.KeySigner(key), verifier=signing.KeyVerifier(key.public_key()))
     return _KEYS["signer"], _KEYS["verifier"]
 
 
@@ -216,13 +220,27 @@ def signature(data: bytes) -> None:
     from slmpkg import signing
 
     files = split("signature", data)
-    bundle = _signed(files["statement"]) if "statement" in files else files.get("model.sig", b"")
+    bundle = _signed(_root_digest_fixed(files["statement"])) if "statement" in files else files.get("model.sig", b"")
     folder = _folder("signed", {})
     for rel, content in ARTIFACT.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(content)
     (folder / signing.DEFAULT_SIGNATURE_NAME).write_bytes(bundle)
     signing.verify(folder, _trusted()[1])
+
+
+def _root_digest_fixed(data: bytes) -> bytes:
+    """A model-signing statement with its subject digest recomputed from its resources (sha256 over their
+    digests in order), when it has both: the signer computes it, a fuzzer cannot."""
+    try:
+        doc = json.loads(data)
+        root = hashlib.sha256()
+        for resource in doc["predicate"]["resources"]:
+            root.update(bytes.fromhex(resource["digest"]))
+        doc["subject"][0]["digest"] = {"sha256": root.hexdigest()}
+        return json.dumps(doc).encode()
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError, AttributeError):
+        return data
 
 
 def _sha256(data: bytes) -> str:
