@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ _TARGET_KEYS = {"format", "quant"} | _GGUF_KEYS | _ONNX_KEYS | _GATE_KEYS
 _TOP_KEYS = {"name", "version", "source", "targets", "defaults", "target", "quality", "publish"}
 _QUALITY_KEYS = {"max_kld", "min_top1", "text", "context", "chunks", "runtime"}
 _PUBLISH_KEYS = {"registry", "key", "tags", "endpoint_url", "expires_days"}
+
+
+# how long signed registry metadata may stay valid: 100 years (a date past year 9999 has no form)
+MAX_EXPIRES_DAYS = 36525
 
 
 class RecipeError(SlmpkgError):
@@ -221,7 +226,9 @@ def parse_recipe(document: Mapping[str, Any], path: Optional[PathLike] = None) -
         return value
 
     def local_path(value: Any, key: str) -> Path:
-        return (base / os.path.expanduser(string(value, key))).resolve()
+        if "\x00" in string(value, key):
+            raise bad(key, "a path cannot hold a NUL character")
+        return (base / os.path.expanduser(value)).resolve()
 
     unknown(set(document), _TOP_KEYS, "")
     for key in ("name", "version", "source"):
@@ -334,8 +341,9 @@ def parse_recipe(document: Mapping[str, Any], path: Optional[PathLike] = None) -
         if "://" not in registry:
             registry = str(local_path(registry, "publish.registry"))
     expires = pub.get("expires_days")
-    if expires is not None and (not isinstance(expires, (int, float)) or isinstance(expires, bool) or expires <= 0):
-        raise bad("publish.expires_days", "must be a positive number of days")
+    if expires is not None and (not isinstance(expires, (int, float)) or isinstance(expires, bool)
+                                or not 0 < expires <= MAX_EXPIRES_DAYS):
+        raise bad("publish.expires_days", f"must be a positive number of days, at most {MAX_EXPIRES_DAYS}")
     publish = Publish(
         registry=registry,
         key=local_path(pub["key"], "publish.key") if "key" in pub else None,
@@ -412,7 +420,7 @@ def _positive_int(value: Any, bad: Any, where: str) -> int:
 
 
 def _fraction_or_float(value: Any, bad: Any, where: str, key: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
         raise bad(where, "must be a non-negative number")
     if key == "min_top1" and value > 1:
         raise bad(where, f"{value} is a fraction from 0 to 1 (0.9 means 90% of positions)")
