@@ -189,7 +189,7 @@ def verify_provenance(directory: PathLike, verifier: Any, path: Optional[PathLik
     """Check ``directory``'s provenance: signed by ``verifier``'s key, a SLSA v1 statement, and its
     subjects exactly the files in the directory with their digests. Raises :class:`ProvenanceError`
     naming the file and what failed."""
-    from .sources import file_digest
+    from ._io import sha256_file
 
     root = Path(directory)
     prov_path = Path(path) if path is not None else (root if root.is_dir() else root.parent) / PROVENANCE_FILE
@@ -225,7 +225,7 @@ def verify_provenance(directory: PathLike, verifier: Any, path: Optional[PathLik
         p = present.get(name)
         if p is None:
             problems.append(f"{name}: missing")
-        elif file_digest(p) != digest:
+        elif sha256_file(p) != digest:
             problems.append(f"{name}: digest mismatch (provenance says sha256:{digest[:16]})")
     problems += [f"{name}: not in the provenance" for name in sorted(set(present) - set(subjects))]
     if problems:
