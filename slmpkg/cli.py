@@ -22,6 +22,8 @@ from . import __version__
 from ._progress import ProgressBar
 from .errors import SlmpkgError, UsageError
 
+__all__ = ["main", "handle_errors", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 

@@ -99,6 +99,10 @@ from .onnx_graph import (  # noqa: F401  (the layout constants are this module's
     PRECISIONS, Graph,
 )
 
+__all__ = ["CONFIG_FILE", "LinearWeights", "FAMILIES", "ARCHITECTURES", "write",
+           # the file layout, shared with the encoder writer (onnx_graph)
+           "ALIGN_THRESHOLD", "ALIGNMENT", "INLINE_BYTES", "PRECISIONS"]
+
 if TYPE_CHECKING:
     from .onnx_nbits import Carry, NBitsWeight
 
@@ -561,7 +565,7 @@ class _Builder:
         if gate.shape != up.shape:
             raise FormatError(f"ONNX export: {blk}.ffn_gate_exps and ffn_up_exps differ in shape")
 
-        def interleaved() -> Iterable[np.ndarray]:
+        def interleaved(gate: np.ndarray, up: np.ndarray) -> Iterable[np.ndarray]:
             # onnxruntime's CPU kernel takes SwiGLU rows interleaved (gate row, up row, ...); one expert
             # at a time, so the fused tensor is never whole in memory
             for e in range(gate.shape[0]):
@@ -570,8 +574,8 @@ class _Builder:
                 yield rows
 
         shape = (gate.shape[0], 2 * gate.shape[1], gate.shape[2])
-        w1 = g.weight_parts(f"{layer}.moe.experts.gate_up_proj.weight", shape, self.dtype, interleaved())
-        del gate, up
+        w1 = g.weight_parts(f"{layer}.moe.experts.gate_up_proj.weight", shape, self.dtype, interleaved(gate, up))
+        del gate, up  # weight_parts consumed the rows: free both before the next experts load
         w2 = g.weight(f"{layer}.moe.experts.down_proj.weight", self.load(f"{blk}.ffn_down_exps.weight").astype(self.dtype))
         (y,) = g.node("MoE", [x, router_2d, w1, "", w2], f"{scope}/MoE", domain=MS_DOMAIN, k=spec.n_expert_used,
                       activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
