@@ -69,7 +69,8 @@ def builder_id() -> tuple[str, Optional[str]]:
         return env["SLMPKG_BUILDER_ID"], env.get("SLMPKG_INVOCATION_ID")
     if env.get("GITHUB_ACTIONS") == "true" and env.get("GITHUB_WORKFLOW_REF"):
         server = env.get("GITHUB_SERVER_URL", "https://github.com")
-        run = f"{server}/{env.get('GITHUB_REPOSITORY')}/actions/runs/{env.get('GITHUB_RUN_ID')}/attempts/{env.get('GITHUB_RUN_ATTEMPT', '1')}"
+        run = (f"{server}/{env.get('GITHUB_REPOSITORY')}/actions/runs/{env.get('GITHUB_RUN_ID')}"
+               f"/attempts/{env.get('GITHUB_RUN_ATTEMPT', '1')}")
         return f"{server}/{env['GITHUB_WORKFLOW_REF']}", run
     if env.get("GITLAB_CI") == "true" and env.get("CI_PROJECT_URL"):
         return f"{env['CI_PROJECT_URL']}/-/blob/{env.get('CI_COMMIT_SHA', '')}/.gitlab-ci.yml", env.get("CI_JOB_URL")

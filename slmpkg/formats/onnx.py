@@ -63,8 +63,9 @@ what the checkpoint does not say):
 
 Weights go to one external data file, ``model.onnx.data``, written tensor by tensor as the graph is
 built (one tensor in memory at a time; an MoE layer's gate and up experts are both held while their
-interleaved fusion is written expert by expert); the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
-shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
+interleaved fusion is written expert by expert); the graph references them by location/offset/length.
+Tensors under 1024 bytes are stored inline and shape/axes values are ``Constant`` nodes (external tiny
+tensors break ReduceSum's shape inference).
 ``genai_config.json`` is written beside. The model's Hugging Face config.json
 (:func:`slmpkg.architectures.hf_config`) is stored as the model property ``slmpkg.config.json``: it
 says what the graph cannot say exactly (Llama 3's and LongRoPE's rope parameters, the original
