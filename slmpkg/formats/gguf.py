@@ -1,7 +1,8 @@
 """GGUF: a lazy reader and a streaming writer.
 
 The reader parses the header itself (``gguf.GGUFReader`` builds several numpy arrays per string,
-which takes seconds on a 150k vocabulary) and reads nothing else up front. Tensor bytes are read on demand into their own buffers (not memory-mapped: mapped pages would stay
+which takes seconds on a 150k vocabulary) and reads nothing else up front. Tensor bytes are read on
+demand into their own buffers (not memory-mapped: mapped pages would stay
 resident). The writer lays out the header and every tensor's info first (sizes are known from shapes and types
 before any data exists), then pulls one tensor at a time and writes it, so peak memory is one tensor,
 unlike ``gguf.GGUFWriter`` which holds every tensor until the end. Output goes to a temporary file
@@ -181,7 +182,8 @@ class _Header:
                 return MetaValue(vtype, values, item), pos
             dtype = _SCALAR_DTYPES[item]
             if count > (self.size - pos) // dtype.itemsize:
-                raise self.fail(f"truncated: array {key} of {count} {item.name} at byte {pos} runs past the end of the file ({self.size} bytes)")
+                raise self.fail(f"truncated: array {key} of {count} {item.name} at byte {pos} runs past the end of "
+                                f"the file ({self.size} bytes)")
             nbytes = count * dtype.itemsize
             array = np.frombuffer(self.need(pos, nbytes, f"array {key}"), dtype, count, pos).copy()
             return MetaValue(vtype, array, item), pos + nbytes

@@ -42,7 +42,8 @@ base 10000, which those caches cannot separate from the factors); Granite's embe
 multipliers and Gemma 2's final soft-cap from the constants of their ``Mul``/``Div``/``Tanh`` nodes;
 the expert count and top-k from ``MoE``; the family from genai_config.json's ``type``, and for its
 generic ``decoder`` from the graph (experts: Mixtral; LayerNorms: StarCoder2; per-head norms: OpenELM,
-whose config.json gets sizing rules that give the graph's per-layer sizes). The tokenizer files beside the model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
+whose config.json gets sizing rules that give the graph's per-layer sizes). The tokenizer files beside the
+model give the ``tokenizer.*`` keys. Tensors stay lazy: each one reads its byte range
 of the external data file when a writer asks for it (a transposed weight is transposed then, one tensor
 in memory at a time). External data is checked before anything is returned: a location outside the
 model directory (``../x``, an absolute path, a symlink out), a missing file or one shorter than the

@@ -121,7 +121,8 @@ def _check_node(node: Any, where: str) -> None:
             continue
         value = _attr(node, a.name)
         if not isinstance(value, kind) or (kind is list and not all(isinstance(v, int) for v in value)):
-            raise FormatError(f"{where}: attribute {a.name} is {value!r}, not {'a list of integers' if kind is list else 'an ' + kind.__name__ if kind is int else 'a ' + kind.__name__}")
+            wanted = {int: "an integer", float: "a float", list: "a list of integers", bytes: "a string"}[kind]
+            raise FormatError(f"{where}: attribute {a.name} is {value!r}, not {wanted}")
         if kind is float and not np.isfinite(value):
             raise FormatError(f"{where}: attribute {a.name} is {value}")
 
@@ -371,7 +372,8 @@ def _parse(model_file: Path) -> Any:
     try:
         model = onnx.load_model(str(model_file), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{model_file}: not an ONNX model (protobuf does not parse: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"{model_file}: not an ONNX model (protobuf does not parse: {why})") from None
     if not model.graph.node:
         raise FormatError(f"{model_file}: not an ONNX model (no graph nodes)")
     return model

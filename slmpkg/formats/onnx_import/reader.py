@@ -304,4 +304,5 @@ def _check_complete(
             raise FormatError(f"{g.file}: found no weight for {name} (the graph's names and scopes do not lead to it)")
         want = arch_mod.expected_shape(rule, dims)
         if want is not None and tuple(t.shape) != want:
-            raise FormatError(f"{g.file}: tensor {origin[name]} for {name} has shape {list(t.shape)}, the configuration implies {list(want)}")
+            raise FormatError(f"{g.file}: tensor {origin[name]} for {name} has shape {list(t.shape)}, "
+                              f"the configuration implies {list(want)}")
