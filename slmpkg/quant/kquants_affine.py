@@ -96,7 +96,6 @@ class _AffineSearch:
         self.extremes = np.stack((x.min(axis=0), x.max(axis=0)))
         self.levels = np.empty_like(x)
         self.tmp = np.empty_like(x)
-        self.products = np.empty((3,) + x.shape, F32)
         self.ends = np.empty_like(self.extremes)
 
     def quantize_levels(self, iscale: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -122,16 +121,19 @@ class _AffineSearch:
         return out
 
     def error(self, scale: np.ndarray, m: np.ndarray, levels: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``sum_i w * f(scale*L + m - x)``, f = |.| or square."""
+        """``sum_i w * f(scale*L + m - x)``, f = |.| or square.
+
+        ``einsum`` multiplies its operands left to right, rounding each product, and adds the rows
+        of each column in order: ``(d*d)*w`` is C's ``w * (diff*diff)`` (a product commutes), so
+        the square, the weighting and the sum are one pass.
+        """
         d = np.multiply(levels, scale, out=self.tmp)
         d += m
         d -= self.x
         if self.use_mad:
             np.abs(d, out=d)
-        else:
-            d *= d
-        d *= self.w
-        return np.add.reduce(d, axis=0, out=out)
+            return np.einsum("ij,ij->j", self.w, d, out=out)
+        return np.einsum("ij,ij,ij->j", d, d, self.w, out=out)
 
     def run(
         self, rmin: float, rdelta: float, nstep: int
@@ -142,12 +144,10 @@ class _AffineSearch:
         steps = nstep + 1 if nstep >= 1 else 0
         record = np.empty((steps + 1, 6, nb), F32)
         record[:, _STEP] = np.arange(steps + 1, dtype=F32)[:, None]
-        # sums[:3] = sum_l2, sum_l, sum_xl are refilled per candidate (the products are laid out to
-        # match); sums[3] = sum_x is fixed
+        # sums[:3] = sum_l2, sum_l, sum_xl are refilled per candidate; sums[3] = sum_x is fixed
         sums = np.empty((4, nb), F32)
-        wll, wl, wlx = self.products
         sum_w = _seeded_sum(w)
-        sums[3] = _seeded_sum(np.multiply(w, x, out=wl))
+        sums[3] = _seeded_sum(np.multiply(w, x, out=self.tmp))
         w_and_x = sums[[3, 3]]
         w_and_x[0] = sum_w
         # rows: det, numerator of this_min, numerator of this_scale
@@ -173,11 +173,10 @@ class _AffineSearch:
                 np.copyto(cand[_FROM], m)
                 np.divide(F32(rmin) + F32(rdelta) * F32(k - 1) + nmax, top - m, out=cand[_ISCALE])
                 levels = self.quantize_levels(cand[_ISCALE], m)
-                np.multiply(w, levels, out=wl)
-                np.multiply(wl, x, out=wlx)
-                np.multiply(wl, levels, out=wll)
-                # adds each column's elements in order, as the C loops do (from 0.0f)
-                np.add.reduce(self.products, axis=1, out=sums[:3])
+                # C's w*l, w*l*l and w*l*x[i], each column's terms added in order from 0.0f
+                np.einsum("ij,ij,ij->j", w, levels, levels, out=sums[0])
+                np.einsum("ij,ij->j", w, levels, out=sums[1])
+                np.einsum("ij,ij,ij->j", w, levels, x, out=sums[2])
                 np.multiply(w_and_x, sums[0], out=terms[:2])
                 np.multiply(sum_w, sums[2], out=terms[2])
                 terms -= np.multiply(sums[1:], sums[1], out=squares)
