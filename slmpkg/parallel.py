@@ -58,10 +58,8 @@ class RowJob:
 def convert_rows(job: RowJob) -> int:
     """Run one job (in a worker process); returns the bytes written."""
     stored = read_range(job.src_path, job.src_offset, job.src_bytes)
-    values = quant.dequantize(stored, job.src_type, (job.n_rows, job.n_per_row))
+    data = quant.convert(stored, job.src_type, job.dst_type, (job.n_rows, job.n_per_row), job.imatrix)
     del stored
-    data = quant.quantize(values, job.dst_type, imatrix=job.imatrix, threads=1)
-    del values
     view = memoryview(data.reshape(-1))
     fd = os.open(job.dst_path, os.O_WRONLY)
     try:
