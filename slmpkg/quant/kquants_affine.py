@@ -27,7 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, bit_fields, byte_field, dequantize_chunks, half_column, nearest_int_bits, seq_sum, split_nibbles
+from ._common import F32, bit_fields, byte_field, dequantize_chunks, half_column, nearest_int_bits, seq_sum, split_nibbles, spread
 from .blocks import BLOCK, QK_K, as_bytes
 
 __all__ = ["KERNELS", "make_qkx2_quants", "make_qkx3_quants", "make_qp_quants"]
@@ -548,8 +548,8 @@ def _dequantize_q2_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
         levels = bit_fields(byte_field(raw, 16, 64).reshape(c, 2, 32), 2, 4)  # element 128*h + 32*j + l
         y = out.reshape(c, 16, 16)
         y[...] = levels.reshape(c, 16, 16)
-        y *= dl[..., None]
-        y -= ml[..., None]
+        y *= spread(dl, 16)
+        y -= spread(ml, 16)
 
     return dequantize_chunks(data, 84, QK_K, fill).reshape(-1, n_per_row)
 
@@ -569,8 +569,8 @@ def _dequantize_k32(data: np.ndarray, n_per_row: int, size: int) -> np.ndarray:
             levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(c, 8, 4) << np.uint64(4)
         y = out.reshape(c, 8, 32)
         y[...] = levels
-        y *= d1[..., None]
-        y -= m1[..., None]
+        y *= spread(d1, 32)
+        y -= spread(m1, 32)
 
     return dequantize_chunks(data, size, QK_K, fill).reshape(-1, n_per_row)
 

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 from . import Kernel
 from ._common import (
     F32, ROUNDING_BIAS, bit_fields, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column,
-    nearest_int, replay_search, scratch, seq_sum, sign_extend, split_nibbles,
+    nearest_int, replay_search, scratch, seq_sum, sign_extend, split_nibbles, spread,
 )
 from .blocks import BLOCK, QK_K, as_bytes
 
@@ -383,7 +383,7 @@ def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
         levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(levels.shape[0], 2, 4, 4) << np.uint64(2)
         y = out.reshape(c, N_SUB, SUB)
         y[...] = sign_extend(levels, 3).reshape(c, N_SUB, SUB)
-        y *= dl[..., None]
+        y *= spread(dl, SUB)
 
     return dequantize_chunks(data, 110, QK_K, fill).reshape(-1, n_per_row)
 
@@ -432,7 +432,7 @@ def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
         levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(levels.shape[0], 2, 2, 8) << np.uint64(4)
         y = out.reshape(c, N_SUB, SUB)
         y[...] = sign_extend(levels, 6).reshape(c, N_SUB, SUB)
-        y *= scale[..., None]
+        y *= spread(scale, SUB)
 
     return dequantize_chunks(data, 210, QK_K, fill).reshape(-1, n_per_row)
 
