@@ -26,7 +26,7 @@ from ._common import (
     F32, ROUNDING_BIAS, bit_fields, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column,
     nearest_int, replay_search, scratch, seq_sum, sign_extend, split_nibbles, spread,
 )
-from .blocks import BLOCK, QK_K, as_bytes
+from .blocks import BLOCK, QK_K
 
 __all__ = ["KERNELS", "make_qx_quants"]
 
@@ -287,19 +287,30 @@ def _per_block(v: np.ndarray) -> np.ndarray:
 
 
 # Packing works on eight levels at a time, as the bytes of a uint64: shifts of at most 7 and masks
-# keep every byte's bits inside that byte.
+# keep every byte's bits inside that byte. The levels are first regrouped by their 32-element run
+# within a block (``runs``), so every packing step is one operation over long contiguous rows.
 _BYTES_1 = np.uint64(0x0101010101010101)
 _BYTES_3 = np.uint64(0x0303030303030303)
 _BYTES_15 = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
-def _merge_lanes(fields: np.ndarray, width: int) -> np.ndarray:
-    """``fields[..., k, :] << (width*k)`` OR-ed over axis -2: the k-th field of each byte in bits
-    ``width*k ..``."""
-    out = fields[..., 0, :].copy()
-    for k in range(1, fields.shape[-2]):
-        out |= fields[..., k, :] << np.uint64(width * k)
-    return out
+def _runs(levels: np.ndarray, per_group: int) -> np.ndarray:
+    """uint8 levels ``(n_blocks, 256)`` → uint64 ``(per_group, n_groups * 4)``: row ``k`` holds run ``k``
+    (elements ``32k .. 32k+31``) of every group of ``32 * per_group`` elements, eight levels a word.
+    The runs are moved 32 bytes at a time."""
+    runs = np.empty((per_group, levels.size // (32 * per_group), 32), np.uint8)
+    runs.view("V32")[..., 0] = levels.reshape(-1, per_group, 32).view("V32")[..., 0].T
+    return runs.view(np.uint64).reshape(per_group, -1)
+
+
+def _put_runs(out: np.ndarray, offset: int, parts: list[np.ndarray]) -> None:
+    """Store uint64 rows ``parts`` (each 32 bytes per group, ``n_blocks * g`` groups) at byte ``offset``
+    of every block of ``out`` ``(n_blocks, block bytes)``: group by group, the parts side by side."""
+    nb = out.shape[0]
+    span = out[:, offset : offset + 32 * len(parts) * (parts[0].size * 8 // 32 // nb)].view("V32")
+    span = span.reshape(nb, -1, len(parts))
+    for j, part in enumerate(parts):
+        span[:, :, j] = part.view("V32").reshape(nb, -1)
 
 
 # ---------------------------------------------------------------------------------------------- Q3_K
@@ -363,14 +374,21 @@ def _quantize_q3_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
     sub_d = (d.astype(F32)[:, None] * (l6.astype(F32) - F32(32))).reshape(-1)
     levels = _requantize(x, L, sub_d, 4)
 
-    blocks = np.empty(nb, BLOCK[T.Q3_K])
-    lanes = levels.view(np.uint64).reshape(nb, 8, 4)  # [block, 32-group, 8 levels]
-    blocks["hmask"] = _merge_lanes((lanes >> np.uint64(2)) & _BYTES_1, 1).view(np.uint8).reshape(nb, 32)
-    low = (lanes & _BYTES_3).reshape(nb, 2, 4, 4)  # [block, 128-half, quarter, 8 levels]
-    blocks["qs"] = _merge_lanes(low, 2).view(np.uint8).reshape(nb, 64)
-    blocks["scales"] = _q3_scale_bytes(l6)
-    blocks["d"] = d
-    return as_bytes(blocks, rows)
+    out = np.empty((nb, BLOCK[T.Q3_K].itemsize), np.uint8)
+    # hmask[l]: bit 2 of level 32*g + l as bit g
+    runs = _runs(levels, 8)
+    high = (runs >> np.uint64(2)) & _BYTES_1
+    hmask = high[0].copy()
+    for g in range(1, 8):
+        hmask |= high[g] << np.uint64(g)
+    _put_runs(out, 0, [hmask])
+    # qs[32*h + l]: the low two bits of levels 128*h + 32*k + l in bits 2k (runs of each half)
+    low = (_runs(levels, 4) & _BYTES_3)
+    qs = low[0] | (low[1] << np.uint64(2)) | (low[2] << np.uint64(4)) | (low[3] << np.uint64(6))
+    _put_runs(out, 32, [qs])
+    out[:, 96:108] = _q3_scale_bytes(l6)
+    out[:, 108:110].view(np.uint16)[:, 0] = d.view(np.uint16)
+    return out.reshape(rows, -1)
 
 
 def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -409,14 +427,16 @@ def _quantize_q6_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
     levels = _requantize(x, L, sub_d, 32)
     levels[~live] = 0  # a block of zero scales is written as all zeros
 
-    blocks = np.empty(nb, BLOCK[T.Q6_K])
-    quarters = levels.view(np.uint64).reshape(nb, 2, 4, 4)  # [block, 128-half, quarter, 8 levels]
-    low = quarters & _BYTES_15
-    blocks["ql"] = (low[:, :, :2] | (low[:, :, 2:] << np.uint64(4))).view(np.uint8).reshape(nb, 128)
-    blocks["qh"] = _merge_lanes((quarters >> np.uint64(4)) & _BYTES_3, 2).view(np.uint8).reshape(nb, 64)
-    blocks["scales"] = sc
-    blocks["d"] = d
-    return as_bytes(blocks, rows)
+    out = np.empty((nb, BLOCK[T.Q6_K].itemsize), np.uint8)
+    # per 128-element half: ql holds runs 0|2 then 1|3 as low|high nibbles, qh bits 4-5 of all four
+    runs = _runs(levels, 4)
+    low = runs & _BYTES_15
+    _put_runs(out, 0, [low[0] | (low[2] << np.uint64(4)), low[1] | (low[3] << np.uint64(4))])
+    top = (runs >> np.uint64(4)) & _BYTES_3
+    _put_runs(out, 128, [top[0] | (top[1] << np.uint64(2)) | (top[2] << np.uint64(4)) | (top[3] << np.uint64(6))])
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210].view(np.uint16)[:, 0] = d.view(np.uint16)
+    return out.reshape(rows, -1)
 
 
 def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
