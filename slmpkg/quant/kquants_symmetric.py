@@ -111,10 +111,10 @@ _POSITIONS = np.arange(SUB, dtype=np.int8)[:, None]
 
 
 def _refine_q3(
-    x: np.ndarray, levels: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, todo: np.ndarray
+    x: np.ndarray, levels: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, todo: np.ndarray, iscale: np.ndarray
 ) -> None:
     """``make_q3_quants``' greedy passes (at most five) on the blocks ``todo``, updating ``levels``
-    (-4..3 as float32), ``sumlx`` and ``suml2`` in place.
+    (-4..3 as float32, made from ``x`` with ``iscale`` per block), ``sumlx`` and ``suml2`` in place.
 
     The C visits one element at a time and a move changes the sums every later visit sees. Moves are
     rare, so each round evaluates all 16 elements of every unfinished block against its current sums
@@ -137,7 +137,9 @@ def _refine_q3(
     np.take(x, todo, axis=1, out=X)
     np.multiply(X, X, out=W)
     np.multiply(W, X, out=WX)
-    np.take(levels, todo, axis=1, out=L)
+    # the starting levels again from the gathered x (cheaper than gathering them too)
+    np.multiply(iscale[todo], X, out=L)
+    _rint_clip(L, lo, hi)
     sx = sumlx[todo]
     s2 = suml2[todo]
     # Blocks dropped from the working set are filed from the back of an archive, in one slice each
@@ -204,19 +206,21 @@ def _refine_q3(
             archive[:, head:tail] = np.take(L, done, axis=1)
             archive_todo[head:tail], archive_sx[head:tail], archive_s2[head:tail] = todo[done], sx[done], s2[done]
             tail = head
-            packed = [np.take(a, cols, axis=1) for a in (X, W, WX, L)]
+            # only x and the levels move: the weights are recomputed (a gather costs ten multiplies)
+            packed = [np.take(a, cols, axis=1) for a in (X, L)]
             n = cols.size
             X, W, WX, L, slx, sl2, q, new_slx, new_sl2, lhs, ok, flag, rank, penalty = (
                 b[: SUB * n].reshape(SUB, n) for b in flat
             )
-            for buf, a in zip((X, W, WX, L), packed, strict=True):
+            for buf, a in zip((X, L), packed, strict=True):
                 buf[...] = a
+            np.multiply(X, X, out=W)
+            np.multiply(W, X, out=WX)
             todo, sx, s2 = todo[cols], sx[cols], s2[cols]
             start, limit, passes = start[cols], limit[cols], passes[cols]
     archive[:, :n] = L
     archive_todo[:n], archive_sx[:n], archive_s2[:n] = todo, sx, s2
-    at = (np.arange(SUB)[:, None] * levels.shape[1] + archive_todo).reshape(-1)
-    levels.reshape(-1)[at] = archive.reshape(-1)
+    levels[:, archive_todo] = archive
     sumlx[archive_todo] = archive_sx
     suml2[archive_todo] = archive_s2
 
@@ -227,14 +231,15 @@ def _make_q3_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lv = scratch("q3.l", x.shape)  # the levels l, -4..3
     t = scratch("q3.t", x.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.multiply(F32(-4.0) / mx, x, out=lv)
+        iscale = F32(-4.0) / mx
+        np.multiply(iscale, x, out=lv)
         _rint_clip(lv, *_bounds(-4, 3))
         np.multiply(x, x, out=t)
         sumlx = dot_columns(t, x, lv)
         suml2 = dot_columns(t, lv, lv)
         # Every term w*x*l has the sign of -x*max, so unless max < 0 each slx = sumlx - w*x*l is <= 0
         # and the greedy passes cannot move an element; only blocks with sumlx > 0 can change.
-        _refine_q3(x, lv, sumlx, suml2, np.flatnonzero(sumlx > 0))
+        _refine_q3(x, lv, sumlx, suml2, np.flatnonzero(sumlx > 0), iscale)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
         lv += F32(4)
         levels = lv.astype(np.uint8)
