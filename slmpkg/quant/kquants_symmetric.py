@@ -108,6 +108,7 @@ def make_qx_quants(
 
 
 _POSITIONS = np.arange(SUB, dtype=np.int8)[:, None]
+_NIBBLE_MASK = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
 def _refine_q3(
@@ -150,7 +151,6 @@ def _refine_q3(
     start = np.zeros(n, np.int8)  # next element to visit in the current pass (16: pass over)
     limit = np.full(n, SUB, np.int8)  # ranks from here on are out of reach (16 - start in the last pass)
     passes = np.zeros(n, np.int8)  # index of the current pass
-    shift = np.array(4, np.int8)
     while True:
         np.multiply(WX, L, out=slx)
         np.subtract(sx, slx, out=slx)
@@ -179,9 +179,11 @@ def _refine_q3(
 
         # the first moving element in visiting order (rank 16 and up: does not move)
         np.subtract(_POSITIONS, start, out=rank)
-        rank &= np.int8(SUB - 1)
-        np.left_shift(flag.view(np.int8), shift, out=penalty)
-        rank |= penalty
+        # the byte operations run eight bytes at a time on uint64 views (numpy's int8 shift is scalar)
+        words = rank.reshape(-1).view(np.uint64)
+        words &= _NIBBLE_MASK
+        np.left_shift(flag.reshape(-1).view(np.uint64), np.uint64(4), out=penalty.reshape(-1).view(np.uint64))
+        words |= penalty.reshape(-1).view(np.uint64)
         first = np.minimum.reduce(rank, axis=0)
         cols = np.flatnonzero(first < limit)
         if cols.size == 0:
