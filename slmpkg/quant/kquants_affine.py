@@ -385,8 +385,9 @@ def _requantize(
     ``searched`` is the search's ``(size, all sub-blocks)`` float32 levels. Returns uint8 levels
     shaped like ``x``.
     """
+    size = x.shape[-1]
     with np.errstate(all="ignore"):
-        q = (x + dm[..., None]) / d[..., None]
+        q = (x + spread(dm, size)) / spread(d, size)
     levels = np.clip(nearest_int_bits(q), 0, nmax).astype(np.uint8)
     skipped = d == 0
     if skipped.any():

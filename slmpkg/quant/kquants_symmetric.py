@@ -275,7 +275,7 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, nmax: int) -> np.nd
     rows = x.reshape(-1, SUB)
     q = scratch("rq", rows.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(rows, d[:, None], out=q)
+        np.divide(rows, spread(d, SUB), out=q)
     # nearest_int bit for bit: x/d is unbounded once an fp16 scale has rounded to almost nothing
     q += ROUNDING_BIAS
     bits = q.view(np.int32)
