@@ -103,7 +103,7 @@ def main() -> None:
             times[name].append(fn(root / "work", src, Path(f"{key}.pem"), env, evaluate))
             print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
     print(f"\n{len(TARGETS)} targets, {args.layers} layers; fastest and median of {args.repeat} runs each\n")
-    print(f"| what | fastest s | median s | ratio (fastest) | ratio (median) |\n|---|---|---|---|---|")
+    print("| what | fastest s | median s | ratio (fastest) | ratio (median) |\n|---|---|---|---|---|")
     for name, _, evaluate in variants:
         anchor = times["single commands + eval" if evaluate else "single commands"]
         best, med = min(times[name]), statistics.median(times[name])

@@ -94,7 +94,8 @@ def make_checkpoint(directory: Path, n_layer: int) -> int:
     sidecar = {
         "config.json": json.dumps(config).encode(),
         "tokenizer.model": _sentencepiece_model(1000),
-        "tokenizer_config.json": json.dumps({"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}).encode(),
+        "tokenizer_config.json": json.dumps({"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+                                             "unk_token": "<unk>"}).encode(),
     }
     st_format.write(directory, Checkpoint({}, tensors, sidecar), max_shard_size="1GB")
     return sum(int(np.prod(s)) for s in shapes.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -64,6 +65,20 @@ def read_range(path: PathLike, offset: int, nbytes: int) -> np.ndarray:
                 raise FormatError(f"{path}: truncated: {nbytes} bytes expected at offset {offset}, file ends first")
             done += n
     return out
+
+
+def sha256_file(path: PathLike) -> str:
+    """The sha256 hex digest of a file, streamed in 1 MiB pieces.
+
+    >>> sha256_file(__file__) == __import__("hashlib").sha256(open(__file__, "rb").read()).hexdigest()
+    True
+    """
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = memoryview(bytearray(1 << 20))
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
 
 
 def write_synced(path: Path, data: bytes) -> None:

@@ -36,6 +36,14 @@ from .checkpoint import Checkpoint, LazyTensor, MetaValue
 from .errors import FormatError
 from .quant import QuantType
 
+__all__ = [
+    "FLOAT_TYPES", "ROPE_SCALING_KEY", "HF_CONFIG_KEY", "Dims", "permute_qk", "unpermute_qk", "Transform",
+    "PermuteHeads", "Shift", "Rule", "Fused", "Multimodal", "Param", "Hook", "Family",
+    "llama3_rope_factors", "llama3_rope_parameters", "openelm_sizes", "openelm_config", "FAMILIES",
+    "MULTIMODAL", "supported_hf_classes", "family_for_hf", "family_for_gguf", "hf_dims", "expected_shape",
+    "hf_metadata", "from_hf", "cast_checkpoint", "hf_config", "to_hf",
+]
+
 FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
 
 # a GGUF key of our own, which llama.cpp ignores: the source's rope scaling when llama.cpp's keys

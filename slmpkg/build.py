@@ -466,9 +466,9 @@ class Builder:
         node = self.plan.nodes[node_id]
         extra = {}
         if node.spec is not None and node.spec.option("imatrix") is not None:
-            from .sources import file_digest
+            from ._io import sha256_file
 
-            extra["imatrix"] = file_digest(node.spec.option("imatrix"))
+            extra["imatrix"] = sha256_file(node.spec.option("imatrix"))
         spec = node.spec.to_dict() if node.spec is not None else {"float": self._float_type}
         spec.pop("targets", None)
         return _digest_json({
@@ -639,7 +639,7 @@ class Builder:
     def _sign(self, node: Node, signer: Any, report: Any, started: str, result: BuildResult) -> None:
         from . import provenance, signing
         from .evaluation import report_digest
-        from .sources import file_digest
+        from ._io import sha256_file
 
         directory = self.artifact_dir(node)
         parameters = self._external_parameters(node)
@@ -649,7 +649,7 @@ class Builder:
             result.steps.append(StepResult(f"sign {node.id}", "up to date"))
             return
         t = time.monotonic()
-        files = [(name, file_digest(p)) for name, p in provenance.artifact_files(directory)]
+        files = [(name, sha256_file(p)) for name, p in provenance.artifact_files(directory)]
         src = self.source()
         base = self._source_uri_base()
         deps = [{"uri": base if src.path.is_file() else f"{base}/{f.name}", "name": f.name,
@@ -657,7 +657,7 @@ class Builder:
         imatrix = node.spec.option("imatrix") if node.spec else None
         if imatrix is not None:
             deps.append({"uri": Path(imatrix).as_uri(), "name": Path(imatrix).name,
-                         "digest": {"sha256": file_digest(imatrix)}})
+                         "digest": {"sha256": sha256_file(imatrix)}})
         byproducts = []
         if report is not None:
             byproducts.append({"name": "quality.json", "digest": {"sha256": report_digest(report)},
@@ -769,12 +769,12 @@ class Builder:
     def _same_model_files(self, node: Node, manifest: dict[str, Any]) -> bool:
         """Whether a published manifest holds exactly this artifact's model files (signatures aside)."""
         from . import provenance
-        from .sources import file_digest
+        from ._io import sha256_file
 
         skip = ("model.sig", provenance.PROVENANCE_FILE)
         theirs = {f["path"]: f["digest"].removeprefix("sha256:") for f in manifest.get("files", []) if f["path"] not in skip}
         local = provenance.artifact_files(self.artifact_dir(node))
-        return bool(theirs) and len(theirs) == len(local) and all(theirs.get(n) == file_digest(p) for n, p in local)
+        return bool(theirs) and len(theirs) == len(local) and all(theirs.get(n) == sha256_file(p) for n, p in local)
 
     def _manifest_quant(self, node: Node) -> tuple[Optional[str], Optional[float]]:
         if node.spec.format != "gguf":
@@ -791,7 +791,7 @@ class Builder:
         digests with the published manifests (or, with nothing to publish to, with this build
         directory's artifacts)."""
         from . import provenance
-        from .sources import file_digest
+        from ._io import sha256_file
 
         published: dict[str, dict[str, str]] = {}
         if self._publish_configured():
@@ -811,7 +811,7 @@ class Builder:
             against = f"{store.url} {self.recipe.name}:{self.recipe.version}"
         else:
             for node in self.plan.jobs:
-                files = {n: file_digest(p) for n, p in provenance.artifact_files(self.artifact_dir(node))}
+                files = {n: sha256_file(p) for n, p in provenance.artifact_files(self.artifact_dir(node))}
                 for target in node.targets:
                     published[target] = files
             against = str(self.out / "artifacts")
@@ -821,7 +821,7 @@ class Builder:
             fresh.run(publish=False, evaluate=False, sign=False)
             result = CheckResult(against)
             for node in fresh.plan.jobs:
-                rebuilt = {n: file_digest(p) for n, p in provenance.artifact_files(fresh.artifact_dir(node))}
+                rebuilt = {n: sha256_file(p) for n, p in provenance.artifact_files(fresh.artifact_dir(node))}
                 for target in node.targets:
                     theirs = {n: d for n, d in published.get(target, {}).items()
                               if n not in ("model.sig", provenance.PROVENANCE_FILE)}

@@ -22,6 +22,8 @@ from . import __version__
 from ._progress import ProgressBar
 from .errors import SlmpkgError, UsageError
 
+__all__ = ["main", "handle_errors", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
@@ -195,7 +197,8 @@ def quantize_command(
 @click.option("--allow-requantize", is_flag=True,
               help="GGUF output from a quantized source (an int4 ONNX): allow re-quantizing its blocks to another type.")
 @_tensor_type_options
-@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Float type of safetensors output (default bf16; from ONNX: the source's float type).")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]),
+              help="Float type of safetensors output (from GGUF: default bf16; from ONNX or HF: the source's float type).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--mmproj", type=click.Path(path_type=Path),
               help="Multimodal HF source to GGUF: also write the vision tower as llama.cpp's mmproj GGUF here.")
@@ -461,7 +464,8 @@ def _artifact_quant(artifact: Path) -> tuple[Optional[str], Optional[float]]:
 @click.option("--target", default="auto", show_default=True, help="A target name, or auto: the best one this host runs.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to install into.")
 @click.option("--pub", required=True, type=click.Path(path_type=Path), help="Public key the index must be signed with.")
-@click.option("--max-memory", metavar="SIZE", help="Memory budget for --target auto (8GB = 8e9 bytes, 8GiB = 8 * 2**30; default: what this host has).")
+@click.option("--max-memory", metavar="SIZE",
+              help="Memory budget for --target auto (8GB = 8e9 bytes, 8GiB = 8 * 2**30; default: what this host has).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @_registry_option
 @_endpoint_option

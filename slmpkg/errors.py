@@ -3,6 +3,8 @@ message is one line that names the file (or value) and the problem; the CLI prin
 
 from __future__ import annotations
 
+__all__ = ["SlmpkgError", "QuantizationError", "FormatError", "UsageError", "SignatureError"]
+
 
 class SlmpkgError(Exception):
     """Base class of every error slmpkg raises deliberately."""

@@ -20,6 +20,8 @@ from gguf import GGUFValueType
 from .checkpoint import Checkpoint, MetaValue
 from .quant import bits_per_weight
 
+__all__ = ["TensorSummary", "FileSummary", "MAX_LISTED_ITEMS", "summarize_value", "summarize", "inspect_file"]
+
 
 @dataclass(frozen=True)
 class TensorSummary:

@@ -36,6 +36,8 @@ from .checkpoint import Checkpoint, LazyTensor, MetaValue
 from .errors import FormatError
 from .quant import QuantType
 
+__all__ = ["FLOAT_TYPES", "VisionTower", "TOWERS", "supported_classes", "from_hf"]
+
 FLOAT_TYPES = (QuantType.F32, QuantType.F16, QuantType.BF16)
 _PLUS_ONE = Shift(1.0)  # Gemma's RMS norms multiply by 1 + w; llama.cpp's by the stored weight
 

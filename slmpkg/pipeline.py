@@ -24,6 +24,8 @@ from .imatrix import ImportanceMatrix
 from .presets import QuantOptions
 from .transforms import TensorChange, quantize_checkpoint
 
+__all__ = ["QuantizeResult", "quantize_file", "ConvertResult", "size_label", "convert"]
+
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .formats.onnx import LinearWeights

@@ -69,7 +69,8 @@ def builder_id() -> tuple[str, Optional[str]]:
         return env["SLMPKG_BUILDER_ID"], env.get("SLMPKG_INVOCATION_ID")
     if env.get("GITHUB_ACTIONS") == "true" and env.get("GITHUB_WORKFLOW_REF"):
         server = env.get("GITHUB_SERVER_URL", "https://github.com")
-        run = f"{server}/{env.get('GITHUB_REPOSITORY')}/actions/runs/{env.get('GITHUB_RUN_ID')}/attempts/{env.get('GITHUB_RUN_ATTEMPT', '1')}"
+        run = (f"{server}/{env.get('GITHUB_REPOSITORY')}/actions/runs/{env.get('GITHUB_RUN_ID')}"
+               f"/attempts/{env.get('GITHUB_RUN_ATTEMPT', '1')}")
         return f"{server}/{env['GITHUB_WORKFLOW_REF']}", run
     if env.get("GITLAB_CI") == "true" and env.get("CI_PROJECT_URL"):
         return f"{env['CI_PROJECT_URL']}/-/blob/{env.get('CI_COMMIT_SHA', '')}/.gitlab-ci.yml", env.get("CI_JOB_URL")
@@ -189,7 +190,7 @@ def verify_provenance(directory: PathLike, verifier: Any, path: Optional[PathLik
     """Check ``directory``'s provenance: signed by ``verifier``'s key, a SLSA v1 statement, and its
     subjects exactly the files in the directory with their digests. Raises :class:`ProvenanceError`
     naming the file and what failed."""
-    from .sources import file_digest
+    from ._io import sha256_file
 
     root = Path(directory)
     prov_path = Path(path) if path is not None else (root if root.is_dir() else root.parent) / PROVENANCE_FILE
@@ -225,7 +226,7 @@ def verify_provenance(directory: PathLike, verifier: Any, path: Optional[PathLik
         p = present.get(name)
         if p is None:
             problems.append(f"{name}: missing")
-        elif file_digest(p) != digest:
+        elif sha256_file(p) != digest:
             problems.append(f"{name}: digest mismatch (provenance says sha256:{digest[:16]})")
     problems += [f"{name}: not in the provenance" for name in sorted(set(present) - set(subjects))]
     if problems:

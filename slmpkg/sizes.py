@@ -31,7 +31,8 @@ __all__ = ["parse_size"]
 _PREFIXES = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
              "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?(b)?\s*", re.IGNORECASE)
-_HELP = "use a number of bytes with an optional unit: K, M, G, T (KB, MB, ...: powers of 1000) or Ki, Mi, Gi, Ti (KiB, MiB, ...: powers of 1024)"
+_HELP = ("use a number of bytes with an optional unit: K, M, G, T (KB, MB, ...: powers of 1000) "
+         "or Ki, Mi, Gi, Ti (KiB, MiB, ...: powers of 1024)")
 
 
 def parse_size(value: Union[str, int]) -> int:

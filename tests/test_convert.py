@@ -143,8 +143,8 @@ def _config(family: str, vocab_size: int, tokenizer) -> "transformers.Pretrained
 
 
 FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama3-rope",
-            "phi2", "phi3", "phi3-longrope", "phi4-mini", "starcoder2", "gemma", "gemma2", "gemma3", "gemma3-mm", "granite", "mixtral", "mixtral-fused",
-            "bert"]
+            "phi2", "phi3", "phi3-longrope", "phi4-mini", "starcoder2", "gemma", "gemma2", "gemma3", "gemma3-mm",
+            "granite", "mixtral", "mixtral-fused", "bert"]
 # checkpoints saved in another layout than the one to_hf writes: transformers 5's fused experts
 # (save_original_format=False), a multimodal wrapper around the language model
 FUSED_EXPERTS = {"mixtral-fused"}

@@ -271,7 +271,7 @@ def test_onnx_gguf_onnx_keeps_every_initializer(source, tmp_path):
 
 
 def test_onnx_to_gguf_runs_in_llama_cpp_like_the_hf_source(source, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from test_convert import _llama_logits
 
     family, hf, onnx_dir = source
@@ -735,7 +735,7 @@ def test_genai_int4_graph_imports_as_ggml_blocks_of_the_weights_onnxruntime_comp
             assert np.array_equal(w, ref_w), name
         else:  # Q4_1's minimum becomes a float zero point: float32 rounding of the block's terms
             assert np.abs(w - ref_w).max() <= 2 * np.spacing(np.abs(ref_w).max()), name
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from test_convert import _llama_logits
 
     ids = _ids(hf, PROMPTS[0])

@@ -28,7 +28,7 @@ from slmpkg.registry import (
     push,
     tag,
 )
-from slmpkg.registry.cache import hash_file
+from slmpkg._io import sha256_file as hash_file
 from slmpkg.registry.listing import read_index
 from slmpkg.registry.manifest import MANIFEST_MEDIA_TYPE
 from slmpkg.registry.names import blob_key

