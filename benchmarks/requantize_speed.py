@@ -7,21 +7,26 @@ interleaved over --repeat rounds in this one run, quantizes the F16 file to ever
 re-quantizes the Q4_K_M one (``--allow-requantize``) to every --requantize preset, with slmpkg's
 ``quantize_file`` and with llama.cpp, each in the same process, and checks the outputs are
 byte-identical. Prints the fastest and median seconds and their ratios (slmpkg / llama.cpp; below 1
-is faster).
+is faster). ``--baseline DIR`` times another slmpkg source tree (say ``git archive OLD slmpkg | tar -x
+-C DIR``) in the same rounds, in a child process that stays up as this one does, and adds the ratio
+slmpkg / baseline: before and after measured side by side on the same busy machine.
 
     python benchmarks/requantize_speed.py [--repeat 3] [--threads 2] [--presets Q8_0,Q4_0,Q4_K_M]
-        [--requantize Q8_0,Q4_0] [--cache DIR] [--model qwen|llama]
+        [--requantize Q8_0,Q4_0] [--cache DIR] [--model qwen|llama] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -56,6 +61,41 @@ def build(cache: Path, model: str) -> tuple[Path, Path]:
     return f16, q4km
 
 
+class Baseline:
+    """``quantize_file`` of another slmpkg source tree, timed in a child process that lives for the
+    whole run (its worker pool stays warm, as ours does)."""
+
+    SERVER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from slmpkg.pipeline import quantize_file
+from slmpkg.presets import QuantOptions
+for line in sys.stdin:
+    src, dst, preset, requantize, threads = json.loads(line)
+    start = time.perf_counter()
+    quantize_file(src, dst, QuantOptions(preset, allow_requantize=requantize), threads=threads, progress=False)
+    print(time.perf_counter() - start, flush=True)
+"""
+
+    def __init__(self, root: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SERVER, str(root.resolve())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def time(self, src: Path, dst: Path, preset: str, requantize: bool, threads: int) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps([str(src), str(dst), preset, requantize, threads]) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the baseline failed on {preset}")
+        return float(answer)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -64,6 +104,7 @@ def main() -> None:
     parser.add_argument("--requantize", default="Q8_0,Q4_0", help="from the Q4_K_M; 'all' for every preset")
     parser.add_argument("--model", choices=("qwen", "llama"), default="qwen")
     parser.add_argument("--cache", type=Path, help="keep the built GGUFs here (default: a temporary directory)")
+    parser.add_argument("--baseline", type=Path, help="another slmpkg source tree to time beside this one")
     args = parser.parse_args()
     from llama_ref import llama_quantize
 
@@ -79,8 +120,10 @@ def main() -> None:
         ckpt = gguf_format.read(f16)
         n_params = sum(t.n_elements for t in ckpt.tensors)
         n_vocab = len(ckpt.get("tokenizer.ggml.tokens"))
-        ours_out, ref_out = Path(tmp) / "ours.gguf", Path(tmp) / "ref.gguf"
+        ours_out, ref_out, base_out = Path(tmp) / "ours.gguf", Path(tmp) / "ref.gguf", Path(tmp) / "base.gguf"
+        baseline: Optional[Baseline] = Baseline(args.baseline) if args.baseline else None
         times: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+        base_times: dict[tuple[str, str], list[float]] = {}
         identical: dict[tuple[str, str], bool] = {}
         for round_no in range(args.repeat):
             for source, path, preset, requantize in cases:
@@ -104,23 +147,37 @@ def main() -> None:
                     t_ours, t_ref = ours(), ref()
                 else:
                     t_ref, t_ours = ref(), ours()
+                if baseline is not None:
+                    base_times.setdefault((source, preset), []).append(
+                        baseline.time(path, base_out, preset, requantize, args.threads))
+                    if round_no == 0:
+                        assert base_out.read_bytes() == ref_out.read_bytes(), f"baseline differs on {preset}"
                 mine, theirs = times.setdefault((source, preset), ([], []))
                 mine.append(t_ours)
                 theirs.append(t_ref)
                 if (source, preset) not in identical:
                     identical[(source, preset)] = ours_out.read_bytes() == ref_out.read_bytes()
 
+        if baseline is not None:
+            baseline.close()
         print(f"{args.model}: {n_params / 1e6:.0f} M parameters, {n_vocab} tokens; {args.threads} threads each, "
               f"{args.repeat} interleaved rounds; seconds")
         header = (f"{'source':<8}{'preset':<8}{'slmpkg min':>11}{'median':>8}{'llama.cpp min':>14}{'median':>8}"
                   f"{'ratio min':>10}{'median':>8}{'identical':>10}")
+        if baseline is not None:
+            header += f"{'baseline min':>13}{'median':>8}{'vs base min':>12}{'median':>8}"
         print(header)
         print("-" * len(header))
         for (source, preset), (mine, theirs) in times.items():
             a, b = min(mine), min(theirs)
             am, bm = statistics.median(mine), statistics.median(theirs)
-            print(f"{source:<8}{preset:<8}{a:11.2f}{am:8.2f}{b:14.2f}{bm:8.2f}{a / b:9.2f}×{am / bm:7.2f}×"
-                  f"{str(identical[(source, preset)]):>10}")
+            line = (f"{source:<8}{preset:<8}{a:11.2f}{am:8.2f}{b:14.2f}{bm:8.2f}{a / b:9.2f}×{am / bm:7.2f}×"
+                    f"{str(identical[(source, preset)]):>10}")
+            if baseline is not None:
+                old = base_times[(source, preset)]
+                c, cm = min(old), statistics.median(old)
+                line += f"{c:13.2f}{cm:8.2f}{a / c:11.2f}×{am / cm:7.2f}×"
+            print(line)
 
 
 if __name__ == "__main__":

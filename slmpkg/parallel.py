@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import multiprocessing
 import os
 import signal
@@ -59,10 +58,8 @@ class RowJob:
 def convert_rows(job: RowJob) -> int:
     """Run one job (in a worker process); returns the bytes written."""
     stored = read_range(job.src_path, job.src_offset, job.src_bytes)
-    values = quant.dequantize(stored, job.src_type, (job.n_rows, job.n_per_row))
+    data = quant.convert(stored, job.src_type, job.dst_type, (job.n_rows, job.n_per_row), job.imatrix)
     del stored
-    data = quant.quantize(values, job.dst_type, imatrix=job.imatrix, threads=1)
-    del values
     view = memoryview(data.reshape(-1))
     fd = os.open(job.dst_path, os.O_WRONLY)
     try:
@@ -108,18 +105,17 @@ class Placement:
 
 
 class WorkerPool:
-    """A pool of worker processes running :class:`RowJob` s, at most ``window`` queued or running.
+    """A pool of worker processes running :class:`RowJob` s.
 
     The processes are started on first use (forked where the platform allows: a fork costs
     milliseconds, a fresh interpreter importing numpy a good part of a second) and live as long as
-    this process.
+    this process. Jobs are small messages (the data stays in files), so a whole model's jobs may be
+    queued at once: the writer queues them all before it copies anything itself.
     """
 
     def __init__(self, processes: int):
         self.processes = processes
-        self.window = 4 * processes
         self._executor: Optional[ProcessPoolExecutor] = None
-        self._in_flight: collections.deque[Future] = collections.deque()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -131,7 +127,6 @@ class WorkerPool:
     def _start(self) -> ProcessPoolExecutor:
         if self._executor is not None and getattr(self._executor, "_broken", False):
             self._executor = None  # a worker died (killed, out of memory): start afresh next time
-            self._in_flight.clear()
         if self._executor is None:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if sys.platform == "linux" and "fork" in methods else None)
@@ -139,17 +134,9 @@ class WorkerPool:
         return self._executor
 
     def submit(self, job: RowJob) -> Future:
-        """Queue ``job``, first waiting while ``window`` jobs are queued or running."""
+        """Queue ``job``."""
         with self._lock:
-            executor = self._start()
-            while len(self._in_flight) >= self.window:
-                oldest = self._in_flight.popleft()
-                oldest.exception()  # waits; its failure is reported by whoever owns it
-            future = executor.submit(convert_rows, job)
-            self._in_flight.append(future)
-            while self._in_flight and self._in_flight[0].done():
-                self._in_flight.popleft()
-            return future
+            return self._start().submit(convert_rows, job)
 
 
 @lru_cache(maxsize=None)

@@ -147,6 +147,27 @@ def test_one_row_chunks_with_imatrix(ggml, monkeypatch, qtype):
     assert np.array_equal(quant.quantize(x, qtype, imatrix=imatrix, threads=1), ggml.quantize(x, qtype, imatrix))
 
 
+@pytest.mark.parametrize(("src", "dst"), [(T.F16, T.Q4_K), (T.Q5_0, T.Q4_0), (T.Q8_0, T.Q6_K), (T.Q4_K, T.Q3_K)],
+                         ids=lambda t: t.name)
+def test_convert_in_work_items_matches_ggml(ggml, monkeypatch, src, dst):
+    """``quant.convert`` (what the worker processes run: dequantize and quantize one work item at a
+    time) gives ggml's bytes for ggml's floats of the source, over many work items (the last one
+    short) and with an importance matrix."""
+    rng = np.random.default_rng([int(src), int(dst)])
+    x = _fresh("laplace_scaled", (23, 512), rng)
+    stored = ggml.quantize(x, src)
+    floats = ggml.dequantize(stored, src, x.shape)
+    monkeypatch.setitem(quant.KERNELS, dst, dataclasses.replace(quant.KERNELS[dst], chunk_elements=3 * 512))
+    for imatrix in (None, rng.gamma(0.5, 2.0, 512).astype(np.float32)):
+        ours = quant.convert(stored, src, dst, x.shape, imatrix)
+        assert np.array_equal(ours, ggml.quantize(floats, dst, imatrix)), _first_difference(ours, ggml.quantize(floats, dst, imatrix))
+
+
+def test_convert_refuses_a_wrong_byte_count():
+    with pytest.raises(QuantizationError, match="needs 36 bytes; got 34"):
+        quant.convert(np.zeros(34, np.uint8), "Q4_0", "Q8_0", (2, 32))
+
+
 def test_rows_not_divisible_by_block():
     with pytest.raises(QuantizationError, match="multiple of 256"):
         quant.quantize(np.zeros((2, 96), np.float32), "Q4_K")

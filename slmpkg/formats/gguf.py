@@ -22,6 +22,7 @@ import math
 import os
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
@@ -435,25 +436,42 @@ def write(
         headers = [{**(metadata if i == 0 else {}), **split_meta(i)} for i in range(n)]
     report = on_tensor if on_tensor is not None else (lambda t: None)
     pending: collections.deque[tuple[LazyTensor, Placement]] = collections.deque()
+
+    def report_finished() -> None:
+        while pending and pending[0][1].done():
+            pending[0][1].wait()
+            report(pending.popleft()[0])
+
     with atomic_writes(targets) as files:
         try:
+            # Headers and the worker processes' jobs first: the conversions are the long pole, so
+            # they start before this thread spends any time copying the tensors that stay as they are.
+            layouts: list[list[int]] = []
             for f, header, shard in zip(files, headers, shards):
-                f.write(encode_header(header, shard, alignment))
+                head = encode_header(header, shard, alignment)
+                f.write(head)
+                offsets, at = [], len(head)
                 for t in shard:
+                    offsets.append(at)
                     if t.placer is not None:
-                        # written by worker processes at this offset; the writer moves on
-                        pending.append((t, t.placer(f.name, f.tell())))
-                        f.seek(t.nbytes + _pad(t.nbytes, alignment), os.SEEK_CUR)
-                    else:
+                        pending.append((t, t.placer(f.name, at)))
+                    at += t.nbytes + _pad(t.nbytes, alignment)
+                offsets.append(at)
+                layouts.append(offsets)
+            for f, shard, offsets in zip(files, shards, layouts):
+                for t, at in zip(shard, offsets):
+                    if t.placer is None:
+                        f.seek(at)
                         _write_tensor(f, t, alignment)
                         report(t)
-                    while pending and pending[0][1].done():
-                        pending[0][1].wait()
-                        report(pending.popleft()[0])
-                f.truncate()  # a placed last tensor leaves the file short of its end until written
-            while pending:
-                pending[0][1].wait()
-                report(pending.popleft()[0])
+                    report_finished()
+                f.truncate(offsets[-1])  # placed tensors at the end leave the file short until written
+            with _Flusher(files) as flusher:
+                while pending:
+                    t, placement = pending.popleft()
+                    placement.wait()
+                    report(t)
+                    flusher.wrote(t.nbytes)
         except BaseException:
             for _, placement in pending:
                 placement.cancel()
@@ -461,6 +479,51 @@ def write(
                 placement.settle()
             raise
     return targets
+
+
+class _Flusher:
+    """Writes the files' dirty pages back to disk from a background thread while the workers still
+    convert, so the final fsync (see ``atomic_writes``) has little left to wait for: started once on
+    entry (the copied tensors) and again after every :data:`FLUSH_BYTES` of placed tensors."""
+
+    FLUSH_BYTES = 64 << 20
+
+    def __init__(self, files: Sequence[BinaryIO]):
+        for f in files:
+            f.flush()
+        self._fds = [f.fileno() for f in files]
+        self._kick = threading.Event()
+        self._stop = False
+        self._since = 0
+        self._thread = threading.Thread(target=self._run, name="slmpkg-flush", daemon=True)
+
+    def __enter__(self) -> "_Flusher":
+        self._kick.set()
+        self._thread.start()
+        return self
+
+    def wrote(self, nbytes: int) -> None:
+        self._since += nbytes
+        if self._since >= self.FLUSH_BYTES:
+            self._since = 0
+            self._kick.set()
+
+    def _run(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            if self._stop:
+                return
+            for fd in self._fds:
+                try:
+                    os.fdatasync(fd)
+                except OSError:  # the final fsync reports what matters
+                    return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._kick.set()
+        self._thread.join()
 
 
 def _write_tensor(f: BinaryIO, t: LazyTensor, alignment: int) -> None:

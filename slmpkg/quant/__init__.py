@@ -34,6 +34,7 @@ __all__ = [
     "Kernel",
     "quantize",
     "dequantize",
+    "convert",
     "parse_type",
     "row_bytes",
     "bits_per_weight",
@@ -215,3 +216,42 @@ def dequantize(data: np.ndarray, qtype: Union[str, QuantType], shape: Sequence[i
         except NotImplementedError:  # types ggml only computes with (Q8_1, Q8_K) or does not convert (I32, F64)
             raise QuantizationError(f"{t.name} data cannot be converted to float values") from None
     return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def convert(
+    data: np.ndarray,
+    src_type: Union[str, QuantType],
+    dst_type: Union[str, QuantType],
+    shape: Sequence[int],
+    imatrix: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Stored bytes of ``src_type`` → ``dst_type`` blocks (``quantize(dequantize(...))``), on this thread.
+
+    Rows go through float32 a kernel work item at a time, so the floats are quantized while they are
+    still in the core's cache and no float32 copy of the whole input is ever made.
+
+    Example:
+        >>> import numpy as np
+        >>> w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+        >>> q8 = quantize(w, "Q8_0")
+        >>> convert(q8, "Q8_0", "Q4_0", w.shape).tobytes() == quantize(dequantize(q8, "Q8_0", w.shape), "Q4_0").tobytes()
+        True
+    """
+    src, dst = parse_type(src_type), parse_type(dst_type)
+    shape = tuple(int(s) for s in shape)
+    n_per_row = shape[-1]
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    src_row = row_bytes(src, n_per_row)
+    if raw.size != n_rows * src_row:
+        raise QuantizationError(f"{src.name} data of shape {shape} needs {n_rows * src_row} bytes; got {raw.size}")
+    kernel = KERNELS.get(dst)
+    step = max(1, ((kernel.chunk_elements if kernel else None) or CHUNK_ELEMENTS) // max(n_per_row, 1))
+    if n_rows <= step:
+        return quantize(dequantize(raw, src, (n_rows, n_per_row)), dst, imatrix=imatrix, threads=1)
+    out = np.empty((n_rows, row_bytes(dst, n_per_row)), np.uint8)
+    for a in range(0, n_rows, step):
+        b = min(a + step, n_rows)
+        values = dequantize(raw[a * src_row : b * src_row], src, (b - a, n_per_row))
+        out[a:b] = quantize(values, dst, imatrix=imatrix, threads=1)
+    return out

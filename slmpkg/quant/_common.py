@@ -189,6 +189,15 @@ def dequantize_chunks(data: np.ndarray, block_bytes: int, block_elements: int, f
     return out
 
 
+def spread(v: np.ndarray, width: int) -> np.ndarray:
+    """Per-block (or per-sub-block) values ``v`` repeated ``width`` times each, contiguous: ``v.shape + (width,)``.
+
+    Multiplying rows of 16 or 32 by a broadcast ``(..., 1)`` operand costs numpy one inner loop per
+    row, several times the cost of the arithmetic; a repeated, contiguous operand costs one loop.
+    """
+    return np.repeat(v.reshape(-1), width).reshape(v.shape + (width,))
+
+
 def half_column(raw: np.ndarray, offset: int) -> np.ndarray:
     """The fp16 at byte ``offset`` of each block (rows of ``raw``, an even length) as float32 ``(c, 1)``."""
     return raw.view(np.uint16)[:, offset // 2 : offset // 2 + 1].view(np.float16).astype(F32)

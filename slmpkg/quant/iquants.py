@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import Kernel
 from ._common import (
-    F32, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column, nearest_int, replay_search, scratch,
+    F32, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column, nearest_int, replay_search, scratch, spread,
     seq_sum, split_nibbles,
 )
 from .blocks import BLOCK, QK_K, as_bytes
@@ -180,7 +180,7 @@ def _values(qs: np.ndarray, groups: int) -> np.ndarray:
 
 def _dequantize_iq4_nl(data: np.ndarray, n_per_row: int) -> np.ndarray:
     def fill(raw: np.ndarray, out: np.ndarray) -> None:
-        np.multiply(half_column(raw, 0), _values(byte_field(raw, 2, 16), 1)[:, 0], out=out)
+        np.multiply(spread(half_column(raw, 0), SUB).reshape(out.shape), _values(byte_field(raw, 2, 16), 1)[:, 0], out=out)
 
     return dequantize_chunks(data, 18, SUB, fill).reshape(-1, n_per_row)
 
@@ -194,7 +194,7 @@ def _dequantize_iq4_xs(data: np.ndarray, n_per_row: int) -> np.ndarray:
         low = np.stack([low & 0xF, low >> 4], axis=2).reshape(c, per)
         high = (raw.view(np.uint16)[:, 1:2] >> np.arange(0, 2 * per, 2, dtype=np.uint16)) & 3
         dl = half_column(raw, 0) * ((low | (high << 4).astype(np.uint8)).astype(F32) - F32(32))
-        np.multiply(dl[..., None], _values(byte_field(raw, 8, 128), per), out=out.reshape(c, per, SUB))
+        np.multiply(spread(dl, SUB), _values(byte_field(raw, 8, 128), per), out=out.reshape(c, per, SUB))
 
     return dequantize_chunks(data, 136, QK_K, fill).reshape(-1, n_per_row)
 

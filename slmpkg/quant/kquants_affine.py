@@ -27,7 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, bit_fields, byte_field, dequantize_chunks, half_column, nearest_int_bits, seq_sum, split_nibbles
+from ._common import F32, bit_fields, byte_field, dequantize_chunks, half_column, nearest_int_bits, seq_sum, split_nibbles, spread
 from .blocks import BLOCK, QK_K, as_bytes
 
 __all__ = ["KERNELS", "make_qkx2_quants", "make_qkx3_quants", "make_qp_quants"]
@@ -96,7 +96,6 @@ class _AffineSearch:
         self.extremes = np.stack((x.min(axis=0), x.max(axis=0)))
         self.levels = np.empty_like(x)
         self.tmp = np.empty_like(x)
-        self.products = np.empty((3,) + x.shape, F32)
         self.ends = np.empty_like(self.extremes)
 
     def quantize_levels(self, iscale: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -122,16 +121,19 @@ class _AffineSearch:
         return out
 
     def error(self, scale: np.ndarray, m: np.ndarray, levels: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``sum_i w * f(scale*L + m - x)``, f = |.| or square."""
+        """``sum_i w * f(scale*L + m - x)``, f = |.| or square.
+
+        ``einsum`` multiplies its operands left to right, rounding each product, and adds the rows
+        of each column in order: ``(d*d)*w`` is C's ``w * (diff*diff)`` (a product commutes), so
+        the square, the weighting and the sum are one pass.
+        """
         d = np.multiply(levels, scale, out=self.tmp)
         d += m
         d -= self.x
         if self.use_mad:
             np.abs(d, out=d)
-        else:
-            d *= d
-        d *= self.w
-        return np.add.reduce(d, axis=0, out=out)
+            return np.einsum("ij,ij->j", self.w, d, out=out)
+        return np.einsum("ij,ij,ij->j", d, d, self.w, out=out)
 
     def run(
         self, rmin: float, rdelta: float, nstep: int
@@ -142,12 +144,10 @@ class _AffineSearch:
         steps = nstep + 1 if nstep >= 1 else 0
         record = np.empty((steps + 1, 6, nb), F32)
         record[:, _STEP] = np.arange(steps + 1, dtype=F32)[:, None]
-        # sums[:3] = sum_l2, sum_l, sum_xl are refilled per candidate (the products are laid out to
-        # match); sums[3] = sum_x is fixed
+        # sums[:3] = sum_l2, sum_l, sum_xl are refilled per candidate; sums[3] = sum_x is fixed
         sums = np.empty((4, nb), F32)
-        wll, wl, wlx = self.products
         sum_w = _seeded_sum(w)
-        sums[3] = _seeded_sum(np.multiply(w, x, out=wl))
+        sums[3] = _seeded_sum(np.multiply(w, x, out=self.tmp))
         w_and_x = sums[[3, 3]]
         w_and_x[0] = sum_w
         # rows: det, numerator of this_min, numerator of this_scale
@@ -173,11 +173,10 @@ class _AffineSearch:
                 np.copyto(cand[_FROM], m)
                 np.divide(F32(rmin) + F32(rdelta) * F32(k - 1) + nmax, top - m, out=cand[_ISCALE])
                 levels = self.quantize_levels(cand[_ISCALE], m)
-                np.multiply(w, levels, out=wl)
-                np.multiply(wl, x, out=wlx)
-                np.multiply(wl, levels, out=wll)
-                # adds each column's elements in order, as the C loops do (from 0.0f)
-                np.add.reduce(self.products, axis=1, out=sums[:3])
+                # C's w*l, w*l*l and w*l*x[i], each column's terms added in order from 0.0f
+                np.einsum("ij,ij,ij->j", w, levels, levels, out=sums[0])
+                np.einsum("ij,ij->j", w, levels, out=sums[1])
+                np.einsum("ij,ij,ij->j", w, levels, x, out=sums[2])
                 np.multiply(w_and_x, sums[0], out=terms[:2])
                 np.multiply(sum_w, sums[2], out=terms[2])
                 terms -= np.multiply(sums[1:], sums[1], out=squares)
@@ -386,8 +385,9 @@ def _requantize(
     ``searched`` is the search's ``(size, all sub-blocks)`` float32 levels. Returns uint8 levels
     shaped like ``x``.
     """
+    size = x.shape[-1]
     with np.errstate(all="ignore"):
-        q = (x + dm[..., None]) / d[..., None]
+        q = (x + spread(dm, size)) / spread(d, size)
     levels = np.clip(nearest_int_bits(q), 0, nmax).astype(np.uint8)
     skipped = d == 0
     if skipped.any():
@@ -549,8 +549,8 @@ def _dequantize_q2_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
         levels = bit_fields(byte_field(raw, 16, 64).reshape(c, 2, 32), 2, 4)  # element 128*h + 32*j + l
         y = out.reshape(c, 16, 16)
         y[...] = levels.reshape(c, 16, 16)
-        y *= dl[..., None]
-        y -= ml[..., None]
+        y *= spread(dl, 16)
+        y -= spread(ml, 16)
 
     return dequantize_chunks(data, 84, QK_K, fill).reshape(-1, n_per_row)
 
@@ -570,8 +570,8 @@ def _dequantize_k32(data: np.ndarray, n_per_row: int, size: int) -> np.ndarray:
             levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(c, 8, 4) << np.uint64(4)
         y = out.reshape(c, 8, 32)
         y[...] = levels
-        y *= d1[..., None]
-        y -= m1[..., None]
+        y *= spread(d1, 32)
+        y -= spread(m1, 32)
 
     return dequantize_chunks(data, size, QK_K, fill).reshape(-1, n_per_row)
 

@@ -24,9 +24,9 @@ from gguf import GGMLQuantizationType as T
 from . import Kernel
 from ._common import (
     F32, ROUNDING_BIAS, bit_fields, byte_field, dequantize_chunks, dot_columns, first_max_abs, half_column,
-    nearest_int, replay_search, scratch, seq_sum, sign_extend, split_nibbles,
+    nearest_int, replay_search, scratch, seq_sum, sign_extend, split_nibbles, spread,
 )
-from .blocks import BLOCK, QK_K, as_bytes
+from .blocks import BLOCK, QK_K
 
 __all__ = ["KERNELS", "make_qx_quants"]
 
@@ -108,13 +108,14 @@ def make_qx_quants(
 
 
 _POSITIONS = np.arange(SUB, dtype=np.int8)[:, None]
+_NIBBLE_MASK = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
 def _refine_q3(
-    x: np.ndarray, levels: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, todo: np.ndarray
+    x: np.ndarray, levels: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, todo: np.ndarray, iscale: np.ndarray
 ) -> None:
     """``make_q3_quants``' greedy passes (at most five) on the blocks ``todo``, updating ``levels``
-    (-4..3 as float32), ``sumlx`` and ``suml2`` in place.
+    (-4..3 as float32, made from ``x`` with ``iscale`` per block), ``sumlx`` and ``suml2`` in place.
 
     The C visits one element at a time and a move changes the sums every later visit sees. Moves are
     rare, so each round evaluates all 16 elements of every unfinished block against its current sums
@@ -137,7 +138,9 @@ def _refine_q3(
     np.take(x, todo, axis=1, out=X)
     np.multiply(X, X, out=W)
     np.multiply(W, X, out=WX)
-    np.take(levels, todo, axis=1, out=L)
+    # the starting levels again from the gathered x (cheaper than gathering them too)
+    np.multiply(iscale[todo], X, out=L)
+    _rint_clip(L, lo, hi)
     sx = sumlx[todo]
     s2 = suml2[todo]
     # Blocks dropped from the working set are filed from the back of an archive, in one slice each
@@ -148,7 +151,6 @@ def _refine_q3(
     start = np.zeros(n, np.int8)  # next element to visit in the current pass (16: pass over)
     limit = np.full(n, SUB, np.int8)  # ranks from here on are out of reach (16 - start in the last pass)
     passes = np.zeros(n, np.int8)  # index of the current pass
-    shift = np.array(4, np.int8)
     while True:
         np.multiply(WX, L, out=slx)
         np.subtract(sx, slx, out=slx)
@@ -177,9 +179,11 @@ def _refine_q3(
 
         # the first moving element in visiting order (rank 16 and up: does not move)
         np.subtract(_POSITIONS, start, out=rank)
-        rank &= np.int8(SUB - 1)
-        np.left_shift(flag.view(np.int8), shift, out=penalty)
-        rank |= penalty
+        # the byte operations run eight bytes at a time on uint64 views (numpy's int8 shift is scalar)
+        words = rank.reshape(-1).view(np.uint64)
+        words &= _NIBBLE_MASK
+        np.left_shift(flag.reshape(-1).view(np.uint64), np.uint64(4), out=penalty.reshape(-1).view(np.uint64))
+        words |= penalty.reshape(-1).view(np.uint64)
         first = np.minimum.reduce(rank, axis=0)
         cols = np.flatnonzero(first < limit)
         if cols.size == 0:
@@ -204,19 +208,21 @@ def _refine_q3(
             archive[:, head:tail] = np.take(L, done, axis=1)
             archive_todo[head:tail], archive_sx[head:tail], archive_s2[head:tail] = todo[done], sx[done], s2[done]
             tail = head
-            packed = [np.take(a, cols, axis=1) for a in (X, W, WX, L)]
+            # only x and the levels move: the weights are recomputed (a gather costs ten multiplies)
+            packed = [np.take(a, cols, axis=1) for a in (X, L)]
             n = cols.size
             X, W, WX, L, slx, sl2, q, new_slx, new_sl2, lhs, ok, flag, rank, penalty = (
                 b[: SUB * n].reshape(SUB, n) for b in flat
             )
-            for buf, a in zip((X, W, WX, L), packed, strict=True):
+            for buf, a in zip((X, L), packed, strict=True):
                 buf[...] = a
+            np.multiply(X, X, out=W)
+            np.multiply(W, X, out=WX)
             todo, sx, s2 = todo[cols], sx[cols], s2[cols]
             start, limit, passes = start[cols], limit[cols], passes[cols]
     archive[:, :n] = L
     archive_todo[:n], archive_sx[:n], archive_s2[:n] = todo, sx, s2
-    at = (np.arange(SUB)[:, None] * levels.shape[1] + archive_todo).reshape(-1)
-    levels.reshape(-1)[at] = archive.reshape(-1)
+    levels[:, archive_todo] = archive
     sumlx[archive_todo] = archive_sx
     suml2[archive_todo] = archive_s2
 
@@ -227,14 +233,15 @@ def _make_q3_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lv = scratch("q3.l", x.shape)  # the levels l, -4..3
     t = scratch("q3.t", x.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.multiply(F32(-4.0) / mx, x, out=lv)
+        iscale = F32(-4.0) / mx
+        np.multiply(iscale, x, out=lv)
         _rint_clip(lv, *_bounds(-4, 3))
         np.multiply(x, x, out=t)
         sumlx = dot_columns(t, x, lv)
         suml2 = dot_columns(t, lv, lv)
         # Every term w*x*l has the sign of -x*max, so unless max < 0 each slx = sumlx - w*x*l is <= 0
         # and the greedy passes cannot move an element; only blocks with sumlx > 0 can change.
-        _refine_q3(x, lv, sumlx, suml2, np.flatnonzero(sumlx > 0))
+        _refine_q3(x, lv, sumlx, suml2, np.flatnonzero(sumlx > 0), iscale)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
         lv += F32(4)
         levels = lv.astype(np.uint8)
@@ -268,7 +275,7 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, nmax: int) -> np.nd
     rows = x.reshape(-1, SUB)
     q = scratch("rq", rows.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(rows, d[:, None], out=q)
+        np.divide(rows, spread(d, SUB), out=q)
     # nearest_int bit for bit: x/d is unbounded once an fp16 scale has rounded to almost nothing
     q += ROUNDING_BIAS
     bits = q.view(np.int32)
@@ -287,19 +294,30 @@ def _per_block(v: np.ndarray) -> np.ndarray:
 
 
 # Packing works on eight levels at a time, as the bytes of a uint64: shifts of at most 7 and masks
-# keep every byte's bits inside that byte.
+# keep every byte's bits inside that byte. The levels are first regrouped by their 32-element run
+# within a block (``runs``), so every packing step is one operation over long contiguous rows.
 _BYTES_1 = np.uint64(0x0101010101010101)
 _BYTES_3 = np.uint64(0x0303030303030303)
 _BYTES_15 = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
-def _merge_lanes(fields: np.ndarray, width: int) -> np.ndarray:
-    """``fields[..., k, :] << (width*k)`` OR-ed over axis -2: the k-th field of each byte in bits
-    ``width*k ..``."""
-    out = fields[..., 0, :].copy()
-    for k in range(1, fields.shape[-2]):
-        out |= fields[..., k, :] << np.uint64(width * k)
-    return out
+def _runs(levels: np.ndarray, per_group: int) -> np.ndarray:
+    """uint8 levels ``(n_blocks, 256)`` → uint64 ``(per_group, n_groups * 4)``: row ``k`` holds run ``k``
+    (elements ``32k .. 32k+31``) of every group of ``32 * per_group`` elements, eight levels a word.
+    The runs are moved 32 bytes at a time."""
+    runs = np.empty((per_group, levels.size // (32 * per_group), 32), np.uint8)
+    runs.view("V32")[..., 0] = levels.reshape(-1, per_group, 32).view("V32")[..., 0].T
+    return runs.view(np.uint64).reshape(per_group, -1)
+
+
+def _put_runs(out: np.ndarray, offset: int, parts: list[np.ndarray]) -> None:
+    """Store uint64 rows ``parts`` (each 32 bytes per group, ``n_blocks * g`` groups) at byte ``offset``
+    of every block of ``out`` ``(n_blocks, block bytes)``: group by group, the parts side by side."""
+    nb = out.shape[0]
+    span = out[:, offset : offset + 32 * len(parts) * (parts[0].size * 8 // 32 // nb)].view("V32")
+    span = span.reshape(nb, -1, len(parts))
+    for j, part in enumerate(parts):
+        span[:, :, j] = part.view("V32").reshape(nb, -1)
 
 
 # ---------------------------------------------------------------------------------------------- Q3_K
@@ -363,14 +381,21 @@ def _quantize_q3_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
     sub_d = (d.astype(F32)[:, None] * (l6.astype(F32) - F32(32))).reshape(-1)
     levels = _requantize(x, L, sub_d, 4)
 
-    blocks = np.empty(nb, BLOCK[T.Q3_K])
-    lanes = levels.view(np.uint64).reshape(nb, 8, 4)  # [block, 32-group, 8 levels]
-    blocks["hmask"] = _merge_lanes((lanes >> np.uint64(2)) & _BYTES_1, 1).view(np.uint8).reshape(nb, 32)
-    low = (lanes & _BYTES_3).reshape(nb, 2, 4, 4)  # [block, 128-half, quarter, 8 levels]
-    blocks["qs"] = _merge_lanes(low, 2).view(np.uint8).reshape(nb, 64)
-    blocks["scales"] = _q3_scale_bytes(l6)
-    blocks["d"] = d
-    return as_bytes(blocks, rows)
+    out = np.empty((nb, BLOCK[T.Q3_K].itemsize), np.uint8)
+    # hmask[l]: bit 2 of level 32*g + l as bit g
+    runs = _runs(levels, 8)
+    high = (runs >> np.uint64(2)) & _BYTES_1
+    hmask = high[0].copy()
+    for g in range(1, 8):
+        hmask |= high[g] << np.uint64(g)
+    _put_runs(out, 0, [hmask])
+    # qs[32*h + l]: the low two bits of levels 128*h + 32*k + l in bits 2k (runs of each half)
+    low = (_runs(levels, 4) & _BYTES_3)
+    qs = low[0] | (low[1] << np.uint64(2)) | (low[2] << np.uint64(4)) | (low[3] << np.uint64(6))
+    _put_runs(out, 32, [qs])
+    out[:, 96:108] = _q3_scale_bytes(l6)
+    out[:, 108:110].view(np.uint16)[:, 0] = d.view(np.uint16)
+    return out.reshape(rows, -1)
 
 
 def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -383,7 +408,7 @@ def _dequantize_q3_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
         levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(levels.shape[0], 2, 4, 4) << np.uint64(2)
         y = out.reshape(c, N_SUB, SUB)
         y[...] = sign_extend(levels, 3).reshape(c, N_SUB, SUB)
-        y *= dl[..., None]
+        y *= spread(dl, SUB)
 
     return dequantize_chunks(data, 110, QK_K, fill).reshape(-1, n_per_row)
 
@@ -409,14 +434,16 @@ def _quantize_q6_k(x: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
     levels = _requantize(x, L, sub_d, 32)
     levels[~live] = 0  # a block of zero scales is written as all zeros
 
-    blocks = np.empty(nb, BLOCK[T.Q6_K])
-    quarters = levels.view(np.uint64).reshape(nb, 2, 4, 4)  # [block, 128-half, quarter, 8 levels]
-    low = quarters & _BYTES_15
-    blocks["ql"] = (low[:, :, :2] | (low[:, :, 2:] << np.uint64(4))).view(np.uint8).reshape(nb, 128)
-    blocks["qh"] = _merge_lanes((quarters >> np.uint64(4)) & _BYTES_3, 2).view(np.uint8).reshape(nb, 64)
-    blocks["scales"] = sc
-    blocks["d"] = d
-    return as_bytes(blocks, rows)
+    out = np.empty((nb, BLOCK[T.Q6_K].itemsize), np.uint8)
+    # per 128-element half: ql holds runs 0|2 then 1|3 as low|high nibbles, qh bits 4-5 of all four
+    runs = _runs(levels, 4)
+    low = runs & _BYTES_15
+    _put_runs(out, 0, [low[0] | (low[2] << np.uint64(4)), low[1] | (low[3] << np.uint64(4))])
+    top = (runs >> np.uint64(4)) & _BYTES_3
+    _put_runs(out, 128, [top[0] | (top[1] << np.uint64(2)) | (top[2] << np.uint64(4)) | (top[3] << np.uint64(6))])
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210].view(np.uint16)[:, 0] = d.view(np.uint16)
+    return out.reshape(rows, -1)
 
 
 def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -432,7 +459,7 @@ def _dequantize_q6_k(data: np.ndarray, n_per_row: int) -> np.ndarray:
         levels.view(np.uint64)[...] |= high.view(np.uint64).reshape(levels.shape[0], 2, 2, 8) << np.uint64(4)
         y = out.reshape(c, N_SUB, SUB)
         y[...] = sign_extend(levels, 6).reshape(c, N_SUB, SUB)
-        y *= scale[..., None]
+        y *= spread(scale, SUB)
 
     return dequantize_chunks(data, 210, QK_K, fill).reshape(-1, n_per_row)
 

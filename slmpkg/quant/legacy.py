@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import Kernel
-from ._common import F32, byte_field, dequantize_chunks, half_column, row_sigma2, safe_reciprocal, sign_extend, split_nibbles
+from ._common import F32, byte_field, dequantize_chunks, half_column, row_sigma2, safe_reciprocal, sign_extend, split_nibbles, spread
 from .blocks import BLOCK
 
 QK = 32
@@ -262,7 +262,7 @@ def _dequantize(qtype: T):
     qs_at = size - QK // 2
 
     def fill(raw: np.ndarray, out: np.ndarray) -> None:
-        d = half_column(raw, 0)
+        d = spread(half_column(raw, 0), QK).reshape(out.shape)
         if qtype is T.Q8_0:
             out[...] = byte_field(raw, 2, QK).view(np.int8)
             out *= d
@@ -275,7 +275,7 @@ def _dequantize(qtype: T):
         if affine:
             out[...] = levels
             out *= d
-            out += half_column(raw, 2)
+            out += spread(half_column(raw, 2), QK).reshape(out.shape)
         else:
             out[...] = sign_extend(levels, 5 if wide else 4)
             out *= d
